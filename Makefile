@@ -1,0 +1,35 @@
+# lorastack: the two commands a new user needs are `make quickstart` and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.lorastack-setup
+
+.PHONY: setup quickstart test test-fast lint clean-venv
+
+## setup: create .venv and install everything (seconds when nothing changed)
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh
+	@touch $@
+
+## quickstart: set up, fetch the default base model and the example data, print a summary
+quickstart: setup
+	$(BIN)/lorastack models pull
+	$(BIN)/lorastack data pull
+	$(BIN)/lorastack models list
+	$(BIN)/lorastack data list
+
+## test: set up if needed, then run the whole test suite
+test: setup
+	$(BIN)/python -m pytest
+
+## test-fast: only the tests that need no real model
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean-venv:
+	rm -rf $(VENV)

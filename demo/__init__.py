@@ -1,0 +1,1 @@
+"""lorastack.demo: the Gradio page; talks to the gateway over HTTP only."""

