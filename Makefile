@@ -13,12 +13,16 @@ $(STAMP): pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
 	@touch $@
 
-## quickstart: set up, fetch the default base model and the example data, print a summary
+## quickstart: set up, fetch the default model and the data, train the two example adapters
+## (skipped when already trained with the same config), list what is there
 quickstart: setup
 	$(BIN)/lorastack models pull
 	$(BIN)/lorastack data pull
+	$(BIN)/lorastack train reviews-classify --if-missing
+	$(BIN)/lorastack train reviews-condition --if-missing
 	$(BIN)/lorastack models list
 	$(BIN)/lorastack data list
+	$(BIN)/lorastack adapters list
 
 ## test: set up if needed, then run the whole test suite
 test: setup

@@ -426,6 +426,9 @@ def check_servable(adapter: Any, limits: ServingLimits | None = None,
     targets = set(manifest.lora.target_modules)
     if isinstance(config.get("target_modules"), list):
         targets |= set(config["target_modules"])
+    # peft writes full paths (model.layers.3.self_attn.q_proj) when layers are chosen; vLLM
+    # matches module suffixes, so compare those.
+    targets = {t.rsplit(".", 1)[-1] for t in targets}
     unknown = sorted(targets - limits.target_modules)
     if unknown:
         reasons.append(((f"target modules {unknown} cannot be served (the engine supports "

@@ -10,7 +10,7 @@ import typer
 
 from lorastack import __version__
 from lorastack.adapters.cli import adapters_app, models_app
-from lorastack.train.cli import data_app
+from lorastack.train.cli import data_app, eval_command, train_command
 
 app = typer.Typer(
     name="lorastack",
@@ -21,6 +21,8 @@ app = typer.Typer(
 app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
 app.add_typer(adapters_app, name="adapters")
+app.command("train")(train_command)
+app.command("eval")(eval_command)
 
 
 @app.command()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -38,3 +40,94 @@ def data_pull(name: str = typer.Argument("drug-reviews", help="a catalog dataset
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from exc
     console.print(f"{name}: {path}")
+
+
+def train_command(
+    config: str = typer.Argument(..., help="a YAML file or a shipped config name "
+                                 "(reviews-classify, reviews-condition)"),
+    set_: list[str] = typer.Option([], "--set", help="override a setting: section.key=value "
+                                   "(repeatable)"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the run's last "
+                                "checkpoint"),
+    if_missing: bool = typer.Option(False, "--if-missing", help="do nothing when the store "
+                                    "already has this adapter trained with this same config"),
+) -> None:
+    """Train a LoRA/QLoRA adapter and write it into the adapter store."""
+    from lorastack.adapters.manifest import AdapterError
+    from lorastack.train.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config, set_)  # validated before anything heavy loads
+        if if_missing and _already_trained(cfg):
+            console.print(f"adapter [bold]{cfg.name}[/bold] is already in the store, trained "
+                          f"with this config: skipping (drop --if-missing to retrain)")
+            return
+        from lorastack.train.run import train
+
+        result = train(cfg, resume=resume)
+    except (ConfigError, data.DataError, AdapterError) as exc:
+        console.print(f"[red]error:[/red] {_escape(str(exc))}")
+        raise typer.Exit(1) from exc
+    console.print(f"adapter [bold]{result.name}[/bold] written to {result.adapter_dir}; run "
+                  f"directory {result.run_dir} (training.png, metrics.jsonl, tensorboard/)")
+
+
+def eval_command(
+    target: str = typer.Argument(..., help="adapter name in the store (or, with --zero-shot, "
+                                 "a config)"),
+    data_source: str = typer.Option(None, "--data", help="catalog dataset or data file "
+                                    "(default: what the adapter was trained on)"),
+    split: str = typer.Option("test", help="split of a catalog dataset"),
+    zero_shot: bool = typer.Option(False, "--zero-shot", help="evaluate the config's base model "
+                                   "without an adapter, with the same prompt and scoring"),
+    limit: int = typer.Option(None, help="only the first N records"),
+    store: str = typer.Option(None, help="adapter store directory"),
+    out: str = typer.Option(None, help="also write the metrics as JSON to this file"),
+) -> None:
+    """Evaluate an adapter (or the base model zero-shot) on a split."""
+    import json
+
+    from lorastack.adapters.manifest import AdapterError
+    from lorastack.train import assess
+    from lorastack.train.config import ConfigError
+
+    try:
+        if zero_shot:
+            metrics = assess.evaluate_zero_shot(target, data=data_source, split=split,
+                                                limit=limit)
+        else:
+            metrics = assess.evaluate_adapter(target, data=data_source, split=split,
+                                              store=store, limit=limit)
+    except (ConfigError, data.DataError, AdapterError) as exc:
+        console.print(f"[red]error:[/red] {_escape(str(exc))}")
+        raise typer.Exit(1) from exc
+    table = Table(title=f"{target}{' (zero-shot base)' if zero_shot else ''} on {split}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        if isinstance(value, (int, float)):
+            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    for label, row in metrics.get("per_class", {}).items():
+        table.add_row(f"f1 {label}", f"{row['f1']:.4f}")
+    console.print(table)
+    if out:
+        from lorastack.adapters.fsutil import atomic_write_text
+
+        atomic_write_text(Path(out), json.dumps(metrics, indent=2) + "\n")
+
+
+def _already_trained(cfg) -> bool:
+    from lorastack.adapters.manifest import AdapterError
+    from lorastack.adapters.store import AdapterStore
+
+    try:
+        adapter = AdapterStore(cfg.store).resolve(cfg.name)
+    except AdapterError:
+        return False
+    return adapter.manifest.training == cfg.model_dump(mode="json")
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)

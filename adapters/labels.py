@@ -1,0 +1,75 @@
+"""Label scoring: how a classification adapter's answer becomes label probabilities.
+
+A classification adapter is a LoRA trained to answer one of its labels after a fixed prompt.
+It is scored, never sampled: for every label, the log-probability of its continuation (the label
+word followed by the end-of-turn token) given the prompt, summed over the continuation's tokens,
+then normalised over the label set with a softmax. The trainer's evaluation and the server's
+/v1/classify both compute per-label sums and call `probabilities` here, so the accuracy the
+trainer reports is the accuracy the server delivers.
+
+Pure Python: the engines (torch in train, vLLM in serve) produce the log-probabilities.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+INPUT_SLOT = "{input}"
+
+
+def label_words(labels: Sequence[str], words: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The text the model answers for each label (the label itself unless mapped)."""
+    words = dict(words or {})
+    return {label: words.get(label, label) for label in labels}
+
+
+def continuation_text(word: str, end_of_turn: str) -> str:
+    """What follows the prompt for a label: its word, then the end-of-turn marker."""
+    return word + end_of_turn
+
+
+def render_prompt(chat_format: str, user_template: str, record: Mapping[str, object]) -> str:
+    """The full prompt text: the user template filled from `record`, inside the chat format.
+
+    `chat_format` is the base model's chat template rendered around the slot `{input}` (the
+    manifest stores it), so serving needs no tokenizer or template engine to rebuild a prompt.
+    Missing or None fields render as empty strings.
+    """
+    user = user_template.format_map(_Fields(record))
+    return chat_format.replace(INPUT_SLOT, user, 1)
+
+
+def probabilities(logprob_sums: Mapping[str, float]) -> dict[str, float]:
+    """Softmax over the labels' summed log-probabilities (numerically stable)."""
+    if not logprob_sums:
+        raise ValueError("no labels to score")
+    top = max(logprob_sums.values())
+    exps = {label: math.exp(lp - top) for label, lp in logprob_sums.items()}
+    total = sum(exps.values())
+    return {label: e / total for label, e in exps.items()}
+
+
+def predict(probs: Mapping[str, float]) -> str:
+    """The most probable label (the first in order on a tie)."""
+    return max(probs, key=lambda label: probs[label])
+
+
+def ensemble(members: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """Mean of several members' label probabilities (members must share the label set)."""
+    if not members:
+        raise ValueError("an ensemble needs at least one member")
+    labels = list(members[0])
+    if any(set(m) != set(labels) for m in members):
+        raise ValueError("ensemble members must have the same label set")
+    return {label: sum(m[label] for m in members) / len(members) for label in labels}
+
+
+class _Fields(dict):
+    """format_map mapping: record fields, with None and missing fields as ''."""
+
+    def __init__(self, record: Mapping[str, object]):
+        super().__init__({k: ("" if v is None else v) for k, v in record.items()})
+
+    def __missing__(self, key: str) -> str:
+        return ""

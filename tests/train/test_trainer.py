@@ -1,0 +1,219 @@
+"""The trainer end to end on a tiny model built from a config (seconds, no download beyond the
+tokenizer of the default model), plus resume, bad data, and the evaluation paths."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorastack.adapters.store import AdapterStore
+from lorastack.train import TrainConfig, train
+from lorastack.train.config import build_config
+from lorastack.train.data import DataError
+
+
+def _tensors(path):
+    return load_file(path / "adapter_model.safetensors")
+
+
+def test_classification_run_writes_adapter_run_dir_and_metrics(tiny_config, tmp_path):
+    result = train(tiny_config)
+    store = AdapterStore(tiny_config["store"])
+    adapter = store.resolve("tiny-sentiment")
+    m = adapter.manifest
+    assert m.task == "classification" and list(m.labels) == ["negative", "positive"]
+    assert m.chat_format.count("{input}") == 1 and m.end_of_turn == "<|im_end|>"
+    assert m.base_fingerprint.startswith("sha256:") and m.data_fingerprint.startswith("sha256:")
+    assert set(m.metrics.validation) >= {"accuracy", "macro_f1", "loss"}
+    assert set(m.metrics.test) >= {"accuracy", "macro_f1"}
+    assert m.training["lora"]["r"] == 4 and m.versions["torch"] == torch.__version__
+    assert m.lora.rank == 4 and "q_proj" in m.lora.target_modules
+    run = result.run_dir
+    for name in ("metrics.jsonl", "training.png", "summary.json"):
+        assert (run / name).is_file(), name
+    assert any((run / "tensorboard").iterdir())
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in rows if "validation/macro_f1" in r] == [3, 6]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["tokens_per_second"] > 0
+    per_class = result.metrics["test"]["per_class"]
+    assert set(per_class) == {"negative", "positive"}
+    assert sum(map(sum, result.metrics["test"]["confusion"])) == 12
+
+
+def test_learns_the_toy_task(tiny_config):
+    """Enough steps on a separable toy task must beat chance clearly (the loop really trains)."""
+    tiny_config["training"].update(max_steps=60, eval_every=20, save_every=60, lr=1e-2)
+    result = train(tiny_config)
+    assert result.metrics["validation"]["accuracy"] >= 0.75, result.metrics["validation"]
+    losses = [json.loads(line).get("train/loss") for line in
+              (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [x for x in losses if x is not None]
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
+
+
+def test_resume_continues_from_the_checkpoint_exactly(tiny_config, tmp_path):
+    reference = train(dict(tiny_config, name="uninterrupted"))
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_step_3(state):
+        if state.step == 3:
+            raise Crash
+
+    cfg = dict(tiny_config, name="interrupted")
+    with pytest.raises(Crash):
+        train(cfg, on_step=crash_at_step_3)
+    assert not AdapterStore(cfg["store"]).exists("interrupted")  # nothing half-done listed
+    ckpts = sorted(p.name for p in (tmp_path / "runs" / "interrupted" / "checkpoints").iterdir())
+    assert ckpts == ["step-0000002"]
+    steps_seen = []
+    resumed = train(cfg, resume=True, on_step=lambda s: steps_seen.append(s.step))
+    assert steps_seen == [3, 4, 5, 6]
+    a, b = _tensors(reference.adapter_dir), _tensors(resumed.adapter_dir)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    for key in ("accuracy", "macro_f1", "loss"):
+        assert resumed.metrics["validation"][key] == pytest.approx(
+            reference.metrics["validation"][key])
+
+
+def test_resume_refuses_a_changed_config(tiny_config):
+    cfg = dict(tiny_config, name="changing")
+    train(cfg)
+    changed = json.loads(json.dumps(cfg))
+    changed["training"]["lr"] = 1e-4
+    with pytest.raises(RuntimeError, match="config changed"):
+        train(changed, resume=True)
+
+
+def test_generation_run_scores_exact_match(tiny_config, review_files):
+    cfg = json.loads(json.dumps(tiny_config))
+    cfg["name"] = "tiny-condition"
+    cfg["task"] = {"type": "generation", "prompt": "{review}\nCondition?",
+                   "target_field": "condition", "max_new_tokens": 4}
+    cfg["data"]["columns"] = {}
+    result = train(cfg)
+    val = result.metrics["validation"]
+    assert set(val) >= {"exact_match", "token_f1", "loss"} and 0 <= val["exact_match"] <= 1
+    manifest = AdapterStore(cfg["store"]).resolve("tiny-condition").manifest
+    assert manifest.task == "generation" and manifest.labels == ()
+
+
+def test_chat_records_train_on_the_last_assistant_turn(tiny_config, tmp_path):
+    rows = [{"messages": [{"role": "user", "content": f"Say {w}"},
+                          {"role": "assistant", "content": w}]}
+            for w in ["yes", "no", "maybe", "sure"] * 6]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = json.loads(json.dumps(tiny_config))
+    cfg.update(name="tiny-chat", evaluate_test=False)
+    cfg["task"] = {"type": "generation", "messages_field": "messages", "max_new_tokens": 3}
+    cfg["data"] = {"source": str(path), "validation_fraction": 0.25, "max_length": 64}
+    result = train(cfg)
+    assert "exact_match" in result.metrics["validation"]
+
+
+def test_unknown_label_in_data_names_the_row(tiny_config, tmp_path):
+    cfg = json.loads(json.dumps(tiny_config))
+    cfg["task"]["labels"] = ["positive", "neutral"]
+    with pytest.raises(DataError, match=r"train row 1: label 'negative' is not in the label set"):
+        train(cfg)
+
+
+def test_template_field_missing_is_refused_before_training(tiny_config):
+    cfg = json.loads(json.dumps(tiny_config))
+    cfg["task"]["prompt"] = "{body}"
+    with pytest.raises(DataError, match=r"field\(s\) \['body'\].*Fix task.prompt"):
+        train(cfg)
+
+
+def test_examples_without_answer_tokens_are_refused_with_rows(tiny_config):
+    cfg = json.loads(json.dumps(tiny_config))
+    cfg["task"]["system"] = "word " * 40  # the prompt alone is over max_length
+    cfg["data"]["max_length"] = 32
+    cfg["data"]["text_field"] = "nonexistent"
+    with pytest.raises(DataError, match=r"have no answer token left.*rows 0, 1, 2"):
+        train(cfg)
+
+
+def test_examples_mask_the_prompt_and_end_with_end_of_turn(tiny_base, review_files):
+    from lorastack.train.data import load_records
+    from lorastack.train.examples import IGNORE, PromptFormat, encode_records
+    from lorastack.train.model import load_tokenizer
+
+    cfg = build_config({"task": {"prompt": "{text}", "labels": ["negative", "positive"]},
+                        "data": {"max_length": 64}})
+    tok = load_tokenizer(tiny_base)
+    fmt = PromptFormat(tok, cfg, ["negative", "positive"])
+    records = load_records(review_files["train"], columns={"text": "review",
+                                                           "label": "sentiment"})
+    long = dict(records[0], text="very long text " * 50)
+    enc = encode_records(fmt, [records[0], long], "train")
+    for ex in enc.examples:
+        assert ex.labels[:ex.prompt_len] == [IGNORE] * ex.prompt_len
+        assert ex.labels[-1] == fmt.end_id and ex.input_ids[-1] == fmt.end_id
+        assert len(ex.input_ids) <= 64
+    assert enc.truncated == 1
+    assert tok.decode(enc.examples[0].labels[enc.examples[0].prompt_len:]) == \
+        "positive<|im_end|>"
+
+
+def test_single_token_fast_path_matches_the_general_scorer(tiny_base, review_files):
+    from lorastack.train.data import load_records
+    from lorastack.train.evaluate import label_logprob_sums
+    from lorastack.train.examples import PromptFormat, encode_records
+    from lorastack.train.model import load_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    cfg = build_config({"task": {"prompt": "{text}", "labels": ["negative", "positive"]}})
+    fmt = PromptFormat(load_tokenizer(tiny_base), cfg, ["negative", "positive"])
+    assert all(len(c) == 1 for c in fmt.continuations.values())
+    records = load_records(review_files["test"], columns={"text": "review",
+                                                          "label": "sentiment"})
+    examples = encode_records(fmt, records, "test").examples
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+    fast = label_logprob_sums(model, fmt, examples)
+    slow = _general_scores(model, fmt, examples)
+    for a, b in zip(fast, slow):
+        assert a == pytest.approx(b, abs=1e-4)
+    assert all(math.isfinite(x) and x < 0 for row in fast for x in row)
+
+
+def _general_scores(model, fmt, examples):
+    """The per-row path of label_logprob_sums, called directly."""
+    from lorastack.train.batching import collate
+    from lorastack.train.examples import IGNORE, Example
+    from lorastack.train.model import answer_logits
+
+    out = []
+    for ex in examples:
+        prompt = ex.input_ids[:ex.prompt_len]
+        scores = []
+        for label in fmt.labels:
+            cont = fmt.continuations[label]
+            row = Example(prompt + cont, [IGNORE] * len(prompt) + cont, ex.row)
+            batch = collate([row], fmt.pad_id)
+            targets = batch["labels"][:, 1:]
+            mask = targets != IGNORE
+            pos = torch.zeros_like(batch["labels"], dtype=torch.bool)
+            pos[:, :-1] = mask
+            with torch.no_grad():
+                logits = answer_logits(model, batch["input_ids"], batch["attention_mask"], pos)
+            lp = torch.log_softmax(logits, -1).gather(-1, targets[mask][:, None]).sum()
+            scores.append(float(lp))
+        out.append(scores)
+    return out
+
+
+def test_train_accepts_a_config_object(tiny_config):
+    cfg = TrainConfig.model_validate(dict(tiny_config, name="from-object"))
+    cfg.training.max_steps = 2
+    assert train(cfg).summary["steps"] == 2

@@ -1,0 +1,270 @@
+"""TrainConfig: every setting of a training run, with its meaning and sensible range beside it.
+
+A config is a YAML file (see train/configs/), overridable with `--set section.key=value`.
+Everything here is checked when the config is built, before any model is loaded: a wrong value
+names the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONFIGS_DIR = Path(__file__).parent / "configs"
+# What vLLM's LoRA path serves for Llama-style models (vllm/lora: packed qkv and gate_up).
+SERVABLE_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_MAX_SERVING_RANK = 16
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the field and the allowed values."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True,
+                              validate_assignment=True)
+
+
+class DataConfig(_Section):
+    source: str = "drug-reviews"
+    """Catalog dataset name (`lorastack data list`) or a CSV/TSV/JSONL/JSON/Parquet file."""
+    validation: str | None = None
+    """A file of validation records; when unset, carved from train (see validation_fraction)."""
+    test: str | None = None
+    """A file of test records; for a catalog dataset its official test split is used."""
+    columns: dict[str, str] = Field(default_factory=dict)
+    """Field name used by the task -> column name in the file, e.g. {text: review_body}."""
+    validation_fraction: float = Field(0.15, ge=0.0, lt=0.9)
+    """Share of train carved out as validation (stratified by label), 0.1-0.2 is typical."""
+    max_length: int = Field(384, ge=16, le=32768)
+    """Tokens per example, prompt + answer. Longer examples have their text field cut."""
+    text_field: str = "text"
+    """The field shortened when an example is over max_length."""
+    limit_train: int | None = Field(None, ge=1)
+    """Use only the first N training records (quick runs, tests)."""
+    limit_eval: int | None = Field(None, ge=1)
+    """Use only the first N validation and test records (quick runs, tests)."""
+    augment: Literal["none", "word_dropout"] = "none"
+    """Classification only: randomly drop words of the text field in training examples."""
+    augment_prob: float = Field(0.1, ge=0.0, le=0.5)
+    """Share of words dropped when augment is word_dropout."""
+
+
+class TaskConfig(_Section):
+    type: Literal["classification", "generation"] = "classification"
+    """classification: answer one of a label set; generation: answer free text."""
+    prompt: str = "{text}"
+    """User message, a format string over the record's fields, e.g. 'Review: {text}'."""
+    system: str | None = None
+    """System message; None keeps the base model's default one."""
+    label_field: str = "label"
+    """classification: the record field holding the label."""
+    labels: list[str] | None = None
+    """classification: the label set, in order; read from the training data when unset."""
+    label_words: dict[str, str] = Field(default_factory=dict)
+    """classification: text the model answers for a label, when it differs from the label."""
+    balance: Literal["none", "weights", "sampling"] = "weights"
+    """classification imbalance: inverse-frequency loss weights, balanced sampling, or none."""
+    target_field: str = "answer"
+    """generation: the record field holding the answer (records without one are dropped)."""
+    messages_field: str | None = None
+    """generation: a field of chat messages [{role, content}, ...]; the last must be the
+    assistant's answer. Overrides prompt/target_field when set."""
+    max_new_tokens: int = Field(32, ge=1, le=4096)
+    """generation: tokens generated per validation example during evaluation."""
+
+
+class LoraConfig(_Section):
+    r: int = Field(16, ge=1, le=512)
+    """Rank of the update matrices; 8-32 is typical. Serving caps it (see serving_rank)."""
+    alpha: float = Field(32.0, gt=0)
+    """Scale numerator: the update is scaled by alpha/r (alpha/sqrt(r) with rslora)."""
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    """Dropout on the LoRA input; 0-0.1."""
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Module names to adapt; all-linear is every linear layer but the output head."""
+    layers: list[int] | None = None
+    """Indices of the transformer layers to adapt; None adapts all, the rest stay frozen."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA). vLLM cannot serve it: needs for_serving: false."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling alpha/sqrt(r), better for high ranks."""
+    for_serving: bool = True
+    """Refuse settings the serving layer cannot load (rank, modules, DoRA)."""
+    serving_rank: int = Field(DEFAULT_MAX_SERVING_RANK, ge=1)
+    """The server's max LoRA rank (vLLM --max-lora-rank) that r must not exceed."""
+
+
+class TrainingConfig(_Section):
+    lr: float = Field(2e-4, gt=0, le=1.0)
+    """Peak learning rate; 1e-4-5e-4 for LoRA."""
+    scheduler: Literal["linear", "cosine", "constant"] = "cosine"
+    """Learning-rate decay after warmup."""
+    warmup_ratio: float = Field(0.05, ge=0.0, le=0.5)
+    """Share of the steps spent warming up linearly from 0."""
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
+    """AdamW weight decay on the LoRA weights."""
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    """Gradient clipping norm; None disables it."""
+    batch_size: int = Field(8, ge=1, le=4096)
+    """Examples per forward pass."""
+    grad_accum: int = Field(1, ge=1, le=1024)
+    """Forward passes per optimizer step (effective batch = batch_size * grad_accum)."""
+    epochs: float = Field(1.0, gt=0, le=1000)
+    """Passes over the training data (fractional allowed); max_steps wins when set."""
+    max_steps: int | None = Field(None, ge=1)
+    """Stop after this many optimizer steps."""
+    eval_every: int = Field(50, ge=1)
+    """Evaluate on validation every N optimizer steps (and at the end)."""
+    save_every: int = Field(50, ge=1)
+    """Write a resumable checkpoint every N optimizer steps."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """How many step checkpoints to keep on disk (the best one is kept separately)."""
+    early_stopping_metric: str | None = None
+    """Validation metric to select and early-stop on, e.g. macro_f1, accuracy, loss,
+    exact_match. None: the task's default (macro_f1 / exact_match)."""
+    early_stopping_patience: int | None = Field(None, ge=1)
+    """Stop after this many evaluations without improvement; None never stops early."""
+    group_by_length: bool = True
+    """Batch examples of similar length together (measured: far less padding)."""
+    gradient_checkpointing: bool | None = None
+    """Recompute activations in backward to save memory; None: on for 4bit, off otherwise."""
+    seed: int = 0
+    """Seed for data order, LoRA init and dropout."""
+    threads: int | None = Field(None, ge=1)
+    """CPU threads for torch; None uses torch's default (all cores)."""
+
+
+class TrainConfig(_Section):
+    name: str = Field("adapter", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    """Adapter name in the store (letters, digits, . _ -; at most 64)."""
+    base: str = "smollm2-135m"
+    """Base model: catalog alias, hub id or local directory."""
+    quantization: Literal["none", "8bit", "4bit"] = "none"
+    """Base weights: float (none), 8-bit, or 4-bit NF4 with double quantization (QLoRA)."""
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    store: str | None = None
+    """Adapter store directory; None uses $LORASTACK_HOME/adapters."""
+    runs_dir: str = "runs"
+    """Where run directories (logs, checkpoints, plots) go: <runs_dir>/<name>."""
+    replace: bool = True
+    """Replace an adapter of the same name in the store."""
+    evaluate_test: bool = True
+    """Evaluate the final adapter on the test split and record it in the manifest."""
+
+    @model_validator(mode="after")
+    def _servable(self) -> TrainConfig:
+        lora = self.lora
+        if not lora.for_serving:
+            return self
+        problems = []
+        if lora.r > lora.serving_rank:
+            problems.append(f"lora.r={lora.r} is above the server's max rank "
+                            f"{lora.serving_rank} (lora.serving_rank)")
+        if lora.use_dora:
+            problems.append("lora.use_dora=true: vLLM cannot serve DoRA adapters")
+        if lora.target_modules != "all-linear":
+            bad = [m for m in lora.target_modules if m not in SERVABLE_MODULES]
+            if bad:
+                problems.append(f"lora.target_modules {bad} are not servable by vLLM "
+                                f"(servable: {', '.join(SERVABLE_MODULES)})")
+        if problems:
+            raise ValueError("; ".join(problems) + ". Fix them, or set lora.for_serving=false "
+                             "for an adapter not meant for serving.")
+        return self
+
+    @model_validator(mode="after")
+    def _task_fields(self) -> TrainConfig:
+        if self.task.type == "classification" and self.task.labels is not None:
+            if len(self.task.labels) < 2 or len(set(self.task.labels)) != len(self.task.labels):
+                raise ValueError("task.labels must list at least two distinct labels")
+            unknown = set(self.task.label_words) - set(self.task.labels)
+            if unknown:
+                raise ValueError(f"task.label_words has labels not in task.labels: {unknown}")
+        if self.data.augment != "none" and self.task.type != "classification":
+            raise ValueError("data.augment is for classification tasks only")
+        return self
+
+    @property
+    def selection_metric(self) -> str:
+        default = "macro_f1" if self.task.type == "classification" else "exact_match"
+        return self.training.early_stopping_metric or default
+
+
+def load_config(source: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Build a TrainConfig from a YAML path or a shipped config name, plus `key=value` overrides.
+
+    Values in overrides are parsed as YAML (`training.lr=1e-4`, `lora.layers=[0,1]`).
+    """
+    path = resolve_config_path(source)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+    for item in overrides or []:
+        _apply_override(raw, item)
+    return build_config(raw, where=str(path))
+
+
+def build_config(raw: dict[str, Any], where: str = "config") -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{where}: " + _explain(exc)) from None
+
+
+def resolve_config_path(source: str | Path) -> Path:
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        return path
+    shipped = CONFIGS_DIR / f"{source}.yaml"
+    if shipped.is_file():
+        return shipped
+    raise ConfigError(f"no config {source!r}: give a YAML file or one of the shipped configs "
+                      f"({', '.join(shipped_configs())})")
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. training.lr=1e-4")
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {item!r}: {part} is not a section")
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML ({exc})") from exc
+
+
+def _explain(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "(config)"
+        msg = err["msg"]
+        if err["type"] == "literal_error":
+            allowed = err.get("ctx", {}).get("expected", "")
+            msg = f"must be one of {allowed}"
+        elif err["type"] == "extra_forbidden":
+            msg = "unknown setting (check the spelling; see train/config.py)"
+        got = err.get("input")
+        shown = "" if err["type"] in ("missing",) or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"{field}: {msg}{shown}")
+    return "; ".join(lines)

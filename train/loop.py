@@ -1,0 +1,282 @@
+"""The training loop: steps, evaluation, early stopping, checkpoints and resume.
+
+Checkpoints hold everything needed to continue bit-for-bit: LoRA weights, optimizer moments,
+scheduler position, RNG state and the loop counters. All tensors are safetensors and everything
+else JSON: nothing is ever pickled. A checkpoint is written to a temporary directory and renamed
+into place, so a crash while saving leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from lorastack.adapters.fsutil import atomic_write_json, staging_dir
+from lorastack.train.batching import class_weights, collate, epoch_batches
+from lorastack.train.config import TrainConfig
+from lorastack.train.examples import Example
+from lorastack.train.model import answer_loss
+
+LOWER_IS_BETTER = {"loss"}
+
+
+@dataclass
+class LoopState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # forward passes done in the current epoch
+    best_metric: float | None = None
+    best_step: int = 0
+    evals_without_improvement: int = 0
+    stopped_early: bool = False
+    tokens: int = 0  # real (non-padding) tokens processed
+    answer_tokens: int = 0  # tokens that carried loss
+    train_seconds: float = 0.0  # across resumes
+    history: list[dict] = field(default_factory=list)  # eval results by step
+
+
+class Trainer:
+    """Runs `cfg.training` over `examples`; `evaluate()` -> metrics dict on validation."""
+
+    def __init__(self, cfg: TrainConfig, model, examples: list[Example], n_labels: int,
+                 pad_id: int, evaluate: Callable[[], dict], run_dir: Path, logger,
+                 on_step: Callable[[LoopState], None] | None = None):
+        self.cfg, self.t = cfg, cfg.training
+        self.model, self.examples, self.pad_id = model, examples, pad_id
+        self.evaluate, self.run_dir, self.log, self.on_step = evaluate, run_dir, logger, on_step
+        self.metric = cfg.selection_metric
+        balance = cfg.task.balance if cfg.task.type == "classification" else "none"
+        self.balanced = balance == "sampling"
+        self.weights = class_weights(examples, n_labels) if balance == "weights" else None
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.t.lr,
+                                           weight_decay=self.t.weight_decay)
+        self.batches_per_epoch = math.ceil(len(examples) / self.t.batch_size)
+        steps_per_epoch = math.ceil(self.batches_per_epoch / self.t.grad_accum)
+        self.total_steps = self.t.max_steps or max(1, math.ceil(self.t.epochs * steps_per_epoch))
+        from transformers import get_scheduler
+
+        self.scheduler = get_scheduler(
+            "constant_with_warmup" if self.t.scheduler == "constant" else self.t.scheduler,
+            self.optimizer, num_warmup_steps=round(self.t.warmup_ratio * self.total_steps),
+            num_training_steps=self.total_steps)
+        self.state = LoopState()
+        self.ckpt_dir = run_dir / "checkpoints"
+        self.best_dir = run_dir / "best"
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def fit(self, resume: bool = False) -> LoopState:
+        if resume:
+            self._resume()
+        st, device = self.state, next(self.model.parameters()).device
+        bar = tqdm(total=self.total_steps, initial=st.step, desc="training", unit="step",
+                   dynamic_ncols=True)
+        started = time.monotonic() - st.train_seconds
+        window_tokens, window_t0 = 0, time.monotonic()
+        while st.step < self.total_steps and not st.stopped_early:
+            batches = epoch_batches(self.examples, self.t.batch_size, seed=self.t.seed,
+                                    epoch=st.epoch, group_by_length=self.t.group_by_length,
+                                    balanced=self.balanced)
+            while st.batch_in_epoch < len(batches) and st.step < self.total_steps:
+                self.model.train()
+                group = batches[st.batch_in_epoch:st.batch_in_epoch + self.t.grad_accum]
+                loss_sum = 0.0
+                for idx in group:
+                    batch = collate([self.examples[i] for i in idx], self.pad_id, self.weights)
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                    loss, n_answer = answer_loss(self.model, batch)
+                    (loss / len(group)).backward()
+                    loss_sum += loss.item() / len(group)
+                    real = int(batch["attention_mask"].sum())
+                    st.tokens += real
+                    st.answer_tokens += n_answer
+                    window_tokens += real
+                if self.t.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(self.params, self.t.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                st.batch_in_epoch += len(group)
+                st.step += 1
+                st.train_seconds = time.monotonic() - started
+                rate = window_tokens / max(time.monotonic() - window_t0, 1e-9)
+                lr = self.scheduler.get_last_lr()[0]
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}")
+                self.log.scalars(st.step, {"train/loss": loss_sum, "train/lr": lr,
+                                           "train/tokens_per_s": rate,
+                                           "train/epoch": st.epoch + st.batch_in_epoch
+                                           / len(batches)})
+                if st.step % self.t.eval_every == 0 or st.step == self.total_steps:
+                    self._evaluate_and_select()
+                if st.step % self.t.save_every == 0 or st.step == self.total_steps:
+                    self._save_checkpoint()
+                if self.on_step is not None:
+                    self.on_step(st)
+                if st.stopped_early:
+                    break
+                window_tokens, window_t0 = 0, time.monotonic()
+            if st.batch_in_epoch >= len(batches):
+                st.epoch, st.batch_in_epoch = st.epoch + 1, 0
+        bar.close()
+        if st.best_metric is None:  # no evaluation happened (cannot, but stay safe)
+            self._evaluate_and_select()
+        return st
+
+    def _evaluate_and_select(self) -> None:
+        st = self.state
+        if st.history and st.history[-1]["step"] == st.step:
+            return
+        metrics = self.evaluate()
+        value = float(metrics[self.metric])
+        st.history.append({"step": st.step, **{k: v for k, v in metrics.items()
+                                              if isinstance(v, (int, float))}})
+        self.log.scalars(st.step, {f"validation/{k}": v for k, v in metrics.items()
+                                   if isinstance(v, (int, float))})
+        better = (st.best_metric is None or
+                  (value < st.best_metric if self.metric in LOWER_IS_BETTER
+                   else value > st.best_metric))
+        if better:
+            st.best_metric, st.best_step, st.evals_without_improvement = value, st.step, 0
+            self._save_best()
+        else:
+            st.evals_without_improvement += 1
+            patience = self.t.early_stopping_patience
+            if patience is not None and st.evals_without_improvement >= patience:
+                st.stopped_early = True
+                tqdm.write(f"early stop at step {st.step}: validation {self.metric} has not "
+                           f"improved for {patience} evaluation(s) (best {st.best_metric:.4f} "
+                           f"at step {st.best_step})")
+        tqdm.write(f"step {st.step}: validation {self.metric}={value:.4f}"
+                   f" (best {st.best_metric:.4f} @ {st.best_step})")
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        from peft import get_peft_model_state_dict
+
+        return {k: v.detach().cpu().contiguous()
+                for k, v in get_peft_model_state_dict(self.model).items()}
+
+    def load_adapter_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(self.model, tensors)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise RuntimeError(f"checkpoint does not match this model: {unexpected[:3]}")
+
+    def _save_best(self) -> None:
+        if self.best_dir.exists():
+            shutil.rmtree(self.best_dir)
+        with staging_dir(self.best_dir) as tmp:
+            save_file(self.adapter_state(), tmp / "adapter.safetensors")
+            atomic_write_json(tmp / "best.json", {"step": self.state.step,
+                                                  "metric": self.metric,
+                                                  "value": self.state.best_metric})
+
+    def restore_best(self) -> int:
+        """Load the best evaluated weights back into the model; return their step."""
+        if (self.best_dir / "adapter.safetensors").is_file():
+            self.load_adapter_state(load_file(self.best_dir / "adapter.safetensors"))
+        return self.state.best_step
+
+    def _save_checkpoint(self) -> None:
+        st = self.state
+        target = self.ckpt_dir / f"step-{st.step:07d}"
+        if target.exists():
+            return
+        tensors, groups = _flatten_optimizer(self.optimizer.state_dict())
+        tensors["rng.torch"] = torch.get_rng_state()
+        with staging_dir(target) as tmp:
+            save_file(self.adapter_state(), tmp / "adapter.safetensors")
+            save_file(tensors, tmp / "optimizer.safetensors")
+            if (self.best_dir / "adapter.safetensors").is_file():  # the best so far, as of now
+                shutil.copy2(self.best_dir / "adapter.safetensors", tmp / "best.safetensors")
+            sched = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
+            atomic_write_json(tmp / "state.json", {
+                "loop": asdict(st), "param_groups": groups, "scheduler": sched,
+                "python_rng": _jsonable_rng(random.getstate()),
+                "config": self.cfg.model_dump(mode="json"),
+            })
+        for old in sorted(self.ckpt_dir.glob("step-*"))[:-self.t.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _resume(self) -> None:
+        ckpts = sorted(self.ckpt_dir.glob("step-*"))
+        if not ckpts:
+            tqdm.write(f"--resume: no checkpoint in {self.ckpt_dir}; starting from scratch")
+            return
+        last = ckpts[-1]
+        meta = json.loads((last / "state.json").read_text())
+        if _essential(meta["config"]) != _essential(self.cfg.model_dump(mode="json")):
+            raise RuntimeError(
+                f"cannot resume from {last}: the config changed in a way that alters training "
+                f"(model, data, task, LoRA or optimisation). Resume with the same config, or "
+                f"start fresh without --resume (delete {self.run_dir} to clean up).")
+        self.load_adapter_state(load_file(last / "adapter.safetensors"))
+        tensors = load_file(last / "optimizer.safetensors")
+        torch.set_rng_state(tensors.pop("rng.torch"))
+        self.optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["param_groups"]))
+        sched = self.scheduler.state_dict()
+        sched.update(meta["scheduler"])
+        self.scheduler.load_state_dict(sched)
+        random.setstate(_tuple_rng(meta["python_rng"]))
+        self.state = LoopState(**meta["loop"])
+        if (last / "best.safetensors").is_file():  # a later best (after this checkpoint) is void
+            if self.best_dir.exists():
+                shutil.rmtree(self.best_dir)
+            with staging_dir(self.best_dir) as tmp:
+                shutil.copy2(last / "best.safetensors", tmp / "adapter.safetensors")
+                atomic_write_json(tmp / "best.json", {"step": self.state.best_step,
+                                                      "metric": self.metric,
+                                                      "value": self.state.best_metric})
+        self.log.truncate_after(self.state.step)
+        tqdm.write(f"resumed from {last.name}: step {self.state.step}/{self.total_steps}, "
+                   f"epoch {self.state.epoch}")
+
+
+def _essential(config: dict) -> dict:
+    """The parts of a config that change what training computes (not eval cadence etc.)."""
+    training = {k: v for k, v in config["training"].items()
+                if k not in ("eval_every", "save_every", "keep_checkpoints", "threads",
+                             "early_stopping_patience")}
+    return {"base": config["base"], "quantization": config["quantization"],
+            "task": config["task"], "data": config["data"], "lora": config["lora"],
+            "training": training}
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    tensors = {}
+    for idx, slots in state["state"].items():
+        for key, value in slots.items():
+            value = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"state.{idx}.{key}"] = value.detach().cpu().contiguous()
+    return tensors, state["param_groups"]
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list[dict]) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        _, idx, key = name.split(".", 2)
+        state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": groups}
+
+
+def _jsonable_rng(state: tuple) -> list:
+    return [state[0], list(state[1]), state[2]]
+
+
+def _tuple_rng(state: list) -> tuple:
+    return (state[0], tuple(state[1]), state[2])

@@ -1,0 +1,124 @@
+"""Load the base model (float, 8-bit or 4-bit NF4) and attach LoRA; the loss on answer tokens.
+
+The loss runs the output head only where an answer token is predicted: for a classification
+example that is 2 positions out of ~150, so the 49k-wide vocabulary projection, the largest
+single matmul of a small model, nearly disappears from training (see bench/ for the effect).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lorastack.train.config import TrainConfig
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs that have it, fp16 on older GPUs, float32 on CPU (bf16 is ~30x slower)."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_tokenizer(path: Any):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base(cfg: TrainConfig, path: Any, device: torch.device):
+    """The frozen base model, quantized as configured, ready for LoRA."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = compute_dtype(device)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if cfg.quantization == "4bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype)
+        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else "cpu"
+    elif cfg.quantization == "8bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if cfg.quantization == "none":
+        model.to(device)
+    model.config.use_cache = False
+    return model
+
+
+def attach_lora(cfg: TrainConfig, model):
+    """Wrap `model` with a fresh LoRA adapter; only the LoRA weights train."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    checkpointing = cfg.training.gradient_checkpointing
+    if checkpointing is None:
+        checkpointing = cfg.quantization == "4bit"
+    if cfg.quantization != "none":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    lora = cfg.lora
+    targets = lora.target_modules
+    if targets == "all-linear" and lora.layers is not None:  # peft wants names with layers
+        targets = linear_module_names(model)
+    peft_cfg = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        target_modules=targets, layers_to_transform=lora.layers,
+        use_dora=lora.use_dora, use_rslora=lora.use_rslora, bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, peft_cfg)
+
+
+def linear_module_names(model) -> list[str]:
+    """Names of the linear layers inside the transformer blocks (not the output head)."""
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Linear) and ".layers." in name}
+    return sorted(names)
+
+
+def causal_lm(model):
+    """The transformers *ForCausalLM inside a PeftModel (LoRA layers injected), or itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def answer_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  positions: torch.Tensor) -> torch.Tensor:
+    """Logits (float32) at the boolean `positions` [B, T] only: the head skips the rest."""
+    lm = causal_lm(model)
+    hidden = lm.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return lm.lm_head(hidden[positions]).float()
+
+
+def answer_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Weighted mean cross-entropy over answer tokens, and how many there were.
+
+    `batch["weights"]` [B] weighs each example (class balancing); tokens of one example share
+    its weight, and the mean is over the weights so that the scale does not drift.
+    """
+    labels = batch["labels"]
+    targets = labels[:, 1:]
+    mask = targets != -100
+    positions = torch.zeros_like(labels, dtype=torch.bool)
+    positions[:, :-1] = mask
+    logits = answer_logits(model, batch["input_ids"], batch["attention_mask"], positions)
+    per_token = F.cross_entropy(logits, targets[mask], reduction="none")
+    weights = batch["weights"][:, None].expand_as(targets)[mask].to(per_token.dtype)
+    return (per_token * weights).sum() / weights.sum(), int(mask.sum())
+
+
+def trainable_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

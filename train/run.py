@@ -1,0 +1,218 @@
+"""train(cfg): base model -> data -> LoRA -> training loop -> evaluation -> adapter in the store.
+
+Read top to bottom: this is the whole run. The pieces live beside it (config, data, examples,
+model, loop, evaluate, report); the adapter is written through lorastack.adapters, the contract
+the server reads.
+"""
+
+from __future__ import annotations
+
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lorastack.adapters.models import resolve_base
+from lorastack.train.config import TrainConfig, build_config, load_config
+from lorastack.train.data import fingerprint_records, load_splits
+
+
+@dataclass
+class TrainResult:
+    name: str
+    adapter_dir: Path
+    run_dir: Path
+    metrics: dict[str, dict]  # {"validation": {...}, "test": {...}}
+    summary: dict[str, Any]
+
+
+def train(cfg: TrainConfig | str | Path | dict, *, resume: bool = False,
+          on_step: Callable | None = None) -> TrainResult:
+    """Train one adapter as `cfg` says; return where it went and its metrics.
+
+    `cfg` is a TrainConfig, a dict of settings, a YAML path or a shipped config name.
+    `resume` continues from the run directory's last checkpoint. `on_step(state)` is called
+    after every optimizer step (progress hooks, tests).
+    """
+    import torch
+
+    from lorastack.train import evaluate as ev
+    from lorastack.train.batching import epoch_batches, padding_fraction
+    from lorastack.train.examples import PromptFormat, encode_records, infer_labels
+    from lorastack.train.loop import Trainer
+    from lorastack.train.model import (attach_lora, load_base, load_tokenizer, pick_device,
+                                       trainable_parameters)
+    from lorastack.train.report import RunLogger, peak_memory_mb, plot_curves, print_summary
+
+    cfg = _as_config(cfg)
+    t_start = time.monotonic()
+    run_dir = Path(cfg.runs_dir) / cfg.name
+    if run_dir.exists() and not resume:
+        _clear_run(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.training.threads:
+        torch.set_num_threads(cfg.training.threads)
+    torch.manual_seed(cfg.training.seed)
+
+    # 1. the base model's identity and tokenizer; the data, as token examples
+    base = resolve_base(cfg.base)
+    tokenizer = load_tokenizer(base.path)
+    d = cfg.data
+    splits = load_splits(d.source, validation=d.validation, test=d.test, columns=d.columns,
+                         validation_fraction=d.validation_fraction, seed=cfg.training.seed,
+                         stratify=cfg.task.label_field if cfg.task.type == "classification"
+                         else None)
+    if d.limit_train:
+        splits.train = splits.train[:d.limit_train]
+    if d.limit_eval:
+        splits.validation = splits.validation[:d.limit_eval]
+        splits.test = splits.test[:d.limit_eval]
+    labels = None
+    if cfg.task.type == "classification":
+        labels = cfg.task.labels or infer_labels(splits.train, cfg.task.label_field)
+    fmt = PromptFormat(tokenizer, cfg, labels)
+    train_set = encode_records(fmt, splits.train, "train",
+                               augment_seed=cfg.training.seed if d.augment != "none" else None)
+    val_set = encode_records(fmt, splits.validation, "validation")
+    test_set = encode_records(fmt, splits.test, "test")
+    if not train_set.examples or not val_set.examples:
+        raise ValueError(f"need training and validation examples, got {len(train_set.examples)} "
+                         f"and {len(val_set.examples)}: check the data and data.limit_*")
+    grouped = epoch_batches(train_set.examples, cfg.training.batch_size, seed=0, epoch=0,
+                            group_by_length=cfg.training.group_by_length)
+    _say(f"data: train {len(train_set.examples)}, validation {len(val_set.examples)}, test "
+         f"{len(test_set.examples)} examples; truncated {train_set.truncated + val_set.truncated}"
+         f" to max_length={d.max_length}; dropped {train_set.dropped} without an answer; "
+         f"padding {padding_fraction(train_set.examples, grouped):.1%} of batch positions")
+    if labels:
+        _say("labels: " + ", ".join(f"{lb} ({train_set.label_counts[lb]})" for lb in labels))
+
+    # 2. the model: frozen base (quantized as configured) + a fresh LoRA
+    device = pick_device()
+    model = attach_lora(cfg, load_base(cfg, base.path, device))
+    trainable, total = trainable_parameters(model)
+    _say(f"model: {cfg.base} ({cfg.quantization}) on {device}; LoRA r={cfg.lora.r} trains "
+         f"{trainable:,} of {total:,} parameters ({trainable / total:.2%})")
+
+    def evaluate_split(examples, progress=False) -> dict:
+        if cfg.task.type == "classification":
+            return ev.evaluate_classification(model, fmt, examples, progress=progress)[0]
+        return ev.evaluate_generation(model, fmt, examples, cfg.task.max_new_tokens,
+                                      progress=progress)[0]
+
+    # 3. train, evaluating on validation, keeping the best
+    logger = RunLogger(run_dir)
+    trainer = Trainer(cfg, model, train_set.examples, len(labels or []), fmt.pad_id,
+                      lambda: evaluate_split(val_set.examples), run_dir, logger, on_step)
+    state = trainer.fit(resume=resume)
+    best_step = trainer.restore_best()
+    logger.close()
+    if cfg.quantization != "none":
+        # Evaluate as served: vLLM applies the adapter to the float base, not to the 4/8-bit one.
+        best = trainer.adapter_state()
+        del trainer
+        model = attach_lora(cfg.model_copy(update={"quantization": "none"}),
+                            load_base(cfg.model_copy(update={"quantization": "none"}),
+                                      base.path, device))
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, best)
+
+    # 4. final metrics of the restored best weights
+    metrics = {"validation": evaluate_split(val_set.examples, progress=True)}
+    if cfg.evaluate_test and test_set.examples:
+        metrics["test"] = evaluate_split(test_set.examples, progress=True)
+
+    # 5. the adapter, atomically into the store; the run's record beside it
+    adapter = _export(cfg, model, base, fmt, labels, metrics, splits.train)
+    plot_curves(run_dir, cfg.selection_metric, f"{cfg.name}: {cfg.task.type}, "
+                f"{cfg.base} ({cfg.quantization}), LoRA r={cfg.lora.r}")
+    summary = {
+        "name": cfg.name, "task": cfg.task.type, "adapter_dir": str(adapter.path),
+        "metrics": metrics, "steps": state.step, "best_step": best_step,
+        "stopped_early": state.stopped_early, "train_seconds": round(state.train_seconds, 1),
+        "wall_seconds": round(time.monotonic() - t_start, 1),
+        "tokens": state.tokens, "answer_tokens": state.answer_tokens,
+        "tokens_per_second": state.tokens / max(state.train_seconds, 1e-9),
+        "peak_memory_mb": round(peak_memory_mb()), "device": str(device),
+        "machine": platform.processor() or platform.machine(),
+    }
+    from lorastack.adapters.fsutil import atomic_write_json
+
+    atomic_write_json(run_dir / "summary.json", summary)
+    print_summary(summary)
+    return TrainResult(cfg.name, adapter.path, run_dir, metrics, summary)
+
+
+def _export(cfg: TrainConfig, model, base, fmt, labels, metrics, train_records):
+    from lorastack.adapters.manifest import AdapterManifest, LoraSettings, Metrics
+    from lorastack.adapters.store import AdapterStore
+
+    store = AdapterStore(cfg.store)
+    peft_cfg = model.peft_config["default"]
+    with tempfile.TemporaryDirectory(prefix="lorastack-export-") as tmp:
+        model.save_pretrained(tmp)  # adapter_config.json + adapter_model.safetensors
+        manifest = AdapterManifest(
+            name=cfg.name, task=cfg.task.type, base_model=cfg.base,
+            base_fingerprint=base.fingerprint,
+            lora=LoraSettings(rank=peft_cfg.r, alpha=float(peft_cfg.lora_alpha),
+                              target_modules=tuple(sorted({m.rsplit(".", 1)[-1]
+                                                          for m in peft_cfg.target_modules})),
+                              dropout=float(peft_cfg.lora_dropout),
+                              use_dora=bool(peft_cfg.use_dora),
+                              use_rslora=bool(peft_cfg.use_rslora)),
+            prompt_template=fmt.task.prompt if not fmt.task.messages_field else "{input}",
+            chat_format=fmt.chat_format, end_of_turn=fmt.end_of_turn,
+            score_end_of_turn=bool(labels) and fmt.score_end,
+            labels=tuple(labels or ()), label_words=dict(cfg.task.label_words),
+            metrics=Metrics(validation=_numbers(metrics.get("validation", {})),
+                            test=_numbers(metrics.get("test", {}))),
+            training=cfg.model_dump(mode="json"),
+            data_fingerprint=fingerprint_records(train_records),
+            versions=library_versions())
+        return store.write(cfg.name, Path(tmp), manifest, replace=cfg.replace)
+
+
+def _numbers(metrics: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("lorastack", "torch", "transformers", "peft", "bitsandbytes", "safetensors"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    out["python"] = platform.python_version()
+    return out
+
+
+def _as_config(cfg: TrainConfig | str | Path | dict) -> TrainConfig:
+    if isinstance(cfg, TrainConfig):
+        return cfg
+    if isinstance(cfg, dict):
+        return build_config(cfg)
+    return load_config(cfg)
+
+
+def _clear_run(run_dir: Path) -> None:
+    """A fresh (not resumed) run starts with an empty run directory."""
+    import shutil
+
+    for sub in ("checkpoints", "best", "tensorboard"):
+        shutil.rmtree(run_dir / sub, ignore_errors=True)
+    for f in ("metrics.jsonl", "summary.json", "training.png"):
+        (run_dir / f).unlink(missing_ok=True)
+
+
+def _say(message: str) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(message)
