@@ -1,0 +1,101 @@
+"""create_app(settings) -> the FastAPI gateway. Its lifespan starts vLLM (or checks the
+upstreams), loads the store, and stops everything on shutdown."""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lorastack import __version__
+from lorastack.adapters.manifest import AdapterError
+from lorastack.serve.engine import EngineError
+from lorastack.serve.gateway import Gateway
+from lorastack.serve.protocol import ApiError, error_body
+from lorastack.serve.registry import UnknownModelError
+from lorastack.serve.routes import adapters, classify, openai, ops
+from lorastack.serve.settings import ServeSettings
+
+log = logging.getLogger("lorastack.serve")
+
+
+def create_app(settings: ServeSettings | None = None, gateway: Gateway | None = None) -> FastAPI:
+    gw = gateway or Gateway(settings or ServeSettings())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await gw.start()
+        try:
+            yield
+        finally:
+            await gw.stop()
+
+    app = FastAPI(title="lorastack gateway", version=__version__, lifespan=lifespan,
+                  docs_url="/docs", redoc_url=None)
+    app.state.gateway = gw
+    for module in (openai, classify, adapters, ops):
+        app.include_router(module.router)
+    _install_error_handlers(app)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        model = getattr(request.state, "model", "")
+        gw.metrics.requests.labels(path, model, str(response.status_code)).inc()
+        gw.metrics.latency.labels(path).observe(time.perf_counter() - start)
+        return response
+
+    return app
+
+
+def _json_error(status: int, message: str, code: str, param: str | None = None,
+                headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, code, param), status_code=status,
+                        headers=headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError):
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(UnknownModelError)
+    async def unknown_model(_: Request, exc: UnknownModelError):
+        return _json_error(404, str(exc), "model_not_found", "model")
+
+    @app.exception_handler(EngineError)
+    async def engine_error(_: Request, exc: EngineError):
+        return _json_error(exc.status, str(exc), "engine_unavailable" if exc.status == 503
+                           else "engine_error", headers={"Retry-After": "5"}
+                           if exc.status == 503 else None)
+
+    @app.exception_handler(AdapterError)
+    async def adapter_error(_: Request, exc: AdapterError):
+        return _json_error(422, str(exc), "adapter_not_servable", "model")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError):
+        parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        return _json_error(422, "invalid request: " + "; ".join(parts), "invalid_request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException):
+        message = ("no such route; the gateway serves /v1/models, /v1/completions, "
+                   "/v1/chat/completions, /v1/classify, /v1/adapters, /health, /metrics"
+                   if exc.status_code == 404 else str(exc.detail))
+        return _json_error(exc.status_code, message, "not_found" if exc.status_code == 404
+                           else "http_error")
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception):
+        log.exception("unexpected error")
+        return _json_error(500, f"internal error ({type(exc).__name__}: {exc}); this is a bug "
+                           f"in the gateway, please report it", "internal_error")

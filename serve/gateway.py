@@ -1,0 +1,185 @@
+"""The gateway's running state: engines, registry, tokenizer, metrics, and its background loops.
+
+start() brings vLLM up (or checks the upstreams) and loads the store; two loops then run until
+stop(): the store watcher (hot swap) and the supervisor (restarts a dead vLLM child, reloads its
+adapters, tracks upstream health).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from lorastack.adapters.manifest import ServingLimits
+from lorastack.adapters.models import BaseModel, resolve_base
+from lorastack.adapters.store import AdapterStore
+from lorastack.serve.engine import Engine
+from lorastack.serve.metrics import Metrics
+from lorastack.serve.registry import Registry
+from lorastack.serve.scoring import Tokenizer
+from lorastack.serve.settings import ServeSettings
+from lorastack.serve.vllm_proc import VllmProcess, VllmStartError
+
+log = logging.getLogger("lorastack.serve")
+
+
+def say(message: str) -> None:
+    print(f"lorastack serve: {message}", file=sys.stderr, flush=True)
+
+
+class Gateway:
+    def __init__(self, settings: ServeSettings, *, engines: list[Engine] | None = None,
+                 base: BaseModel | None = None) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.base = base
+        self.engines = engines or []
+        self.registry: Registry | None = None
+        self.tokenizer: Tokenizer | None = None
+        self.started_at = int(time.time())
+        self._own_work_dir = settings.work_dir is None
+        self.work_dir = Path(settings.work_dir or tempfile.mkdtemp(prefix="lorastack-serve-"))
+        self._tasks: list[asyncio.Task] = []
+        self.startup_s = 0.0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        s = self.settings
+        s.check_exposure()
+        if self.base is None:
+            say(f"resolving base model {s.base!r}")
+            self.base = await asyncio.to_thread(resolve_base, s.base)
+        self.tokenizer = Tokenizer(self.base.path)
+        if not self.engines:
+            self.engines = await self._start_engines()
+        for engine in self.engines:
+            engine.up = await engine.healthy()
+            engine.reason = "ok" if engine.up else "not answering /health"
+            if engine.up and engine.base_id is None:
+                engine.base_id = await engine.served_base()
+            self.metrics.vllm_up.labels(engine.url).set(int(engine.up))
+        store = AdapterStore(s.store)
+        self.registry = Registry(store, self.base, self.engines, capacity=s.capacity,
+                                 limits=ServingLimits(max_rank=s.max_lora_rank),
+                                 work_dir=self.work_dir, metrics=self.metrics)
+        await self.registry.refresh()
+        self.metrics.adapters_served.set(len(self.registry.current))
+        say(f"serving {self.base.name} and {len(self.registry.current)} adapter(s) from "
+            f"{store.root}" + (f"; refused: {', '.join(self.registry.problems)}"
+                               if self.registry.problems else ""))
+        # tokenizer warm-up here, not on the first request
+        await asyncio.to_thread(self.tokenizer.get)
+        self._tasks = [asyncio.create_task(self._watch_store()),
+                       asyncio.create_task(self._supervise())]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for engine in self.engines:
+            if engine.process is not None:
+                await asyncio.to_thread(engine.process.stop)
+            await engine.aclose()
+        if self._own_work_dir:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+
+    async def _start_engines(self) -> list[Engine]:
+        s = self.settings
+        if s.upstream:
+            engines = []
+            for url in s.upstream:
+                engine = Engine(url, timeout_s=s.request_timeout_s)
+                engines.append(engine)
+                if not await engine.healthy():
+                    say(f"upstream {url} does not answer /health yet; will keep checking")
+            return engines
+        proc = VllmProcess(s, self.base.path, self.base.name, self.work_dir / "vllm.log")
+        say(f"starting vLLM on 127.0.0.1:{proc.port} (log: {proc.log_file})")
+        proc.start()
+        try:
+            self.startup_s = await proc.wait_healthy(s.start_timeout_s, say)
+        except VllmStartError as exc:
+            proc.stop()
+            say(f"vLLM failed to start: {exc}")  # plainly, before the server's traceback
+            raise
+        say(f"vLLM is healthy after {self.startup_s:.0f} s")
+        return [Engine(proc.url, timeout_s=s.request_timeout_s, process=proc)]
+
+    # -- loops -------------------------------------------------------------------------------
+
+    async def _watch_store(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.poll_interval_s)
+            try:
+                await self.registry.refresh()
+                self.metrics.adapters_served.set(len(self.registry.current))
+            except Exception:  # keep watching whatever one pass hit
+                log.exception("store watcher")
+
+    async def _supervise(self) -> None:
+        last_health = 0.0
+        while True:
+            await asyncio.sleep(0.5)
+            check_health = time.monotonic() - last_health > 2.0
+            if check_health:
+                last_health = time.monotonic()
+            for engine in self.engines:
+                try:
+                    if engine.process is not None and engine.process.exit_code() is not None:
+                        await self._restart(engine)
+                    elif check_health:
+                        await self._check(engine)
+                except Exception:
+                    log.exception("supervisor")
+                self.metrics.vllm_up.labels(engine.url).set(int(engine.up))
+
+    async def _check(self, engine: Engine) -> None:
+        healthy = await engine.healthy()
+        engine.failed_checks = 0 if healthy else engine.failed_checks + 1
+        if not healthy and engine.failed_checks < 3:
+            return  # a busy CPU can delay one answer: three misses in a row mean down
+        if healthy and not engine.up and engine.process is None:
+            # an upstream came back: it may have restarted and forgotten its adapters
+            previous = engine.generation
+            engine.generation += 1
+            engine.up, engine.reason = True, "ok"
+            await self.registry.restore(engine, previous)
+        engine.up = healthy
+        engine.reason = "ok" if healthy else "not answering /health"
+        if healthy and engine.base_id is None:
+            engine.base_id = await engine.served_base()
+
+    async def _restart(self, engine: Engine) -> None:
+        proc = engine.process
+        code = proc.exit_code()
+        engine.up = False
+        engine.reason = f"vLLM exited (code {code}); restarting it"
+        say(f"{engine.reason}.\n{proc.describe_log(15)}")
+        if not self.settings.restart_vllm:
+            engine.reason = f"vLLM exited (code {code}); restarts are off"
+            await asyncio.sleep(5)
+            return
+        self.metrics.vllm_restarts.inc()
+        previous = engine.generation
+        engine.generation += 1  # everything it had loaded is gone
+        proc.stop()
+        proc.start()
+        try:
+            seconds = await proc.wait_healthy(self.settings.start_timeout_s, say)
+        except VllmStartError as exc:
+            engine.reason = f"restart failed: {str(exc).splitlines()[0]}; retrying"
+            say(str(exc))
+            await asyncio.sleep(5)
+            return
+        engine.up, engine.reason = True, "ok"
+        await self.registry.restore(engine, previous)
+        say(f"vLLM restarted in {seconds:.0f} s; adapters reloaded")

@@ -1,0 +1,314 @@
+"""What the gateway serves: the source of truth for which adapter version is loaded where.
+
+vLLM knows an adapter by name and integer id and caches it; its unload drops the name without
+freeing the slot (vLLM issues #42633, #54839). So the gateway never reuses a name for other
+weights: every adapter version reaches vLLM as `<name>@<content hash>`, loaded from a private,
+immutable snapshot of the store's files (vLLM may re-read the path after evicting it from its
+own cache, and the store's directory can be replaced at any time).
+
+Rules that keep requests alive across swaps:
+- one asyncio lock guards every decision (which version is current, what is loaded where);
+  the disk work (validation, snapshot, hashing) runs before it is taken, in a thread;
+- a request holds its version (`inflight` count) from before it is sent until its last byte;
+- a replaced or removed version is retired: unloaded, and its snapshot deleted, only when its
+  last request has finished;
+- eviction (over `capacity` adapters on an engine) takes the least recently used version that
+  has no request in flight; when every one is busy it loads anyway (vLLM's own cache copes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lorastack.adapters.files import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, Adapter, read_adapter
+from lorastack.adapters.manifest import AdapterError, ServingLimits, check_servable
+from lorastack.adapters.models import BaseModel
+from lorastack.adapters.store import AdapterStore, StoreSnapshot
+from lorastack.serve.engine import Engine, EngineError
+
+log = logging.getLogger("lorastack.serve")
+
+
+class UnknownModelError(LookupError):
+    """`model` names neither the base model nor a served adapter."""
+
+    def __init__(self, name: str, available: list[str], hint: str = "") -> None:
+        self.name, self.available = name, available
+        super().__init__(f"model {name!r} is not served here{hint}. Available: "
+                         f"{', '.join(available) or 'none'} (GET /v1/models lists them)")
+
+
+@dataclass(eq=False)
+class Served:
+    """One version of an adapter as the gateway serves it."""
+
+    name: str
+    adapter: Adapter  # read from the snapshot, fully checked
+    identity: str  # what vLLM knows it as: name@hash
+    path: Path  # the snapshot directory vLLM loads
+    loaded: dict[Engine, int] = field(default_factory=dict)  # engine -> its generation at load
+    inflight: int = 0
+    retired: bool = False
+    last_used: float = 0.0
+
+    @property
+    def manifest(self):
+        return self.adapter.manifest
+
+    def is_loaded(self, engine: Engine) -> bool:
+        return self.loaded.get(engine) == engine.generation
+
+
+class Registry:
+    def __init__(self, store: AdapterStore, base: BaseModel, engines: list[Engine], *,
+                 capacity: int, limits: ServingLimits, work_dir: Path,
+                 metrics: Any = None) -> None:
+        self.store, self.base, self.engines = store, base, engines
+        self.capacity, self.limits, self.metrics = capacity, limits, metrics
+        self.snapshots = work_dir / "snapshots"
+        self.current: dict[str, Served] = {}
+        self.draining: list[Served] = []
+        self.disabled: set[str] = set()  # unloaded by hand: the watcher leaves them alone
+        self.problems: dict[str, str] = {}  # store entries refused, and why
+        self._lock = asyncio.Lock()
+        self._seen: StoreSnapshot | None = None
+        self._rr = 0
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        return sorted(self.current)
+
+    def get(self, name: str) -> Served:
+        served = self.current.get(name)
+        if served is None:
+            hint = (" (an admin unloaded it; POST /v1/adapters/load to serve it again)"
+                    if name in self.disabled else "")
+            if name in self.problems:
+                hint = f" (the store holds it but it was refused: {self.problems[name]})"
+            raise UnknownModelError(name, [self.base_name, *self.names()], hint)
+        return served
+
+    @property
+    def base_name(self) -> str:
+        return self.base.name
+
+    def live_engines(self) -> list[Engine]:
+        return [e for e in self.engines if e.up]
+
+    def pick_engine(self) -> Engine:
+        """An engine for a base-model request (round robin over the live ones)."""
+        live = self.live_engines()
+        if not live:
+            raise EngineError(self.down_reason())
+        self._rr += 1
+        return live[self._rr % len(live)]
+
+    def down_reason(self) -> str:
+        reasons = "; ".join(f"{e.url}: {e.reason}" for e in self.engines)
+        return f"no vLLM engine is available ({reasons}); retry in a few seconds"
+
+    def loaded_count(self, engine: Engine) -> int:
+        return sum(s.is_loaded(engine) for s in [*self.current.values(), *self.draining])
+
+    # -- following the store ---------------------------------------------------------------
+
+    async def refresh(self) -> None:
+        """Apply what changed in the store since the last call (the first call: everything)."""
+        events, self._seen = await asyncio.to_thread(self.store.changes, self._seen)
+        for event, name in events:
+            try:
+                if event == "removed":
+                    self.problems.pop(name, None)
+                    self.disabled.discard(name)
+                    await self.remove(name)
+                elif name not in self.disabled or event == "changed":
+                    self.disabled.discard(name)  # a new write of an unloaded adapter serves it
+                    await self.add(name)
+            except AdapterError as exc:
+                self.problems[name] = str(exc)
+                log.warning("not serving %s: %s", name, exc)
+            except EngineError as exc:
+                self.problems[name] = str(exc)
+                log.warning("could not load %s into vLLM: %s", name, exc)
+
+    async def add(self, name: str, *, eager: bool = False) -> Served:
+        """Validate, snapshot and serve the store's adapter `name` (replacing a served version).
+
+        Loaded into an engine now when one has room (or always with `eager`); otherwise on its
+        first request. Raises AdapterError when the store's copy cannot be served.
+        """
+        self.disabled.discard(name)
+        fresh = await asyncio.to_thread(self._prepare, name)
+        self.problems.pop(name, None)
+        async with self._lock:
+            old = self.current.get(name)
+            if old is not None and old.identity == fresh.identity:
+                served = old  # same bytes (touched, or asked again): nothing to swap
+            else:
+                served = fresh
+                served.last_used = time.monotonic()
+            live = self.live_engines()
+            if live and not any(served.is_loaded(e) for e in live) and (
+                    eager or old is not None or
+                    any(self.loaded_count(e) < self.capacity for e in live)):
+                await self._load_somewhere(served)
+            self.current[name] = served
+            if old is not None and old is not served:
+                await self._retire(old)
+                log.info("replaced %s: now %s (was %s)", name, served.identity, old.identity)
+            elif old is None:
+                log.info("serving %s as %s", name, served.identity)
+        return served
+
+    async def remove(self, name: str, *, by_hand: bool = False) -> bool:
+        """Stop serving `name`; requests already running on it finish first."""
+        async with self._lock:
+            if by_hand:
+                self.disabled.add(name)
+            served = self.current.pop(name, None)
+            if served is not None:
+                await self._retire(served)
+                log.info("stopped serving %s", name)
+        return served is not None
+
+    # -- serving a request ------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def use(self, name: str):
+        """Hold the current version of `name`, loaded on some engine, for one request."""
+        async with self._lock:
+            served = self.get(name)
+            engine = await self._load_somewhere(served)
+            served.inflight += 1
+            served.last_used = time.monotonic()
+        try:
+            yield served, engine
+        finally:
+            served.inflight -= 1
+            if served.retired and served.inflight == 0:
+                # a task, so that a cancelled request still lets the old version go
+                asyncio.get_running_loop().create_task(self._drop_if_idle(served))
+
+    # -- engines coming and going -----------------------------------------------------------
+
+    async def restore(self, engine: Engine, previous_generation: int) -> None:
+        """After `engine` restarted (empty), load again what it held before, up to capacity."""
+        async with self._lock:
+            before = [s for s in self.current.values()
+                      if s.loaded.get(engine) == previous_generation]
+            before.sort(key=lambda s: s.last_used, reverse=True)
+            for served in before[:self.capacity]:
+                try:
+                    await engine.load_lora(served.identity, str(served.path))
+                    served.loaded[engine] = engine.generation
+                    self._count("loads")
+                except EngineError as exc:
+                    log.warning("could not reload %s after a restart: %s", served.name, exc)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    async def _load_somewhere(self, served: Served) -> Engine:
+        live = self.live_engines()
+        if not live:
+            raise EngineError(self.down_reason())
+        holders = [e for e in live if served.is_loaded(e)]
+        if holders:
+            return holders[0]
+        engine = min(live, key=self.loaded_count)
+        await self._make_room(engine, keep=served)
+        await engine.load_lora(served.identity, str(served.path))
+        served.loaded[engine] = engine.generation
+        self._count("loads")
+        return engine
+
+    async def _make_room(self, engine: Engine, keep: Served) -> None:
+        while self.loaded_count(engine) >= self.capacity:
+            idle = [s for s in self.current.values()
+                    if s is not keep and s.inflight == 0 and s.is_loaded(engine)]
+            if not idle:
+                return  # all busy: go over by one; vLLM's own LRU cache reloads as needed
+            victim = min(idle, key=lambda s: s.last_used)
+            victim.loaded.pop(engine, None)
+            self._count("evictions")
+            log.info("evicted %s from %s (least recently used)", victim.name, engine.url)
+            await _quietly(engine.unload_lora(victim.identity))
+
+    async def _retire(self, served: Served) -> None:
+        served.retired = True
+        if served.inflight == 0:
+            await self._unload_everywhere(served)
+        else:
+            self.draining.append(served)
+
+    async def _drop_if_idle(self, served: Served) -> None:
+        async with self._lock:
+            if served.inflight == 0 and served in self.draining:
+                self.draining.remove(served)
+                await self._unload_everywhere(served)
+
+    async def _unload_everywhere(self, served: Served) -> None:
+        for engine in [e for e in list(served.loaded) if served.is_loaded(e)]:
+            await _quietly(engine.unload_lora(served.identity))
+            self._count("unloads")
+        served.loaded.clear()
+        if all(s.path != served.path for s in self.current.values()):
+            shutil.rmtree(served.path.parent, ignore_errors=True)
+
+    def _count(self, what: str) -> None:
+        if self.metrics is not None:
+            self.metrics.adapter_event(what)
+
+    def _prepare(self, name: str) -> Served:
+        """Store -> checked, immutable snapshot (runs in a thread: disk and hashing)."""
+        adapter = self.store.resolve(name, base_fingerprint=self.base.fingerprint)
+        check_servable(adapter, self.limits)
+        return self._snapshot(adapter)
+
+    def _snapshot(self, adapter: Adapter) -> Served:
+        name = adapter.name
+        self.snapshots.mkdir(parents=True, exist_ok=True)
+        tmp = self.snapshots / f".{name}.{uuid.uuid4().hex[:8]}.partial" / name
+        tmp.mkdir(parents=True)
+        try:
+            _copy_consistent(adapter.path, tmp)
+            copy = read_adapter(tmp, base_fingerprint=self.base.fingerprint)
+            check_servable(copy, self.limits)
+            digest = copy.content_hash().split(":", 1)[1][:16]
+            final = self.snapshots / f"{name}@{digest}"
+            if not final.exists():
+                os.rename(tmp.parent, final)
+        finally:
+            shutil.rmtree(tmp.parent, ignore_errors=True)
+        path = final / name
+        return Served(name, read_adapter(path), f"{name}@{digest}", path)
+
+
+def _copy_consistent(src: Path, dst: Path) -> None:
+    """Copy the adapter's files through one directory handle, so that all three come from the
+    same version even if a writer renames a replacement into `src` meanwhile."""
+    dir_fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for file in (MANIFEST_FILE, CONFIG_FILE, WEIGHTS_FILE):
+            fd = os.open(file, os.O_RDONLY, dir_fd=dir_fd)
+            with os.fdopen(fd, "rb") as fin, open(dst / file, "wb") as fout:
+                shutil.copyfileobj(fin, fout, 1 << 20)
+    finally:
+        os.close(dir_fd)
+
+
+async def _quietly(coro) -> None:
+    """Unloading is best effort: a dead engine has forgotten everything anyway."""
+    try:
+        await coro
+    except EngineError as exc:
+        log.warning("%s", exc)

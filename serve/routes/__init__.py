@@ -1,0 +1,1 @@
+"""One router per resource: openai (forwarded), classify, adapters (admin), ops (health)."""

@@ -1,0 +1,81 @@
+"""POST /v1/classify: label probabilities from one classification adapter or an ensemble."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import ValidationError
+
+from lorastack.adapters import labels as label_scoring
+from lorastack.serve.protocol import (
+    ApiError,
+    Classification,
+    ClassifyRequest,
+    ClassifyResponse,
+    ClassifyUsage,
+    LabelScore,
+    MemberAnswer,
+)
+from lorastack.serve.routes.common import GatewayDep, read_json, require_api_key
+from lorastack.serve.scoring import build_rows, score
+
+router = APIRouter(dependencies=[Depends(require_api_key)])
+
+
+@router.post("/v1/classify", response_model=ClassifyResponse, response_model_exclude_none=True)
+async def classify(request: Request, gw: GatewayDep) -> ClassifyResponse:
+    try:
+        req = ClassifyRequest.model_validate(await read_json(request))
+    except ValidationError as exc:
+        raise ApiError(422, validation_message(exc), "invalid_request") from None
+    request.state.model = ",".join(req.model)
+    s, reg = gw.settings, gw.registry
+    if len(req.input) > s.max_batch:
+        raise ApiError(400, f"{len(req.input)} inputs is over the batch limit {s.max_batch}; "
+                       f"split the request", "batch_too_large", "input")
+    members = [reg.get(name) for name in req.model]  # 404 with the available names
+    for served in members:
+        if served.manifest.task != "classification":
+            raise ApiError(400, f"{served.name!r} is a {served.manifest.task} adapter; "
+                           f"/v1/classify needs classification adapters (use /v1/completions "
+                           f"for generation)", "not_a_classifier", "model")
+    labels = list(members[0].manifest.labels)
+    for served in members[1:]:
+        if set(served.manifest.labels) != set(labels):
+            raise ApiError(400, f"an ensemble needs one label set: {members[0].name!r} has "
+                           f"{labels}, {served.name!r} has {list(served.manifest.labels)}",
+                           "label_sets_differ", "model")
+
+    async def one(name: str):
+        async with reg.use(name) as (served, engine):  # this version's manifest and weights
+            rows = await asyncio.to_thread(build_rows, gw.tokenizer, served.manifest, req.input,
+                                           s.max_prompt_tokens)
+            sums = await score(engine, served.identity, rows)
+        gw.metrics.adapter_requests.labels(name).inc()
+        return rows.prompt_tokens(), [label_scoring.probabilities(row) for row in sums]
+
+    answers = await asyncio.gather(*(one(name) for name in req.model))
+    tokens = sum(t for t, _ in answers)
+    gw.metrics.tokens.labels(request.state.model, "prompt").inc(tokens)
+    data = []
+    for i in range(len(req.input)):
+        per_member = {name: {lab: probs[i][lab] for lab in labels}
+                      for name, (_, probs) in zip(req.model, answers)}
+        probs = label_scoring.ensemble(list(per_member.values()))
+        ranked = sorted(labels, key=lambda lab: -probs[lab])[:req.top_k or len(labels)]
+        data.append(Classification(
+            index=i, label=label_scoring.predict(probs), probabilities=probs,
+            top=[LabelScore(label=lab, probability=probs[lab]) for lab in ranked],
+            members={name: MemberAnswer(label=label_scoring.predict(p), probabilities=p)
+                     for name, p in per_member.items()} if len(req.model) > 1 else None))
+    return ClassifyResponse(model=request.state.model, labels=labels, data=data,
+                            usage=ClassifyUsage(prompt_tokens=tokens, total_tokens=tokens))
+
+
+def validation_message(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "body"
+        parts.append(f"{where}: {err['msg']}")
+    return "invalid request: " + "; ".join(parts)

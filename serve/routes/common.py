@@ -1,0 +1,92 @@
+"""What every route needs: the gateway, auth, and a JSON body read within the size limit."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from lorastack.serve.gateway import Gateway
+from lorastack.serve.protocol import ApiError
+
+
+def gateway(request: Request) -> Gateway:
+    return request.app.state.gateway
+
+
+GatewayDep = Annotated[Gateway, Depends(gateway)]
+
+
+def _presented_key(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    if header.lower().startswith("bearer "):
+        return header[7:].strip()
+    return request.headers.get("x-api-key")
+
+
+def _matches(key: str, candidates: list[str]) -> bool:
+    return any(secrets.compare_digest(key.encode(), c.encode()) for c in candidates)
+
+
+def require_api_key(request: Request) -> None:
+    """/v1 routes: any API key (or the admin key), when keys are configured."""
+    s = gateway(request).settings
+    if not s.auth_required:
+        return
+    key = _presented_key(request)
+    if not key:
+        raise ApiError(401, "missing API key: send the header `Authorization: Bearer <key>`",
+                       "missing_api_key", headers={"WWW-Authenticate": "Bearer"})
+    if not _matches(key, [*s.api_keys, *([s.admin_key] if s.admin_key else [])]):
+        raise ApiError(401, "invalid API key: check the key you were given",
+                       "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def require_admin(request: Request) -> None:
+    """Load/unload: the admin key when one is set (API keys are not enough); without an admin
+    key (allowed on loopback only) the same rule as the /v1 routes."""
+    s = gateway(request).settings
+    if not s.admin_key:
+        require_api_key(request)
+        return
+    key = _presented_key(request)
+    if not key:
+        raise ApiError(401, "missing admin key: send `Authorization: Bearer <admin key>`",
+                       "missing_api_key", headers={"WWW-Authenticate": "Bearer"})
+    if not _matches(key, [s.admin_key]):
+        raise ApiError(403, "this route needs the admin key (an API key is not enough)",
+                       "admin_key_required")
+
+
+async def read_json(request: Request) -> dict:
+    """The body as a JSON object; 413 over the size limit, 400 when it does not parse."""
+    limit = gateway(request).settings.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise _too_large(int(declared), limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(size, limit)
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw.strip():
+        raise ApiError(400, "the request body is empty; send a JSON object", "invalid_json")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the request body is not valid JSON ({exc})", "invalid_json") \
+            from None
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the request body must be a JSON object, got "
+                       f"{type(body).__name__}", "invalid_json")
+    return body
+
+
+def _too_large(size: int, limit: int) -> ApiError:
+    return ApiError(413, f"the request body is {size} bytes or more; the limit is {limit} "
+                    f"(LORASTACK_MAX_BODY_BYTES). Send fewer or shorter inputs.",
+                    "body_too_large")

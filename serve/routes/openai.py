@@ -1,0 +1,200 @@
+"""OpenAI routes: /v1/models (ours), /v1/completions and /v1/chat/completions (forwarded).
+
+A request for an adapter is sent to vLLM under the adapter's current identity (name@hash) while
+the registry holds that version; the identity is rewritten back to the public name in the
+answer, streamed line by line so that tokens reach the client as vLLM emits them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from contextlib import AsyncExitStack
+from datetime import datetime
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response, StreamingResponse
+
+from lorastack.serve.gateway import Gateway
+from lorastack.serve.protocol import ApiError, error_body
+from lorastack.serve.routes.common import GatewayDep, read_json, require_api_key
+
+router = APIRouter(dependencies=[Depends(require_api_key)])
+
+
+@router.get("/v1/models")
+async def list_models(gw: GatewayDep) -> dict:
+    reg = gw.registry
+    cards = [{"id": reg.base_name, "object": "model", "created": gw.started_at,
+              "owned_by": "lorastack", "root": reg.base_name, "parent": None,
+              "task": "generation", "max_model_len": gw.settings.max_model_len}]
+    for name in reg.names():
+        m = reg.current[name].manifest
+        cards.append({"id": name, "object": "model", "created": _epoch(m.created_at),
+                      "owned_by": "lorastack", "root": name, "parent": reg.base_name,
+                      "task": m.task, "labels": list(m.labels),
+                      "metrics": {"validation": m.metrics.validation, "test": m.metrics.test}})
+    return {"object": "list", "data": cards}
+
+
+@router.post("/v1/completions")
+async def completions(request: Request, gw: GatewayDep) -> Response:
+    return await _forward(request, gw, "/v1/completions")
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request, gw: GatewayDep) -> Response:
+    return await _forward(request, gw, "/v1/chat/completions")
+
+
+async def _forward(request: Request, gw: Gateway, path: str) -> Response:
+    body = await read_json(request)
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "`model` is required: the base model or an adapter name (GET "
+                       "/v1/models lists them)", "missing_model", "model")
+    request.state.model = model
+    await asyncio.to_thread(_check_limits, gw, body, path)
+    stack = AsyncExitStack()
+    handed_off = False
+    try:
+        if model == gw.registry.base_name:
+            engine = gw.registry.pick_engine()
+            identity = engine.base_id or model
+        else:
+            served, engine = await stack.enter_async_context(gw.registry.use(model))
+            identity = served.identity
+            gw.metrics.adapter_requests.labels(model).inc()
+        body["model"] = identity
+        if not body.get("stream"):
+            response = await engine.post_json(path, body)
+            content = response.content.replace(_quoted(identity), _quoted(model))
+            _count_usage(gw, model, response)
+            return Response(content, response.status_code,
+                            media_type=response.headers.get("content-type", "application/json"))
+        upstream = await stack.enter_async_context(engine.stream(path, body))
+        if upstream.status_code != 200:
+            content = (await upstream.aread()).replace(_quoted(identity), _quoted(model))
+            return Response(content, upstream.status_code, media_type="application/json")
+        handed_off = True
+        return StreamingResponse(_relay(gw, upstream, stack, identity, model),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    finally:
+        if not handed_off:
+            await stack.aclose()
+
+
+async def _relay(gw: Gateway, upstream, stack: AsyncExitStack, identity: str, model: str):
+    """SSE lines from vLLM to the client, one by one; the adapter is held until the end."""
+    try:
+        async for line in upstream.aiter_lines():
+            if line.startswith("data: {"):
+                line = line.replace(f'"{identity}"', f'"{model}"')
+                if '"usage":{' in line:
+                    _count_stream_usage(gw, model, line)
+            yield line + "\n"
+    except Exception as exc:  # noqa: BLE001  vLLM died mid-stream: end with an error event
+        error = error_body(503, f"the stream was cut: vLLM failed mid-answer ({exc}); retry",
+                           "engine_unavailable")
+        yield f"data: {json.dumps(error)}\n\n"
+    finally:
+        await stack.aclose()
+
+
+def _check_limits(gw: Gateway, body: dict, path: str) -> None:
+    """Prompt length, batch and max_tokens limits, checked before vLLM sees the request."""
+    s, tok = gw.settings, gw.tokenizer
+    n = body.get("n", 1)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ApiError(400, "`n` must be a positive integer", "invalid_value", "n")
+    if path.endswith("chat/completions"):
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) for m in messages):
+            raise ApiError(400, "`messages` must be a non-empty list of {role, content} "
+                           "objects", "invalid_value", "messages")
+        try:
+            lengths = [tok.chat_length([_plain(m) for m in messages])]
+        except Exception as exc:  # noqa: BLE001  jinja raises many kinds
+            raise ApiError(400, f"the messages do not fit the model's chat template ({exc})",
+                           "invalid_value", "messages") from None
+    else:
+        lengths = _prompt_lengths(tok, body.get("prompt"))
+    if len(lengths) * n > s.max_batch:
+        raise ApiError(400, f"{len(lengths)} prompt(s) x n={n} is over the batch limit "
+                       f"{s.max_batch}; split the request", "batch_too_large")
+    longest = max(lengths)
+    if longest > s.max_prompt_tokens:
+        raise ApiError(400, f"the prompt is {longest} tokens; the limit is "
+                       f"{s.max_prompt_tokens}. Shorten it.", "prompt_too_long",
+                       "messages" if "messages" in body else "prompt")
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None \
+        else "max_tokens"
+    asked = body.get(key)
+    if asked is not None:
+        if not isinstance(asked, int) or isinstance(asked, bool) or asked < 1:
+            raise ApiError(400, f"`{key}` must be a positive integer", "invalid_value", key)
+        if asked > s.max_tokens:
+            raise ApiError(400, f"`{key}` is {asked}; the limit is {s.max_tokens}",
+                           "max_tokens_too_large", key)
+    else:  # a bound on every request, as long as the context leaves room for it
+        body["max_tokens"] = max(1, min(s.max_tokens, s.max_model_len - longest))
+
+
+def _prompt_lengths(tok, prompt) -> list[int]:
+    bad = ApiError(400, "`prompt` must be a string, a list of strings, a list of token ids or "
+                   "a list of such lists", "invalid_value", "prompt")
+    if isinstance(prompt, str):
+        return [len(tok.encode(prompt))]
+    if not isinstance(prompt, list) or not prompt:
+        raise bad
+    if all(isinstance(p, int) for p in prompt):
+        return [len(prompt)]
+    if all(isinstance(p, str) for p in prompt):
+        return [len(tok.encode(p)) for p in prompt]
+    if all(isinstance(p, list) and all(isinstance(t, int) for t in p) for p in prompt):
+        return [len(p) for p in prompt]
+    raise bad
+
+
+def _plain(message: dict) -> dict:
+    """Content parts ([{"type": "text", "text": ...}]) joined into text, for counting."""
+    content = message.get("content")
+    if isinstance(content, list):
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return {"role": message.get("role", "user"), "content": content or ""}
+
+
+def _quoted(text: str) -> bytes:
+    return json.dumps(text).encode()
+
+
+def _count_usage(gw: Gateway, model: str, response) -> None:
+    try:
+        usage = response.json().get("usage") or {}
+    except (ValueError, AttributeError):
+        return
+    _add_tokens(gw, model, usage)
+
+
+def _count_stream_usage(gw: Gateway, model: str, line: str) -> None:
+    try:
+        _add_tokens(gw, model, json.loads(line[6:]).get("usage") or {})
+    except ValueError:
+        pass
+
+
+def _add_tokens(gw: Gateway, model: str, usage: dict) -> None:
+    for kind in ("prompt", "completion"):
+        value = usage.get(f"{kind}_tokens")
+        if isinstance(value, int):
+            gw.metrics.tokens.labels(model, kind).inc(value)
+
+
+def _epoch(iso: str) -> int:
+    try:
+        return int(datetime.fromisoformat(iso).timestamp())
+    except ValueError:
+        return 0
+

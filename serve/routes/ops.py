@@ -1,0 +1,30 @@
+"""GET /health (gateway and vLLM) and GET /metrics (Prometheus)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from lorastack.serve.routes.common import GatewayDep, require_api_key
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(gw: GatewayDep) -> JSONResponse:
+    """200 when at least one vLLM engine is up; 503 (with the reasons) when none is."""
+    engines = [{"url": e.url, "up": e.up, "reason": e.reason,
+                "adapters_loaded": gw.registry.loaded_count(e) if gw.registry else 0}
+               for e in gw.engines]
+    up = any(e.up for e in gw.engines)
+    body = {"status": "ok" if up else "unavailable", "gateway": "ok", "vllm": engines,
+            "adapters": len(gw.registry.current) if gw.registry else 0}
+    return JSONResponse(body, status_code=200 if up else 503)
+
+
+@router.get("/metrics", dependencies=[Depends(require_api_key)])
+async def metrics(gw: GatewayDep) -> Response:
+    for e in gw.engines:
+        gw.metrics.vllm_up.labels(e.url).set(int(e.up))
+    return Response(gw.metrics.render(), media_type=CONTENT_TYPE_LATEST)
