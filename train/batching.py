@@ -52,10 +52,13 @@ def _balanced_sample(examples: Sequence[Example], rng: random.Random) -> list[in
     return [rng.choice(by_class[rng.choice(classes)]) for _ in range(len(examples))]
 
 
-def class_weights(examples: Sequence[Example], n_labels: int) -> list[float]:
-    """Inverse-frequency weights per label, scaled so the average example weighs 1."""
+def class_weights(examples: Sequence[Example], n_labels: int,
+                  power: float = 1.0) -> list[float]:
+    """Inverse-frequency weights per label (to `power`), scaled so the average example
+    weighs 1."""
     counts = Counter(ex.label for ex in examples)
-    raw = [len(examples) / (n_labels * counts[i]) if counts[i] else 0.0 for i in range(n_labels)]
+    raw = [(len(examples) / (n_labels * counts[i])) ** power if counts[i] else 0.0
+           for i in range(n_labels)]
     mean = sum(raw[ex.label] for ex in examples) / len(examples)
     return [w / mean for w in raw]
 

@@ -45,8 +45,8 @@ def data_pull(name: str = typer.Argument("drug-reviews", help="a catalog dataset
 def train_command(
     config: str = typer.Argument(..., help="a YAML file or a shipped config name "
                                  "(reviews-classify, reviews-condition)"),
-    set_: list[str] = typer.Option([], "--set", help="override a setting: section.key=value "
-                                   "(repeatable)"),
+    set_: list[str] = typer.Option(  # noqa: B008 (typer's idiom)
+        [], "--set", help="override a setting: section.key=value (repeatable)"),
     resume: bool = typer.Option(False, "--resume", help="continue from the run's last "
                                 "checkpoint"),
     if_missing: bool = typer.Option(False, "--if-missing", help="do nothing when the store "

@@ -68,6 +68,9 @@ class TaskConfig(_Section):
     """classification: text the model answers for a label, when it differs from the label."""
     balance: Literal["none", "weights", "sampling"] = "weights"
     """classification imbalance: inverse-frequency loss weights, balanced sampling, or none."""
+    class_weight_power: float = Field(1.0, ge=0.0, le=2.0)
+    """With balance=weights: weight = (1/frequency)^power; 1 balances the classes fully,
+    0.5 is a softer middle that costs the majority class less accuracy, 0 is no weighting."""
     target_field: str = "answer"
     """generation: the record field holding the answer (records without one are dropped)."""
     messages_field: str | None = None

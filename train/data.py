@@ -323,8 +323,7 @@ def _read_parquet(path: Path) -> list[dict]:
 
 def _write_jsonl(path: Path, records: Iterable[dict]) -> None:
     with open(path, "w", encoding="utf-8") as fh:
-        for rec in records:
-            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        fh.writelines(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records)
 
 
 def fingerprint_records(records: Iterable[Mapping]) -> str:

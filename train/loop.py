@@ -57,7 +57,8 @@ class Trainer:
         self.metric = cfg.selection_metric
         balance = cfg.task.balance if cfg.task.type == "classification" else "none"
         self.balanced = balance == "sampling"
-        self.weights = class_weights(examples, n_labels) if balance == "weights" else None
+        self.weights = (class_weights(examples, n_labels, cfg.task.class_weight_power)
+                        if balance == "weights" else None)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=self.t.lr,
                                            weight_decay=self.t.weight_decay)

@@ -43,8 +43,13 @@ def train(cfg: TrainConfig | str | Path | dict, *, resume: bool = False,
     from lorastack.train.batching import epoch_batches, padding_fraction
     from lorastack.train.examples import PromptFormat, encode_records, infer_labels
     from lorastack.train.loop import Trainer
-    from lorastack.train.model import (attach_lora, load_base, load_tokenizer, pick_device,
-                                       trainable_parameters)
+    from lorastack.train.model import (
+        attach_lora,
+        load_base,
+        load_tokenizer,
+        pick_device,
+        trainable_parameters,
+    )
     from lorastack.train.report import RunLogger, peak_memory_mb, plot_curves, print_summary
 
     cfg = _as_config(cfg)

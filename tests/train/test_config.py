@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from lorastack.train.config import (CONFIGS_DIR, ConfigError, build_config, load_config,
-                                    shipped_configs)
+from lorastack.train.config import (
+    CONFIGS_DIR,
+    ConfigError,
+    build_config,
+    load_config,
+    shipped_configs,
+)
 
 
 def test_shipped_configs_exist():

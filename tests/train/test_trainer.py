@@ -167,11 +167,12 @@ def test_examples_mask_the_prompt_and_end_with_end_of_turn(tiny_base, review_fil
 
 
 def test_single_token_fast_path_matches_the_general_scorer(tiny_base, review_files):
+    from transformers import AutoModelForCausalLM
+
     from lorastack.train.data import load_records
     from lorastack.train.evaluate import label_logprob_sums
     from lorastack.train.examples import PromptFormat, encode_records
     from lorastack.train.model import load_tokenizer
-    from transformers import AutoModelForCausalLM
 
     cfg = build_config({"task": {"prompt": "{text}", "labels": ["negative", "positive"]}})
     fmt = PromptFormat(load_tokenizer(tiny_base), cfg, ["negative", "positive"])
