@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml scripts/setup.sh
 	@touch $@
 
 ## quickstart: set up, fetch the default model and the data, train the two example adapters
-## (skipped when already trained with the same config), list what is there
+## (skipped when already trained with the same config), then serve them and show curl examples
 quickstart: setup
 	$(BIN)/lorastack models pull
 	$(BIN)/lorastack data pull
@@ -23,6 +23,7 @@ quickstart: setup
 	$(BIN)/lorastack models list
 	$(BIN)/lorastack data list
 	$(BIN)/lorastack adapters list
+	bash scripts/quickstart-serve.sh
 
 ## test: set up if needed, then run the whole test suite
 test: setup

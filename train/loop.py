@@ -72,6 +72,7 @@ class Trainer:
             self.optimizer, num_warmup_steps=round(self.t.warmup_ratio * self.total_steps),
             num_training_steps=self.total_steps)
         self.state = LoopState()
+        self.best_metrics: dict | None = None  # this process's evaluation of the best weights
         self.ckpt_dir = run_dir / "checkpoints"
         self.best_dir = run_dir / "best"
 
@@ -150,6 +151,7 @@ class Trainer:
                    else value > st.best_metric))
         if better:
             st.best_metric, st.best_step, st.evals_without_improvement = value, st.step, 0
+            self.best_metrics = metrics
             self._save_best()
         else:
             st.evals_without_improvement += 1

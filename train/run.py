@@ -102,11 +102,11 @@ def train(cfg: TrainConfig | str | Path | dict, *, resume: bool = False,
     _say(f"model: {cfg.base} ({cfg.quantization}) on {device}; LoRA r={cfg.lora.r} trains "
          f"{trainable:,} of {total:,} parameters ({trainable / total:.2%})")
 
-    def evaluate_split(examples, progress=False) -> dict:
+    def evaluate_split(examples, progress=False, with_loss=True) -> dict:
         if cfg.task.type == "classification":
             return ev.evaluate_classification(model, fmt, examples, progress=progress)[0]
         return ev.evaluate_generation(model, fmt, examples, cfg.task.max_new_tokens,
-                                      progress=progress)[0]
+                                      progress=progress, with_loss=with_loss)[0]
 
     # 3. train, evaluating on validation, keeping the best
     logger = RunLogger(run_dir)
@@ -114,6 +114,7 @@ def train(cfg: TrainConfig | str | Path | dict, *, resume: bool = False,
                       lambda: evaluate_split(val_set.examples), run_dir, logger, on_step)
     state = trainer.fit(resume=resume)
     best_step = trainer.restore_best()
+    trainer_best = trainer.best_metrics  # full validation metrics of the restored weights
     logger.close()
     if cfg.quantization != "none":
         # Evaluate as served: vLLM applies the adapter to the float base, not to the 4/8-bit one.
@@ -126,10 +127,13 @@ def train(cfg: TrainConfig | str | Path | dict, *, resume: bool = False,
 
         set_peft_model_state_dict(model, best)
 
-    # 4. final metrics of the restored best weights
-    metrics = {"validation": evaluate_split(val_set.examples, progress=True)}
+    # 4. final metrics of the restored best weights (already measured when nothing changed)
+    if cfg.quantization == "none" and trainer_best is not None:
+        metrics = {"validation": trainer_best}
+    else:
+        metrics = {"validation": evaluate_split(val_set.examples, progress=True)}
     if cfg.evaluate_test and test_set.examples:
-        metrics["test"] = evaluate_split(test_set.examples, progress=True)
+        metrics["test"] = evaluate_split(test_set.examples, progress=True, with_loss=False)
 
     # 5. the adapter, atomically into the store; the run's record beside it
     adapter = _export(cfg, model, base, fmt, labels, metrics, splits.train)
