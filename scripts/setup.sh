@@ -42,6 +42,16 @@ for pkg in torchvision torchaudio torchcodec; do
   fi
 done
 
+# The Gradio page's browser tests drive Debian's chromium through Playwright (never a browser
+# Playwright downloads itself: no `playwright install`). Install it from apt when missing.
+if [ ! -x /usr/bin/chromium ]; then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  say "installing Debian's chromium with apt-get (${SUDO:-as root}): the browser the page's tests drive"
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq chromium
+fi
+
 say "checking the install"
 "$VENV/bin/python" - <<'PY'
 import importlib, sys

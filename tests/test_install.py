@@ -13,12 +13,19 @@ import pytest
 
 REQUIRED = ["torch", "transformers", "peft", "accelerate", "bitsandbytes", "gguf", "safetensors",
             "sklearn", "pandas", "pyarrow", "matplotlib", "tensorboard", "vllm", "fastapi",
-            "uvicorn", "httpx", "prometheus_client", "gradio", "openai", "yaml", "typer"]
+            "uvicorn", "httpx", "prometheus_client", "gradio", "openai", "yaml", "typer",
+            "playwright"]
 
 
 @pytest.mark.parametrize("module", REQUIRED)
 def test_required_module_imports(module):
     importlib.import_module(module)
+
+
+def test_debian_chromium_for_the_page_tests():
+    from pathlib import Path
+
+    assert Path("/usr/bin/chromium").is_file(), "set-up installs Debian's chromium: make setup"
 
 
 def test_torch_is_the_build_vllm_expects():

@@ -147,7 +147,7 @@ def train(cfg: TrainConfig | str | Path | dict, *, resume: bool = False,
         "tokens": state.tokens, "answer_tokens": state.answer_tokens,
         "tokens_per_second": state.tokens / max(state.train_seconds, 1e-9),
         "peak_memory_mb": round(peak_memory_mb()), "device": str(device),
-        "machine": platform.processor() or platform.machine(),
+        "machine": machine_description(),
     }
     from lorastack.adapters.fsutil import atomic_write_json
 
@@ -183,6 +183,29 @@ def _export(cfg: TrainConfig, model, base, fmt, labels, metrics, train_records):
             data_fingerprint=fingerprint_records(train_records),
             versions=library_versions())
         return store.write(cfg.name, Path(tmp), manifest, replace=cfg.replace)
+
+
+def machine_description() -> str:
+    """CPU model and core count (and the GPU, if any), for the run's record."""
+    import os
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    desc = f"{cpu}, {os.cpu_count()} cores"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            desc += f", {torch.cuda.get_device_name(0)}"
+    except ImportError:
+        pass
+    return desc
 
 
 def _numbers(metrics: dict) -> dict[str, float]:

@@ -34,6 +34,11 @@ async def classify(request: Request, gw: GatewayDep) -> ClassifyResponse:
     if len(req.input) > s.max_batch:
         raise ApiError(400, f"{len(req.input)} inputs is over the batch limit {s.max_batch}; "
                        f"split the request", "batch_too_large", "input")
+    for name in req.model:
+        if name == gw.base.name:  # served, but it has no label set to score
+            raise ApiError(400, f"{name!r} is the base model, which has no labels; /v1/classify "
+                           f"needs a classification adapter (GET /v1/models lists them)",
+                           "not_a_classifier", "model")
     members = [reg.get(name) for name in req.model]  # 404 with the available names
     for served in members:
         if served.manifest.task != "classification":

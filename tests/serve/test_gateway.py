@@ -221,8 +221,9 @@ def test_limits_and_malformed_requests(make, store):
             == "missing_model"
         unknown = err(client.post("/v1/classify", json={"model": "zz", "input": "x"}), 404)
         assert "Available: smollm2-135m, a" in unknown["message"]
-        assert err(client.post("/v1/classify", json={"model": "smollm2-135m", "input": "x"}),
-                   404)["code"] == "model_not_found"
+        base = err(client.post("/v1/classify", json={"model": "smollm2-135m", "input": "x"}),
+                   400)
+        assert base["code"] == "not_a_classifier" and "is the base model" in base["message"]
         # vLLM's runtime LoRA routes are never forwarded
         assert err(client.post("/v1/load_lora_adapter", json={"lora_name": "x",
                                                                "lora_path": "/"}), 404)
