@@ -191,6 +191,9 @@ class AdapterManifest:
     """Classification: the label set, in a fixed order (at least two). Generation: empty."""
     label_words: dict[str, str] = field(default_factory=dict)
     """Optional label -> the text the model emits for it (default: the label itself)."""
+    examples: tuple[str, ...] = ()
+    """A few inputs from the validation data (their text field), to try the adapter with: the
+    server lists them on its model card, the page offers them one click away."""
     chat_format: str = "{input}"
     """The base model's chat template rendered around the slot `{input}` (system message
     included): the full prompt is this text with `{input}` replaced by the filled
@@ -217,6 +220,9 @@ class AdapterManifest:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", tuple(self.labels))
+        object.__setattr__(self, "examples", tuple(self.examples))
+        if not all(isinstance(e, str) for e in self.examples):
+            raise ManifestError("examples must be a list of strings")
         check_name(self.name)
         if self.format_version != FORMAT_VERSION:
             raise UnknownFormatVersionError(
@@ -306,6 +312,7 @@ class AdapterManifest:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["labels"] = list(self.labels)
+        data["examples"] = list(self.examples)
         data["lora"]["target_modules"] = list(self.lora.target_modules)
         return data
 

@@ -115,6 +115,11 @@ def build_page(client: GatewayClient) -> gr.Blocks:
                 cls_text = gr.Textbox(label="Review", lines=5, elem_id="cls_text",
                                       placeholder="Type or paste a text")
                 cls_btn = gr.Button("Classify", variant="primary", elem_id="cls_btn")
+                first_examples = feedback.adapter_examples(cards, first_cls)
+                val_examples = gr.Dataset(
+                    components=[cls_text], samples=[[e] for e in first_examples],
+                    label="From the adapter's validation data (one click)",
+                    elem_id="cls_val_examples", visible=bool(first_examples))
                 gr.Examples(EXAMPLES, inputs=cls_text, label="Examples (one click)")
             with gr.Column(scale=2):
                 cls_pred = gr.Markdown(elem_id="cls_pred")
@@ -130,6 +135,17 @@ def build_page(client: GatewayClient) -> gr.Blocks:
 
         gr.on([cls_btn.click, cls_text.submit], classify_one, [cls_model, cls_text],
               [cls_probs, cls_pred])
+
+        def show_examples(models):
+            """The chosen adapters' validation examples (the gateway's model cards)."""
+            try:
+                found = feedback.adapter_examples(client.models(), as_models(models))
+            except GatewayError:
+                return gr.skip()
+            return gr.Dataset(samples=[[e] for e in found], visible=bool(found))
+
+        cls_model.change(show_examples, cls_model, val_examples, show_progress="hidden")
+        val_examples.click(lambda sample: sample[0], val_examples, cls_text)
 
         # -- Feedback analysis ----------------------------------------------------------------
         with gr.Tab("Feedback analysis", id="feedback"):

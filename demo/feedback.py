@@ -177,3 +177,15 @@ def _date(epoch) -> str:
     if not isinstance(epoch, (int, float)) or epoch <= 0:
         return ""
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def adapter_examples(cards: list[dict], models: list[str], n: int = 6) -> list[str]:
+    """Validation inputs the gateway lists for the chosen adapters (model cards' `examples`),
+    in order, without repeats."""
+    out: list[str] = []
+    for card in cards:
+        if card.get("id") in models:
+            for text in card.get("examples") or []:
+                if isinstance(text, str) and text not in out:
+                    out.append(text)
+    return out[:n]

@@ -136,7 +136,7 @@ def train(cfg: TrainConfig | str | Path | dict, *, resume: bool = False,
         metrics["test"] = evaluate_split(test_set.examples, progress=True, with_loss=False)
 
     # 5. the adapter, atomically into the store; the run's record beside it
-    adapter = _export(cfg, model, base, fmt, labels, metrics, splits.train)
+    adapter = _export(cfg, model, base, fmt, labels, metrics, splits.train, splits.validation)
     plot_curves(run_dir, cfg.selection_metric, f"{cfg.name}: {cfg.task.type}, "
                 f"{cfg.base} ({cfg.quantization}), LoRA r={cfg.lora.r}")
     summary = {
@@ -156,7 +156,8 @@ def train(cfg: TrainConfig | str | Path | dict, *, resume: bool = False,
     return TrainResult(cfg.name, adapter.path, run_dir, metrics, summary)
 
 
-def _export(cfg: TrainConfig, model, base, fmt, labels, metrics, train_records):
+def _export(cfg: TrainConfig, model, base, fmt, labels, metrics, train_records,
+            validation_records):
     from lorastack.adapters.manifest import AdapterManifest, LoraSettings, Metrics
     from lorastack.adapters.store import AdapterStore
 
@@ -177,6 +178,7 @@ def _export(cfg: TrainConfig, model, base, fmt, labels, metrics, train_records):
             chat_format=fmt.chat_format, end_of_turn=fmt.end_of_turn,
             score_end_of_turn=bool(labels) and fmt.score_end,
             labels=tuple(labels or ()), label_words=dict(cfg.task.label_words),
+            examples=_examples(validation_records, cfg.data.text_field),
             metrics=Metrics(validation=_numbers(metrics.get("validation", {})),
                             test=_numbers(metrics.get("test", {}))),
             training=cfg.model_dump(mode="json"),
@@ -185,16 +187,23 @@ def _export(cfg: TrainConfig, model, base, fmt, labels, metrics, train_records):
         return store.write(cfg.name, Path(tmp), manifest, replace=cfg.replace)
 
 
+def _examples(records: list[dict], field: str, n: int = 6) -> tuple[str, ...]:
+    """The first few validation texts, shortened, for the manifest (demos, model cards)."""
+    texts = [str(r[field]) for r in records if isinstance(r.get(field), str) and r[field]]
+    return tuple(t if len(t) <= 400 else t[:400].rsplit(" ", 1)[0] + " ..." for t in texts[:n])
+
+
 def machine_description() -> str:
     """CPU model and core count (and the GPU, if any), for the run's record."""
     import os
 
     cpu = platform.processor() or platform.machine()
     try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
     except OSError:
         pass
     desc = f"{cpu}, {os.cpu_count()} cores"

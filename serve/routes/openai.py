@@ -33,6 +33,9 @@ async def list_models(gw: GatewayDep) -> dict:
         cards.append({"id": name, "object": "model", "created": _epoch(m.created_at),
                       "owned_by": "lorastack", "root": name, "parent": reg.base_name,
                       "task": m.task, "labels": list(m.labels),
+                      "examples": list(m.examples),
+                      "lora": {"rank": m.lora.rank, "alpha": m.lora.alpha,
+                               "target_modules": list(m.lora.target_modules)},
                       "metrics": {"validation": m.metrics.validation, "test": m.metrics.test}})
     return {"object": "list", "data": cards}
 

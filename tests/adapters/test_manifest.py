@@ -188,3 +188,12 @@ def test_importing_the_store_stays_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_examples_round_trip_and_must_be_strings(fake):
+    import dataclasses
+
+    manifest = fake.make_manifest("reviews", examples=("good stuff", "awful"))
+    assert AdapterManifest.from_json(manifest.to_json()).examples == ("good stuff", "awful")
+    with pytest.raises(ManifestError, match="examples must be a list of strings"):
+        dataclasses.replace(manifest, examples=(1, 2))

@@ -255,3 +255,11 @@ def test_classify_many_halves_batches_over_the_gateways_limit():
     with pytest.raises(GatewayError, match="over the batch limit 3") as info:
         client.classify("m", ["x"] * 5)
     assert info.value.code == "batch_too_large" and info.value.status == 400
+
+
+def test_adapter_examples_come_from_the_chosen_cards():
+    cards = [{"id": "base"}, {"id": "a", "examples": ["x", "y"]},
+             {"id": "b", "examples": ["y", "z"]}, {"id": "c", "examples": ["w"]}]
+    assert feedback.adapter_examples(cards, ["a", "b"]) == ["x", "y", "z"]
+    assert feedback.adapter_examples(cards, ["base"]) == []
+    assert feedback.adapter_examples(cards, ["a", "b", "c"], n=2) == ["x", "y"]

@@ -156,3 +156,16 @@ def test_new_adapters_appear_without_reloading(page, gateway):
     expect(page.locator("#ad_result")).to_contain_text("sentiment-fresh: unloaded")
     expect(table).to_contain_text("unloaded by hand")
     page.screenshot(path=OUTPUT / "demo-adapters.png", full_page=True)
+
+
+def test_validation_examples_of_the_adapter_are_one_click_away(page, gateway):
+    import httpx
+
+    cards = httpx.get(f"{gateway.url}/v1/models",
+                      headers={"Authorization": f"Bearer {gateway.key}"}).json()["data"]
+    examples = next(c["examples"] for c in cards if c.get("task") == "classification")
+    assert examples, "the trainer records validation examples in the manifest"
+    box = page.locator("#cls_val_examples")
+    expect(box).to_be_visible()
+    box.get_by_text(examples[0][:30], exact=False).first.click()
+    expect(page.locator("#cls_text textarea")).to_have_value(examples[0])

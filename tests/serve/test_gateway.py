@@ -60,6 +60,7 @@ def test_models_and_forwarding_under_identity(make, store):
         assert set(models) == {"smollm2-135m", "cls", "gen"}
         assert models["cls"]["task"] == "classification"
         assert models["cls"]["labels"] == ["yes", "no"]
+        assert models["cls"]["examples"] == [] and models["cls"]["lora"]["rank"] >= 1
         answer = client.post("/v1/completions", json={"model": "gen", "prompt": "hi"}).json()
         identity = gw.registry.current["gen"].identity
         assert identity.startswith("gen@") and fake.seen_models[-1] == identity

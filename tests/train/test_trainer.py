@@ -32,6 +32,7 @@ def test_classification_run_writes_adapter_run_dir_and_metrics(tiny_config, tmp_
     assert set(m.metrics.test) >= {"accuracy", "macro_f1"}
     assert m.training["lora"]["r"] == 4 and m.versions["torch"] == torch.__version__
     assert m.lora.rank == 4 and "q_proj" in m.lora.target_modules
+    assert m.examples and all(e.startswith("Review ") for e in m.examples)  # validation texts
     run = result.run_dir
     for name in ("metrics.jsonl", "training.png", "summary.json"):
         assert (run / name).is_file(), name
