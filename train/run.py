@@ -247,6 +247,10 @@ def _clear_run(run_dir: Path) -> None:
     """A fresh (not resumed) run starts with an empty run directory."""
     import shutil
 
+    if any((run_dir / "checkpoints").glob("step-*")):
+        _say(f"starting fresh: discarding the checkpoints of the earlier run in {run_dir} "
+             f"(train with --resume to continue from them instead)")
+
     for sub in ("checkpoints", "best", "tensorboard"):
         shutil.rmtree(run_dir / sub, ignore_errors=True)
     for f in ("metrics.jsonl", "summary.json", "training.png"):

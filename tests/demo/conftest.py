@@ -5,9 +5,7 @@ page itself (built by build_page, launched on a free port) and Debian's chromium
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,11 +15,10 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
+from demo_helpers import OUTPUT, copy_adapter
 
 KEY, ADMIN = "demo-key", "demo-admin"
 LABELS = ["positive", "negative", "neutral"]
-REPO = Path(__file__).resolve().parents[2]
-OUTPUT = REPO / "test-output" / "demo"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update",
@@ -40,13 +37,6 @@ def train_classifier(root: Path, name: str) -> None:
                     "max_length": 160},
            "lora": {"r": 8, "alpha": 16, "layers": [27, 28, 29]},
            "training": {"max_steps": 2, "batch_size": 8, "eval_every": 2, "save_every": 2}})
-
-
-def copy_adapter(src, name: str, dst, new_name: str):
-    """The same weights under another name (an ensemble member, or a 'new' adapter)."""
-    adapter = src.resolve(name)
-    return dst.write(new_name, adapter.path, dataclasses.replace(adapter.manifest,
-                                                                 name=new_name))
 
 
 @pytest.fixture(scope="session")
@@ -122,8 +112,10 @@ def page_url(client):
     page.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
+    """Module-scoped: Playwright's sync API keeps an event loop running in the main thread while
+    it is open, which breaks asyncio.run() in any test collected after this module."""
     from playwright.sync_api import sync_playwright
 
     assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: run `make setup` (it installs it)"
@@ -143,10 +135,3 @@ def page(browser, page_url):
     p.wait_for_selector("#cls_btn")
     yield p
     context.close()
-
-
-def save_figure(screenshot: Path, name: str) -> None:
-    """The README's picture is the test's screenshot."""
-    figures = REPO / "docs" / "figures"
-    figures.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(screenshot, figures / name)

@@ -68,7 +68,8 @@ def test_errors_are_the_gateways_readable_messages(client, gateway):
     with pytest.raises(GatewayError, match="`max_tokens` is 100; the limit is 64"):
         list(client.stream_completion("sentiment", "Hi", max_tokens=100))
     base = client.models()[0]["id"]
-    with pytest.raises(GatewayError, match=f"'{base}' is not served here|generation"):
+    with pytest.raises(GatewayError, match=f"400: '{base}' is the base model, which has no "
+                       f"labels"):
         client.classify(base, "text")
     no_key = GatewayClient(gateway.url)
     with pytest.raises(GatewayError, match="401: missing API key.*--api-key") as info:

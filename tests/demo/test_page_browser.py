@@ -9,7 +9,7 @@ import re
 import time
 
 import pytest
-from conftest import OUTPUT, copy_adapter, save_figure
+from demo_helpers import OUTPUT, copy_adapter, save_figure
 from playwright.sync_api import expect
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
