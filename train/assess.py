@@ -12,7 +12,8 @@ from lorastack.adapters.files import check_base
 from lorastack.adapters.models import resolve_base
 from lorastack.adapters.store import AdapterStore
 from lorastack.train.config import TrainConfig, build_config, load_config
-from lorastack.train.data import DataError, is_catalog_name, load_records, load_splits
+from lorastack.train.data import DataError, is_catalog_name, load_records
+from lorastack.train.run import config_splits
 
 
 def evaluate_adapter(name: str, *, data: str | None = None, split: str = "test",
@@ -51,14 +52,9 @@ def _evaluate(cfg: TrainConfig, base_path: Path, labels: list[str], data, split,
 
     columns = columns or cfg.data.columns or None
     if data is None:  # the splits the adapter was trained and evaluated with
-        d = cfg.data
         if split not in ("train", "validation", "test"):
             raise DataError(f"split must be train, validation or test, got {split!r}")
-        splits = load_splits(d.source, validation=d.validation, test=d.test, columns=columns,
-                             validation_fraction=d.validation_fraction,
-                             seed=cfg.training.seed,
-                             stratify=cfg.task.label_field if labels else None)
-        records = getattr(splits, split)
+        records = getattr(config_splits(cfg, columns), split)
     else:
         records = load_records(data, split if is_catalog_name(data) else None, columns)
     records = records[:limit] if limit else records

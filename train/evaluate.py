@@ -38,7 +38,6 @@ def label_logprob_sums(model, fmt: PromptFormat, examples: Sequence[Example],
         prompt = ex.input_ids[:ex.prompt_len]
         for cont in conts:
             rows.append(Example(prompt + cont, [IGNORE] * len(prompt) + cont, ex.row))
-    sums: list[float] = []
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))  # less padding
     out = [0.0] * len(rows)
     step = batch_size * len(conts)
@@ -57,8 +56,7 @@ def label_logprob_sums(model, fmt: PromptFormat, examples: Sequence[Example],
         for i, value in zip(idx, per_row.tolist()):
             out[i] = value
     n = len(conts)
-    sums = [out[i * n:(i + 1) * n] for i in range(len(examples))]
-    return sums
+    return [out[i * n:(i + 1) * n] for i in range(len(examples))]
 
 
 def _single_token_scores(model, fmt, examples, token_ids, batch_size, progress, device):
@@ -67,10 +65,8 @@ def _single_token_scores(model, fmt, examples, token_ids, batch_size, progress, 
     for start in tqdm(range(0, len(order), batch_size), desc="scoring labels", leave=False,
                       disable=not progress):
         idx = order[start:start + batch_size]
-        prompts = [Example(examples[i].input_ids[:examples[i].prompt_len], [], examples[i].row)
-                   for i in idx]
-        for p in prompts:
-            p.labels = [IGNORE] * len(p.input_ids)
+        prompts = [Example(examples[i].input_ids[:examples[i].prompt_len],
+                           [IGNORE] * examples[i].prompt_len, examples[i].row) for i in idx]
         batch = {k: v.to(device) for k, v in collate(prompts, fmt.pad_id).items()}
         positions = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
         for row, p in enumerate(prompts):

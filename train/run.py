@@ -66,10 +66,7 @@ def train(cfg: TrainConfig | str | Path | dict, *, resume: bool = False,
     base = resolve_base(cfg.base)
     tokenizer = load_tokenizer(base.path)
     d = cfg.data
-    splits = load_splits(d.source, validation=d.validation, test=d.test, columns=d.columns,
-                         validation_fraction=d.validation_fraction, seed=cfg.training.seed,
-                         stratify=cfg.task.label_field if cfg.task.type == "classification"
-                         else None)
+    splits = config_splits(cfg)
     if d.limit_train:
         splits.train = splits.train[:d.limit_train]
     if d.limit_eval:
@@ -154,6 +151,17 @@ def train(cfg: TrainConfig | str | Path | dict, *, resume: bool = False,
     atomic_write_json(run_dir / "summary.json", summary)
     print_summary(summary)
     return TrainResult(cfg.name, adapter.path, run_dir, metrics, summary)
+
+
+def config_splits(cfg: TrainConfig, columns: dict | None = None):
+    """The train/validation/test records a config trains and evaluates on (validation carved
+    with the run's seed, stratified by label for classification)."""
+    d = cfg.data
+    return load_splits(d.source, validation=d.validation, test=d.test,
+                       columns=columns if columns is not None else d.columns,
+                       validation_fraction=d.validation_fraction, seed=cfg.training.seed,
+                       stratify=cfg.task.label_field if cfg.task.type == "classification"
+                       else None)
 
 
 def _export(cfg: TrainConfig, model, base, fmt, labels, metrics, train_records,
