@@ -19,8 +19,9 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -97,7 +98,7 @@ def write_result(name: str, payload: dict[str, Any], out: str | Path | None = No
     """Write `<name>.json` atomically with the machine and version record; returns its path."""
     from lorastack.adapters.fsutil import atomic_write_json
 
-    record = {"name": name, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(
+    record = {"name": name, "created": _dt.datetime.now(_dt.UTC).isoformat(
         timespec="seconds"), "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
         "setting": setting, "machine": machine(), "versions": versions(), **payload}
     path = results_dir(out) / f"{name}.json"

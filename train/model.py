@@ -58,7 +58,7 @@ def load_base(cfg: TrainConfig, path: Any, device: torch.device):
 
 def attach_lora(cfg: TrainConfig, model):
     """Wrap `model` with a fresh LoRA adapter; only the LoRA weights train."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
     checkpointing = cfg.training.gradient_checkpointing
     if checkpointing is None:
@@ -70,15 +70,22 @@ def attach_lora(cfg: TrainConfig, model):
     elif checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    return get_peft_model(model, lora_config(cfg, model))
+
+
+def lora_config(cfg: TrainConfig, model):
+    """The peft LoraConfig that `cfg.lora` describes for `model` (also used by bench/, so
+    that other trainers get exactly the same adapter)."""
+    from peft import LoraConfig
+
     lora = cfg.lora
     targets = lora.target_modules
     if targets == "all-linear" and lora.layers is not None:  # peft wants names with layers
         targets = linear_module_names(model)
-    peft_cfg = LoraConfig(
+    return LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
         target_modules=targets, layers_to_transform=lora.layers,
         use_dora=lora.use_dora, use_rslora=lora.use_rslora, bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, peft_cfg)
 
 
 def linear_module_names(model) -> list[str]:

@@ -1,0 +1,429 @@
+"""Training throughput: lorastack's trainer vs the tutorial recipe vs TRL's SFTTrainer.
+
+    .venv/bin/python -m bench.training            # ~30 min on 2 cores; bench/results/training.*
+    .venv/bin/python -m bench.training --tiny --out /tmp/b   # seconds-scale check (the tests)
+
+Three trainers fit the same LoRA (the reviews-classify config's: r=16, all linear layers of
+layers 15-29, same learning rate, schedule, batch size 8 and seed) on the same float32
+SmolLM2-135M-Instruct and the same 510 drug reviews rendered with the same chat prompt:
+
+- lorastack: lorastack.train.loop.Trainer as `lorastack train` runs it (length-grouped batches,
+  loss and output head only at the answer tokens, class-weighted loss);
+- hf-tutorial: the recipe copied from tutorials: transformers Trainer + peft, the tokenizer
+  padding every example to max_length, DataCollatorForLanguageModeling(mlm=False) (loss on every
+  token);
+- trl-sft: TRL's SFTTrainer with peft_config and its default settings (prompt/completion data:
+  completion-only loss, padding to the longest in the batch, gradient checkpointing on), except
+  bf16=False: all three compute in float32, as bfloat16 matmuls are ~30x slower on this CPU.
+
+Two phases, each trainer in a fresh process (clean peak memory, no shared caches):
+1. throughput, repeated: rounds of (lorastack, hf-tutorial, trl-sft) side by side, each
+   `--steps` optimizer steps; real (non-padding) tokens per second over steps 2..N; the paired
+   per-round ratios give a median and spread.
+2. time to accuracy, once: each trainer trains `--accuracy-steps` steps (32 of batch 8: half an
+   epoch; the schedule spans them), evaluated on the 90 validation reviews every `--eval-every` steps by the same scorer (lorastack's label scoring); training time
+   (evaluation excluded) until each first reaches the accuracy that all three reach.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench import common
+
+RECIPES = ("lorastack", "hf-tutorial", "trl-sft")
+LABELS = {"lorastack": "lorastack", "hf-tutorial": "HF Trainer + peft (tutorial)",
+          "trl-sft": "TRL SFTTrainer + peft"}
+
+
+# --------------------------------------------------------------------------------------------
+# The worker: one trainer, one phase, in this process; prints one JSON line.
+
+def _setup(args):
+    import torch
+
+    from lorastack.adapters.models import resolve_base
+    from lorastack.train.config import load_config
+    from lorastack.train.examples import PromptFormat, encode_records
+    from lorastack.train.model import load_tokenizer
+    from lorastack.train.run import config_splits
+
+    cfg = load_config("reviews-classify").model_copy(update={"quantization": "none"})
+    cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={
+        "early_stopping_patience": 0, "epochs": 1, "max_steps": args.steps if
+        args.phase == "throughput" else args.accuracy_steps, "eval_every": 10**9,
+        "save_every": 10**9})})
+    torch.manual_seed(cfg.training.seed)
+    base = resolve_base(cfg.base)
+    tok = load_tokenizer(base.path)
+    splits = config_splits(cfg)
+    if args.limit_train:
+        splits.train = splits.train[:args.limit_train]
+    if args.limit_eval:
+        splits.validation = splits.validation[:args.limit_eval]
+    labels = list(cfg.task.labels)
+    fmt = PromptFormat(tok, cfg, labels)
+    train_set = encode_records(fmt, splits.train, "train")
+    val_set = encode_records(fmt, splits.validation, "validation")
+    return cfg, base, tok, fmt, labels, train_set.examples, val_set.examples
+
+
+class _Clock:
+    """Step timestamps with evaluation time taken out; tokens per step."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.eval_seconds = 0.0
+        self.steps: list[dict] = []  # {"step", "t" (training seconds), "tokens" (cumulative)}
+        self.tokens = 0
+        self.evals: list[dict] = []
+
+    def step(self, step: int) -> None:
+        self.steps.append({"step": step, "t": time.perf_counter() - self.t0 - self.eval_seconds,
+                           "tokens": self.tokens})
+
+    def evaluate(self, model, fmt, examples, step: int) -> dict:
+        from lorastack.train.evaluate import evaluate_classification
+
+        t = time.perf_counter()
+        was_training = model.training
+        model.eval()
+        metrics = evaluate_classification(model, fmt, examples)[0]
+        if was_training:
+            model.train()
+        self.eval_seconds += time.perf_counter() - t
+        self.evals.append({"step": step, "t": time.perf_counter() - self.t0 - self.eval_seconds,
+                           "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]})
+        return metrics
+
+
+def _run_lorastack(args, cfg, base, fmt, labels, train_ex, val_ex, clock):
+    from lorastack.train.loop import Trainer
+    from lorastack.train.model import attach_lora, load_base, pick_device
+    from lorastack.train.report import RunLogger
+
+    model = attach_lora(cfg, load_base(cfg, base.path, pick_device()))
+    run_dir = Path(tempfile.mkdtemp(prefix="bench-lorastack-"))
+    logger = RunLogger(run_dir)
+
+    def on_step(state):
+        clock.tokens = state.tokens
+        clock.step(state.step)
+        if args.phase == "accuracy" and (state.step % args.eval_every == 0
+                                         or state.step == trainer.total_steps):
+            clock.evaluate(model, fmt, val_ex, state.step)
+
+    trainer = Trainer(cfg, model, train_ex, len(labels), fmt.pad_id,
+                      lambda: {"accuracy": 0.0, "macro_f1": 0.0, "loss": 0.0}, run_dir, logger,
+                      on_step)
+    trainer._save_checkpoint = lambda: None  # checkpoints off, as for the other two
+    clock.t0 = time.perf_counter()
+    trainer.fit()
+    logger.close()
+    return trainer.total_steps
+
+
+def _hf_callback(args, fmt, val_ex, clock, total_steps):
+    from transformers import TrainerCallback
+
+    class Timing(TrainerCallback):
+        def on_train_begin(self, a, state, control, **kw):
+            clock.t0 = time.perf_counter()
+
+        def on_step_end(self, a, state, control, model=None, **kw):
+            clock.step(state.global_step)
+            if args.phase == "accuracy" and (state.global_step % args.eval_every == 0
+                                             or state.global_step == total_steps):
+                clock.evaluate(model, fmt, val_ex, state.global_step)
+
+    return Timing()
+
+
+def _counting(trainer_cls, clock):
+    class Counting(trainer_cls):
+        def training_step(self, model, inputs, *a, **kw):
+            mask = inputs.get("attention_mask")
+            clock.tokens += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+            return super().training_step(model, inputs, *a, **kw)
+
+    return Counting
+
+
+def _common_args(args, cfg, total_steps, out_dir):
+    t = cfg.training
+    return {"output_dir": out_dir, "per_device_train_batch_size": t.batch_size,
+            "gradient_accumulation_steps": t.grad_accum, "learning_rate": t.lr,
+            "lr_scheduler_type": t.scheduler,
+            "warmup_steps": round(t.warmup_ratio * total_steps),
+            "weight_decay": t.weight_decay, "max_grad_norm": t.max_grad_norm or 0.0,
+            "max_steps": total_steps, "save_strategy": "no", "report_to": "none",
+            "use_cpu": True, "seed": t.seed, "disable_tqdm": True}
+
+
+def _run_hf_tutorial(args, cfg, base, tok, fmt, labels, train_ex, val_ex, clock):
+    from datasets import Dataset
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    from lorastack.train.model import attach_lora, load_base, pick_device
+
+    model = attach_lora(cfg, load_base(cfg, base.path, pick_device()))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    texts = [tok.decode(ex.input_ids) for ex in train_ex]
+    ds = Dataset.from_dict({"text": texts}).map(
+        lambda b: tok(b["text"], padding="max_length", truncation=True,
+                      max_length=cfg.data.max_length, add_special_tokens=False),
+        batched=True, remove_columns=["text"])
+    total = _total_steps(args, cfg, len(train_ex))
+    targs = TrainingArguments(**_common_args(args, cfg, total, tempfile.mkdtemp()),
+                              logging_steps=10)
+    trainer = _counting(Trainer, clock)(
+        model=model, args=targs, train_dataset=ds,
+        data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
+        callbacks=[_hf_callback(args, fmt, val_ex, clock, total)])
+    trainer.train()
+    return total
+
+
+def _run_trl(args, cfg, base, tok, fmt, labels, train_ex, val_ex, clock):
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from lorastack.train.model import load_base, lora_config, pick_device
+
+    model = load_base(cfg, base.path, pick_device())
+    rows = {"prompt": [tok.decode(ex.input_ids[:ex.prompt_len]) for ex in train_ex],
+            "completion": [tok.decode(ex.input_ids[ex.prompt_len:]) for ex in train_ex]}
+    total = _total_steps(args, cfg, len(train_ex))
+    sft = SFTConfig(**_common_args(args, cfg, total, tempfile.mkdtemp()), bf16=False)
+    resolved_completion_only = sft.completion_only_loss is not False  # None: on for prompt/completion
+    trainer = _counting(SFTTrainer, clock)(
+        model=model, args=sft, train_dataset=Dataset.from_dict(rows), processing_class=tok,
+        peft_config=lora_config(cfg, model),
+        callbacks=[_hf_callback(args, fmt, val_ex, clock, total)])
+    settings = {"gradient_checkpointing": sft.gradient_checkpointing,
+                "max_length": sft.max_length, "padding_free": sft.padding_free,
+                "packing": sft.packing, "completion_only_loss": resolved_completion_only,
+                "loss_type": sft.loss_type}
+    trainer.train()
+    return total, settings
+
+
+def _total_steps(args, cfg, n_examples: int) -> int:
+    return args.steps if args.phase == "throughput" else args.accuracy_steps
+
+
+def worker(args) -> dict:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg, base, tok, fmt, labels, train_ex, val_ex = _setup(args)
+    clock = _Clock()
+    settings = {}
+    if args.recipe == "lorastack":
+        total = _run_lorastack(args, cfg, base, fmt, labels, train_ex, val_ex, clock)
+    elif args.recipe == "hf-tutorial":
+        total = _run_hf_tutorial(args, cfg, base, tok, fmt, labels, train_ex, val_ex, clock)
+    else:
+        total, settings = _run_trl(args, cfg, base, tok, fmt, labels, train_ex, val_ex, clock)
+    steps = clock.steps
+    first = steps[0] if len(steps) > 1 else {"t": 0.0, "tokens": 0}
+    last = steps[-1]
+    tok_s = (last["tokens"] - first["tokens"]) / max(last["t"] - first["t"], 1e-9)
+    return {"recipe": args.recipe, "phase": args.phase, "steps": total,
+            "examples": len(train_ex), "tokens": last["tokens"],
+            "train_seconds": last["t"], "tokens_per_s": tok_s,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "evals": clock.evals, "step_times": steps, "settings": settings,
+            "threads": torch.get_num_threads()}
+
+
+# --------------------------------------------------------------------------------------------
+# The driver: workers side by side, repeated; results, figure.
+
+def _spawn(args, recipe: str, phase: str) -> dict:
+    cmd = [sys.executable, "-m", "bench.training", "--worker", recipe, "--phase", phase,
+           "--steps", str(args.steps), "--accuracy-steps", str(args.accuracy_steps),
+           "--eval-every", str(args.eval_every)]
+    if args.limit_train:
+        cmd += ["--limit-train", str(args.limit_train)]
+    if args.limit_eval:
+        cmd += ["--limit-eval", str(args.limit_eval)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    common.log(f"{phase}: {LABELS[recipe]} ...")
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
+    started = time.monotonic()
+    proc = subprocess.run(cmd, cwd=common.REPO, env=env, stdout=subprocess.PIPE, text=True,
+                          check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"bench.training: the {recipe} worker failed (exit {proc.returncode});"
+                         " its error is above")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    common.log(f"{phase}: {LABELS[recipe]}: {result['tokens_per_s']:.0f} tok/s, "
+               f"{result['train_seconds']:.0f} s training, peak {result['peak_rss_mb']:.0f} MB "
+               f"({time.monotonic() - started:.0f} s with start-up)")
+    return result
+
+
+def _time_to(evals: list[dict], target: float) -> tuple[float | None, int | None]:
+    for e in evals:
+        if e["accuracy"] >= target - 1e-9:
+            return e["t"], e["step"]
+    return None, None
+
+
+def run(args) -> Path:
+    rounds = {r: [] for r in RECIPES}
+    for i in range(args.repeats):
+        common.log(f"throughput round {i + 1}/{args.repeats}")
+        order = RECIPES if i % 2 == 0 else tuple(reversed(RECIPES))  # no fixed first slot
+        for recipe in order:
+            rounds[recipe].append(_spawn(args, recipe, "throughput"))
+    accuracy = {}
+    if not args.skip_accuracy:
+        for recipe in RECIPES:
+            accuracy[recipe] = _spawn(args, recipe, "accuracy")
+
+    tok_s = {r: [x["tokens_per_s"] for x in rounds[r]] for r in RECIPES}
+    ratios = {f"lorastack/{r}": common.ratio(tok_s["lorastack"], tok_s[r])
+              for r in RECIPES if r != "lorastack"}
+    peak = {r: common.spread(x["peak_rss_mb"] for x in rounds[r]) for r in RECIPES}
+    rows = []
+    target = None
+    if accuracy:
+        target = min(max(e["accuracy"] for e in accuracy[r]["evals"]) for r in RECIPES)
+    for r in RECIPES:
+        s = common.spread(tok_s[r])
+        row = [LABELS[r], f"{s['median']:.0f} ({s['min']:.0f}-{s['max']:.0f})",
+               "1.00x" if r == "lorastack" else common.fmt_ratio(ratios[f"lorastack/{r}"]),
+               f"{peak[r]['median']:.0f}"]
+        if accuracy:
+            a = accuracy[r]
+            t, step = _time_to(a["evals"], target)
+            best = max(e["accuracy"] for e in a["evals"])
+            row += [f"{best:.3f}", f"{t / 60:.1f} min (step {step})" if t is not None else "-",
+                    f"{a['train_seconds'] / 60:.1f} min"]
+        rows.append(row)
+    columns = ["trainer", "real tokens/s (median, min-max)", "lorastack speed-up",
+               "peak RSS, MB"]
+    if accuracy:
+        columns += ["best val. accuracy", f"time to val. acc. {target:.3f}",
+                    f"{args.accuracy_steps} steps"]
+    trl_ratio = ratios["lorastack/trl-sft"]
+    acc_ok = None
+    if accuracy:
+        best = {r: max(e["accuracy"] for e in accuracy[r]["evals"]) for r in RECIPES}
+        acc_ok = best["lorastack"] >= best["trl-sft"] - 1e-9
+    goals = [common.goal(
+        "lorastack at least 1.5x TRL SFTTrainer's real tokens/s, at equal or better accuracy",
+        trl_ratio["median"] if acc_ok in (None, True) else None, 1.5,
+        shown=common.fmt_ratio(trl_ratio) + ("" if acc_ok is None else
+                                             f"; best val. accuracy {best['lorastack']:.3f} vs "
+                                             f"{best['trl-sft']:.3f}"))]
+    tut = ratios["lorastack/hf-tutorial"]
+    summary = (f"Real (non-padding) tokens per second, {args.repeats} round(s) side by side, "
+               f"{args.steps} steps of batch 8 each (the first not timed): lorastack is {common.fmt_ratio(trl_ratio)} "
+               f"TRL SFTTrainer and {common.fmt_ratio(tut)} the tutorial recipe.")
+    if accuracy:
+        summary += (f" Trained for {args.accuracy_steps} steps each, all three reach "
+                    f"validation accuracy {target:.3f}; the time each took (evaluation excluded)"
+                    f" is in the table.")
+    gpu_note = ("GPU (Llama-8B-shaped model, random weights): not measured: no GPU was lent "
+                "to the session that produced these results.")
+    payload = {
+        "title": "Training throughput", "summary": summary,
+        "tables": [common.table(
+            "Same model (float32), same LoRA, same data and schedule; each trainer in its own "
+            "process.", columns, rows)],
+        "goals": goals, "figure": "training.png", "notes": [gpu_note],
+        "settings": {"repeats": args.repeats, "steps": args.steps, "eval_every": args.eval_every,
+                     "limit_train": args.limit_train, "limit_eval": args.limit_eval,
+                     "base": "smollm2-135m (float32)", "lora": "reviews-classify config",
+                     "trl_settings": rounds["trl-sft"][0]["settings"] if rounds["trl-sft"]
+                     else {}},
+        "tokens_per_s": {r: common.spread(tok_s[r]) for r in RECIPES}, "ratios": ratios,
+        "peak_rss_mb": peak, "target_accuracy": target,
+        "rounds": {r: [{k: v for k, v in x.items() if k != "step_times"} for x in rounds[r]]
+                   for r in RECIPES},
+        "accuracy_runs": accuracy, "gpu": None,
+    }
+    path = common.write_result("training", payload, args.out,
+                               setting="tiny" if args.tiny else "full")
+    _plot(payload, args.out)
+    return path
+
+
+def _plot(payload: dict, out) -> None:
+    plt = common.pyplot()
+    acc = payload["accuracy_runs"]
+    fig, axes = plt.subplots(1, 2 if acc else 1, figsize=(11 if acc else 5.5, 3.8),
+                             squeeze=False)
+    ax = axes[0][0]
+    names = [LABELS[r] for r in RECIPES]
+    med = [payload["tokens_per_s"][r]["median"] for r in RECIPES]
+    lo = [m - payload["tokens_per_s"][r]["min"] for r, m in zip(RECIPES, med)]
+    hi = [payload["tokens_per_s"][r]["max"] - m for r, m in zip(RECIPES, med)]
+    ax.barh(names[::-1], med[::-1], xerr=[lo[::-1], hi[::-1]], capsize=3,
+            color=["#bbb", "#bbb", "#2a7"])  # reversed order: lorastack on top
+    ax.set_xlabel("real tokens / s (median, min-max)")
+    ax.set_title("Training throughput, float32, 2 CPU cores" if not
+                 payload.get("gpu") else "Training throughput")
+    if acc:
+        ax = axes[0][1]
+        for r, color in zip(RECIPES, ("#2a7", "#d62", "#36c")):
+            ev = acc[r]["evals"]
+            ax.plot([e["t"] / 60 for e in ev], [e["accuracy"] for e in ev], "o-", color=color,
+                    label=LABELS[r])
+        if payload["target_accuracy"] is not None:
+            ax.axhline(payload["target_accuracy"], color="#888", ls="--", lw=1)
+        ax.set_xlabel("training time, minutes (evaluation excluded)")
+        ax.set_ylabel("validation accuracy")
+        ax.set_title("Time to accuracy")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    common.save_figure(fig, "training", out)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tiny", action="store_true",
+                   help="a seconds-scale run: 16 train / 8 validation reviews, 2 steps, 1 round")
+    p.add_argument("--out", help="results directory (default bench/results)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps", type=int, default=6, help="optimizer steps per throughput run")
+    p.add_argument("--accuracy-steps", type=int, default=32,
+                   help="steps of the time-to-accuracy runs (the schedule spans them; "
+                        "32 steps of 8 = half the 510 training reviews)")
+    p.add_argument("--eval-every", type=int, default=8)
+    p.add_argument("--limit-train", type=int, default=0)
+    p.add_argument("--limit-eval", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    p.add_argument("--skip-accuracy", action="store_true",
+                   help="throughput only (no one-epoch time-to-accuracy runs)")
+    p.add_argument("--worker", choices=RECIPES, help=argparse.SUPPRESS)
+    p.add_argument("--phase", choices=("throughput", "accuracy"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.repeats, args.steps, args.accuracy_steps, args.eval_every = 1, 2, 1, 1
+        args.limit_train, args.limit_eval = args.limit_train or 16, args.limit_eval or 8
+    if args.worker:
+        args.recipe = args.worker
+        result = worker(args)
+        sys.stdout.write(json.dumps(result) + "\n")
+        return
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
