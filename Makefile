@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lorastack-setup
 
-.PHONY: setup quickstart test test-fast lint clean-venv
+.PHONY: setup quickstart test test-fast bench lint clean-venv
 
 ## setup: create .venv and install everything (seconds when nothing changed)
 setup: $(STAMP)
@@ -32,6 +32,22 @@ test: setup
 ## test-fast: only the tests that need no real model
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
+
+## bench: every benchmark in bench/ (about 1.5 hours on 2 cores; run it alone), then the README's
+## Performance and Quality sections are regenerated from bench/results/
+bench: setup
+	$(BIN)/lorastack models pull
+	$(BIN)/lorastack data pull
+	$(BIN)/lorastack train reviews-classify --if-missing
+	$(BIN)/lorastack train reviews-condition --if-missing
+	$(BIN)/python -m bench.training
+	$(BIN)/python -m bench.memory
+	$(BIN)/python -m bench.serving
+	$(BIN)/python -m bench.hotswap
+	$(BIN)/python -m bench.classify
+	$(BIN)/python -m bench.quality
+	$(BIN)/python -m bench.ceilings
+	$(BIN)/python -m bench.report
 
 lint: setup
 	$(BIN)/ruff check .

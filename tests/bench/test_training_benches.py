@@ -1,0 +1,126 @@
+"""The training-side benchmark scripts run end to end on a tiny setting, and `bench.report`
+renders their results into a README. No timing is asserted: only that every script finishes,
+writes its JSON (with the machine/version record and the report fields) and its figure, and
+that the numbers are numbers. The real figures come from `make bench`, run alone."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+def _run(module: str, out: Path, *extra: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", module, "--tiny", "--out", str(out), *extra],
+                          cwd=REPO, capture_output=True, text=True, timeout=1200, check=False)
+    assert proc.returncode == 0, f"{module} failed:\n{proc.stderr[-4000:]}"
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, base_model):
+    out = tmp_path_factory.mktemp("bench-results")
+    for module in ("bench.training", "bench.memory", "bench.quality", "bench.ceilings"):
+        _run(module, out)
+    return out
+
+
+def _load(out: Path, name: str) -> dict:
+    data = json.loads((out / f"{name}.json").read_text())
+    assert data["name"] == name and data["setting"] == "tiny"
+    assert data["machine"]["cores"] >= 1 and data["machine"]["cpu"]
+    assert "torch" in data["versions"] and "transformers" in data["versions"]
+    assert data["title"] and data["summary"]
+    for table in data["tables"]:
+        assert all(len(row) == len(table["columns"]) for row in table["rows"]), table
+    assert (out / data["figure"]).stat().st_size > 5000  # a real PNG, not an empty file
+    assert (out / data["figure"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return data
+
+
+def _positive(x) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x) and x > 0
+
+
+def test_training_compares_three_trainers_on_the_same_work(results):
+    data = _load(results, "training")
+    assert set(data["tokens_per_s"]) == {"lorastack", "hf-tutorial", "trl-sft"}
+    for recipe, runs in data["rounds"].items():
+        assert runs and all(_positive(r["tokens_per_s"]) and _positive(r["peak_rss_mb"])
+                            for r in runs), recipe
+    counts = {r: data["accuracy_runs"][r]["examples"] for r in data["accuracy_runs"]}
+    assert len(set(counts.values())) == 1, counts
+    for recipe, run in data["accuracy_runs"].items():
+        assert run["evals"] and all(0 <= e["accuracy"] <= 1 for e in run["evals"]), recipe
+    assert 0 <= data["target_accuracy"] <= 1
+    assert data["settings"]["trl_settings"]["gradient_checkpointing"] is True  # TRL's default
+    (goal,) = data["goals"]
+    assert _positive(goal["value"]) and goal["met"] in (True, False)
+
+
+def test_memory_measures_each_precision(results):
+    data = _load(results, "memory")
+    med = data["medians"]
+    assert set(med) == {"none", "8bit", "4bit", "4bit-fast"}
+    for variant, m in med.items():
+        assert m["step_peak_mb"] >= m["loaded_mb"] > m["runtime_mb"] > 0, variant
+    # the weight footprints are what quantization is for: 4-bit < 8-bit < float32
+    assert med["4bit"]["weights_mb"] < med["8bit"]["weights_mb"] < med["none"]["weights_mb"]
+    assert all(r["peak_reset"] for runs in data["runs"].values() for r in runs)
+    assert _positive(data["goals"][0]["value"])
+
+
+def test_quality_reports_adapters_and_baselines(results):
+    data = _load(results, "quality")
+    cls, gen = data["adapters"]["classification"], data["adapters"]["generation"]
+    assert 0 <= cls["test"]["accuracy"] <= 1 and 0 <= cls["zero_shot"]["macro_f1"] <= 1
+    assert 0 <= gen["test"]["exact_match"] <= 1 and 0 <= gen["zero_shot"]["token_f1"] <= 1
+    assert [t["method"].split(" (")[0] for t in data["tfidf"]] == ["tfidf-logreg"] * 2
+
+
+def test_ceilings_measure_the_machine_and_the_fractions(results):
+    data = _load(results, "ceilings")
+    assert _positive(data["matmul"]["gflops"]["median"])
+    assert _positive(data["bandwidth"]["read_gbs"]["median"])
+    assert _positive(data["model"]["flops_per_token"])
+    # training.json sits in the same directory, so the trainer's fraction is computed
+    assert _positive(data["fractions"]["trainer"]["fraction"])
+
+
+def test_report_regenerates_the_readme_sections(results, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\nbefore\n<!-- bench:performance:start -->\nstale\n"
+                      "<!-- bench:performance:end -->\nmiddle\n<!-- bench:quality:start -->\n"
+                      "<!-- bench:quality:end -->\nafter\n")
+    proc = subprocess.run([sys.executable, "-m", "bench.report", "--out", str(results),
+                           "--readme", str(readme)], cwd=REPO, capture_output=True, text=True,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    text = readme.read_text()
+    assert "stale" not in text and "before" in text and "middle" in text and "after" in text
+    for title in ("## Performance", "### Training throughput", "### Training memory",
+                  "### Machine ceilings", "## Quality", "### Quality"):
+        assert title in text, title
+    rel = Path(__import__("os").path.relpath(results, tmp_path)).as_posix()
+    assert f"]({rel}/training.png)" in text
+    assert "tiny setting" in text  # tiny results are never passed off as measurements
+    # a second run changes nothing (idempotent)
+    subprocess.run([sys.executable, "-m", "bench.report", "--out", str(results), "--readme",
+                    str(readme)], cwd=REPO, check=True, capture_output=True)
+    assert readme.read_text() == text
+
+
+def test_report_refuses_a_readme_without_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers\n")
+    proc = subprocess.run([sys.executable, "-m", "bench.report", "--out", str(tmp_path),
+                           "--readme", str(readme)], cwd=REPO, capture_output=True, text=True,
+                          check=False)
+    assert proc.returncode != 0 and "markers" in proc.stderr
+    assert readme.read_text() == "# no markers\n"
