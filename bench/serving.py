@@ -1,0 +1,247 @@
+"""Serving throughput and latency: lorastack against the base model alone, vLLM without the
+gateway, and the naive transformers + peft server.
+
+    .venv/bin/python -m bench.serving            # full: 8 adapters, concurrency 1/4/16, 3 rounds
+    .venv/bin/python -m bench.serving --max-tokens 32 --repeats 5   # longer answers, more rounds
+    .venv/bin/python -m bench.serving --tiny --out /tmp/b   # tests: 2 trained-on-the-spot adapters
+
+Writes bench/results/serving.json and serving.png. Four targets, each sent the same kind of
+load (generation requests, `max_tokens` = `min_tokens` = 16 so that every answer is exactly 16
+tokens on every server, greedy, one drug review per request rendered with the adapter's own
+prompt format):
+- base:     the base model only, through the gateway;
+- adapters: 8 adapters (copies of reviews-classify and reviews-condition), requests spread
+            round robin over them, through the gateway;
+- direct:   the same 8-adapter load sent straight to the gateway's vLLM child, under the names
+            vLLM knows them by (name@hash), bypassing the gateway;
+- naive:    the same 8-adapter load on bench/naive_server.py (one request at a time,
+            set_adapter per request).
+Every round runs every target at every concurrency back to back (the order rotates per round);
+the ratios are paired by round and reported as median (min-max). Goals (the issue): 8 adapters
+>= 0.8x base only, gateway >= 0.95x direct vLLM (both at the worst concurrency), lorastack >= 10x
+naive at concurrency 16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import shutil
+
+from bench.common import fmt_ratio, goal, log, pyplot, ratio, save_figure, table, write_result
+from bench.serving_setup import (
+    GEN,
+    Reviews,
+    base_name,
+    build_store,
+    by_target,
+    closed_loop,
+    concurrency_levels,
+    log_seconds,
+    paired,
+    source_store,
+    spread_names,
+    start_gateway,
+    start_naive,
+    vllm_target,
+    work_dir,
+)
+from bench.serving_setup import add_common_args as _common
+
+TARGETS = ("base", "adapters", "direct", "naive")
+LABELS = {"base": "base model only, gateway", "adapters": "{n} adapters, gateway",
+          "direct": "{n} adapters, vLLM direct", "naive": "{n} adapters, naive server"}
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    _common(parser)
+    parser.add_argument("--adapters", type=int, help="adapters served (8; tiny 2)")
+    parser.add_argument("--max-tokens", type=int, help="tokens per completion (16; tiny 8)")
+    parser.add_argument("--requests", type=int, help="requests per run to a lorastack target, "
+                        "at least one per worker (8; tiny 2)")
+    parser.add_argument("--naive-requests", type=int, help="requests per run to the naive "
+                        "server, at least one per worker (4; tiny 2)")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    tiny = args.tiny
+    n = args.adapters or (2 if tiny else 8)
+    levels = concurrency_levels(args, (1, 4, 16), (1, 2))
+    repeats = args.repeats or (1 if tiny else 3)
+    max_tokens = args.max_tokens or (8 if tiny else 16)
+    per_run = args.requests or (2 if tiny else 8)
+    naive_per_run = args.naive_requests or (2 if tiny else 4)
+    work = work_dir(args, "serving")
+    gateway = naive = None
+    try:
+        src = source_store(args, work)
+        names = spread_names("adapter", n)
+        store = build_store(src, work / "store", names)
+        manifests = {name: store.resolve(name).manifest for name in names}
+        adapters = list(names)
+        base_format = next(name for name, s in names.items() if s == GEN)  # the base's prompt
+        reviews = Reviews(manifests)
+        gateway = start_gateway(store, work, capacity=max(8, n), max_loras=n)
+        naive = start_naive(store, work)
+        gateway_start = gateway.wait_ready()
+        naive.wait_ready()
+        vllm_url, identities = vllm_target(gateway.url, adapters)
+        base = base_name()
+        urls = {"base": gateway.url, "adapters": gateway.url, "direct": vllm_url,
+                "naive": naive.url}
+
+        turn = itertools.count()  # round robin over the adapters, continued from run to run
+
+        def maker(target: str):
+            def make(i: int):
+                record = reviews.take()
+                name = base_format if target == "base" else adapters[next(turn) % n]
+                model = {"base": base, "direct": identities[name]}.get(target, name)
+                return (urls[target] + "/v1/completions",
+                        {"model": model, "prompt": reviews.prompt(name, record),
+                         "max_tokens": max_tokens, "min_tokens": max_tokens, "temperature": 0})
+            return make
+
+        def total(target: str, c: int) -> int:
+            return max(naive_per_run if target == "naive" else per_run, c)
+
+        log("warming up (each adapter once through the gateway; the other targets twice)")
+        for target in TARGETS:
+            closed_loop(target, maker(target), n if target == "adapters" else 2, 2)
+
+        runs, short = [], 0
+        for rnd in range(repeats):
+            order = TARGETS[rnd % len(TARGETS):] + TARGETS[:rnd % len(TARGETS)]
+            for c in levels:
+                for target in order:
+                    run = closed_loop(target, maker(target), total(target, c), c)
+                    short += sum(t != max_tokens for t in run.completion_tokens)
+                    runs.append({"round": rnd, **run.summary()})
+                    r = runs[-1]
+                    log(f"round {rnd + 1}/{repeats} c={c} {target}: {r['tokens_per_s']:.1f} "
+                        f"tokens/s, p50 {r['p50_s']:.2f} s, p99 {r['p99_s']:.2f} s "
+                        f"({r['requests']} ok, {r['failed']} failed)")
+        prompt_tokens = reviews.describe()
+        settings = {"adapters": n, "adapter_sources": names, "concurrency": levels,
+                    "rounds": repeats, "max_tokens": max_tokens,
+                    "requests_per_run": per_run, "naive_requests_per_run": naive_per_run,
+                    "gateway": {"capacity": max(8, n), "max_loras": n, "dtype": "float32",
+                                "kv_cache_gb": 2},
+                    "vllm_start_s": round(gateway_start, 1), "prompts": prompt_tokens}
+        report = analyse(runs, levels, n, settings, short)
+        plot(report, levels, n, args.out)
+        write_result("serving", report, args.out, setting="tiny" if tiny else "full")
+    finally:
+        for server in (naive, gateway):
+            if server is not None:
+                server.stop()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def analyse(runs: list[dict], levels: list[int], n: int, settings: dict, short: int) -> dict:
+    summary = by_target(runs, "tokens_per_s")
+    ratios = {}
+    for key, num, den in (("adapters_vs_base", "adapters", "base"),
+                          ("gateway_vs_direct", "adapters", "direct"),
+                          ("lorastack_vs_naive", "adapters", "naive")):
+        ratios[key] = {}
+        for c in levels:
+            pairs = paired(runs, "tokens_per_s", num, den, c)
+            if pairs:
+                ratios[key][c] = ratio([a for a, _ in pairs], [b for _, b in pairs])
+    failed = sum(r["failed"] for r in runs)
+    top = max(levels)
+
+    def worst(key: str):
+        c = min(ratios[key], key=lambda c: ratios[key][c]["median"])
+        return c, ratios[key][c]
+
+    goals = []
+    for key, text, target in (("adapters_vs_base", f"{n} adapters >= 0.8x base-only tokens/s", 0.8),
+                              ("gateway_vs_direct", "gateway >= 0.95x direct vLLM tokens/s", 0.95)):
+        c, r = worst(key)
+        goals.append(goal(text, r["median"], target, shown=fmt_ratio(r),
+                          note=f"worst concurrency: {c} (of {', '.join(map(str, levels))})"))
+    r16 = ratios["lorastack_vs_naive"][top]
+    goals.append(goal("lorastack >= 10x the naive server at concurrency 16", r16["median"], 10,
+                      shown=fmt_ratio(r16), note=f"at concurrency {top}" +
+                      ("" if top == 16 else " (16 was not run in this setting)")))
+    label = {t: LABELS[t].format(n=n) for t in TARGETS}
+    rows = []
+    for target in TARGETS:
+        for c in levels:
+            s = summary[target][c]
+            tps = s["tokens_per_s"]
+            rows.append([label[target], c, f"{tps['median']:.1f}",
+                         f"{tps['min']:.1f}-{tps['max']:.1f}", f"{s['p50_s']['median']:.2f}",
+                         f"{s['p99_s']['median']:.2f}", s["requests_per_round"]])
+    ratio_rows = [[c, *(fmt_ratio(ratios[k][c]) for k in ratios)] for c in levels]
+    a, b = summary["adapters"][top], summary["naive"][top]
+    text = (f"At concurrency {top}, lorastack served {n} adapters at "
+            f"{a['tokens_per_s']['median']:.0f} tokens/s (p50 latency {a['p50_s']['median']:.2f} s): "
+            f"{ratios['adapters_vs_base'][top]['median']:.2f}x the base model alone, "
+            f"{ratios['gateway_vs_direct'][top]['median']:.2f}x vLLM without the gateway and "
+            f"{r16['median']:.1f}x the naive transformers + peft server "
+            f"({b['tokens_per_s']['median']:.0f} tokens/s, p50 {b['p50_s']['median']:.1f} s). "
+            f"{failed} request(s) failed.")
+    return {
+        "title": "Serving throughput and latency",
+        "summary": text,
+        "tables": [
+            table(f"Generation, {settings['max_tokens']} tokens per request: tokens/s (median "
+                  f"and min-max over {settings['rounds']} rounds) and latency (median of the "
+                  f"rounds' p50 and p99)",
+                  ["target", "concurrency", "tokens/s", "min-max", "p50 s", "p99 s",
+                   "requests/run"], rows),
+            table("Paired ratios of tokens/s, median (min-max) over rounds",
+                  ["concurrency", f"{n} adapters / base", "gateway / direct vLLM",
+                   "lorastack / naive"], ratio_rows)],
+        "goals": goals,
+        "figure": "serving.png",
+        "settings": settings,
+        "targets": label,
+        "per_target": {t: {str(c): v for c, v in lv.items()} for t, lv in summary.items()},
+        "ratios": {k: {str(c): v for c, v in lv.items()} for k, lv in ratios.items()},
+        "failed_requests": failed,
+        "completions_not_max_tokens": short,
+        "runs": runs,
+    }
+
+
+def plot(report: dict, levels: list[int], n: int, out) -> None:
+    plt = pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for target, label in report["targets"].items():
+        rows = [report["per_target"][target][str(c)] for c in levels]
+        tps = [r["tokens_per_s"] for r in rows]
+        med = [t["median"] for t in tps]
+        bars = ax1.errorbar(levels, med, yerr=[[m - t["min"] for m, t in zip(med, tps)],
+                                        [t["max"] - m for m, t in zip(med, tps)]],
+                     marker="o", capsize=3, label=label)
+        color = bars[0].get_color()
+        ax2.plot(levels, [r["p50_s"]["median"] for r in rows], marker="o", color=color)
+        ax2.plot(levels, [r["p99_s"]["median"] for r in rows], marker="x", linestyle=":",
+                 color=color)
+    for ax in (ax1, ax2):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(levels, [str(c) for c in levels])
+        ax.set_xlabel("concurrent requests")
+        ax.grid(alpha=0.3)
+    ax1.set_ylabel("completion tokens/s")
+    ax1.set_title("throughput (median, min-max over rounds)")
+    log_seconds(ax2)
+    ax2.set_ylabel("latency per request (s)")
+    ax2.set_title("latency: p50 (solid), p99 (dotted)")
+    ax1.legend(fontsize=8)
+    fig.suptitle(f"lorastack serving, {n} adapters: {report['settings']['max_tokens']} tokens "
+                 f"per request")
+    save_figure(fig, "serving", out)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
