@@ -51,7 +51,7 @@ def parse_args():
     _common(parser)
     parser.add_argument("--adapters", type=int, help="classification adapters (4; tiny 2)")
     parser.add_argument("--requests", type=int, help="requests per run to lorastack, at least "
-                        "one per worker (16; tiny 2)")
+                        "one per worker (12; tiny 2)")
     parser.add_argument("--naive-requests", type=int, help="requests per run to the naive "
                         "server, at least one per worker (4; tiny 2)")
     return parser.parse_args()
@@ -63,7 +63,7 @@ def main() -> None:
     n = args.adapters or (2 if tiny else 4)
     levels = concurrency_levels(args, (1, 4, 16), (1, 2))
     repeats = args.repeats or (1 if tiny else 3)
-    per_run = {"lorastack": args.requests or (2 if tiny else 16),
+    per_run = {"lorastack": args.requests or (2 if tiny else 12),
                "naive": args.naive_requests or (2 if tiny else 4)}
     work = work_dir(args, "classify")
     gateway = naive = None
@@ -89,7 +89,8 @@ def main() -> None:
 
         log("warming up (each adapter once on both servers)")
         for target in TARGETS:
-            closed_loop(target, maker(target), n, 1)
+            warm = closed_loop(target, maker(target), n, 1)
+            log(f"  {target}: {warm.ok} requests in {warm.seconds:.1f} s")
 
         runs = []
         for rnd in range(repeats):
@@ -176,6 +177,16 @@ def analyse(runs: list[dict], levels: list[int], settings: dict, agreement: dict
                        note=f"at concurrency {top}" +
                        ("" if top == 16 else " (16 was not run in this setting)"))],
         "figure": "classify.png",
+        "notes": [
+            (f"Both servers hold {settings['adapters']} copies of reviews-classify; one review "
+            f"per request, each review used once; the gateway runs as `lorastack serve` "
+            f"(capacity 8, max-loras {settings['gateway']['max_loras']})."),
+            (f"The same {agreement['inputs']} reviews scored by both: largest probability "
+            f"difference {agreement['max_abs_probability_difference']:.1e}, same label for "
+            f"{agreement['same_label']}."),
+            (f"A run sends max({settings['requests_per_run']['lorastack']}, concurrency) "
+            f"requests to lorastack and max({settings['requests_per_run']['naive']}, "
+            f"concurrency) to the naive server, which answers one at a time.")],
         "settings": settings,
         "per_target": {t: {str(c): v for c, v in lv.items()} for t, lv in summary.items()},
         "ratios": {str(c): v for c, v in ratios.items()},

@@ -246,6 +246,16 @@ def analyse(trials: list[dict], cycles: list[dict], run, marks, events, settings
                  failed, 0, at_least=False, shown=f"{failed} of {run.ok + failed}",
                  note="failures: " + "; ".join(run.failures[:3]) if failed else "")],
         "figure": "hotswap.png",
+        "notes": [
+            (f"The gateway polls the store every {settings['poll_interval_s']} s (its default), "
+            f"so on average half of that is spent waiting for the next poll; the adapter is then "
+            f"checked, snapshotted and loaded into vLLM before it answers. Probes every "
+            f"{settings['probe_every_s'] * 1000:.0f} ms."),
+            ("Under load, the first answer also waits its turn in vLLM behind the load's "
+            "requests. The load never asks for the adapter that comes and goes; it does use the "
+            "adapters being replaced."),
+            "Adapter events the gateway counted during the cycles: " + ", ".join(
+                f"{k} {v:g}" for k, v in sorted(events.items())) + "."],
         "settings": settings,
         "swap_s": spread(swap),
         "swap_under_load_s": spread(under_load),

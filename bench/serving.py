@@ -57,9 +57,11 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     _common(parser)
     parser.add_argument("--adapters", type=int, help="adapters served (8; tiny 2)")
+    parser.add_argument("--max-loras", type=int, default=4, help="the gateway's --max-loras: "
+                        "adapters in one vLLM batch (4, lorastack serve's default)")
     parser.add_argument("--max-tokens", type=int, help="tokens per completion (16; tiny 8)")
     parser.add_argument("--requests", type=int, help="requests per run to a lorastack target, "
-                        "at least one per worker (8; tiny 2)")
+                        "at least one per worker (6; tiny 2)")
     parser.add_argument("--naive-requests", type=int, help="requests per run to the naive "
                         "server, at least one per worker (4; tiny 2)")
     return parser.parse_args()
@@ -72,7 +74,8 @@ def main() -> None:
     levels = concurrency_levels(args, (1, 4, 16), (1, 2))
     repeats = args.repeats or (1 if tiny else 3)
     max_tokens = args.max_tokens or (8 if tiny else 16)
-    per_run = args.requests or (2 if tiny else 8)
+    per_run = args.requests or (2 if tiny else 6)
+    max_loras = min(args.max_loras, n)
     naive_per_run = args.naive_requests or (2 if tiny else 4)
     work = work_dir(args, "serving")
     gateway = naive = None
@@ -84,7 +87,7 @@ def main() -> None:
         adapters = list(names)
         base_format = next(name for name, s in names.items() if s == GEN)  # the base's prompt
         reviews = Reviews(manifests)
-        gateway = start_gateway(store, work, capacity=max(8, n), max_loras=n)
+        gateway = start_gateway(store, work, capacity=max(8, n), max_loras=max_loras)
         naive = start_naive(store, work)
         gateway_start = gateway.wait_ready()
         naive.wait_ready()
@@ -110,7 +113,8 @@ def main() -> None:
 
         log("warming up (each adapter once through the gateway; the other targets twice)")
         for target in TARGETS:
-            closed_loop(target, maker(target), n if target == "adapters" else 2, 2)
+            warm = closed_loop(target, maker(target), n if target == "adapters" else 2, 2)
+            log(f"  {target}: {warm.ok} requests in {warm.seconds:.1f} s")
 
         runs, short = [], 0
         for rnd in range(repeats):
@@ -128,7 +132,7 @@ def main() -> None:
         settings = {"adapters": n, "adapter_sources": names, "concurrency": levels,
                     "rounds": repeats, "max_tokens": max_tokens,
                     "requests_per_run": per_run, "naive_requests_per_run": naive_per_run,
-                    "gateway": {"capacity": max(8, n), "max_loras": n, "dtype": "float32",
+                    "gateway": {"capacity": max(8, n), "max_loras": max_loras, "dtype": "float32",
                                 "kv_cache_gb": 2},
                     "vllm_start_s": round(gateway_start, 1), "prompts": prompt_tokens}
         report = analyse(runs, levels, n, settings, short)
@@ -182,9 +186,10 @@ def analyse(runs: list[dict], levels: list[int], n: int, settings: dict, short: 
     ratio_rows = [[c, *(fmt_ratio(ratios[k][c]) for k in ratios)] for c in levels]
     a, b = summary["adapters"][top], summary["naive"][top]
     text = (f"At concurrency {top}, lorastack served {n} adapters at "
-            f"{a['tokens_per_s']['median']:.0f} tokens/s (p50 latency {a['p50_s']['median']:.2f} s): "
-            f"{ratios['adapters_vs_base'][top]['median']:.2f}x the base model alone, "
-            f"{ratios['gateway_vs_direct'][top]['median']:.2f}x vLLM without the gateway and "
+            f"{a['tokens_per_s']['median']:.0f} tokens/s (p50 latency "
+            f"{a['p50_s']['median']:.2f} s): {ratios['adapters_vs_base'][top]['median']:.2f}x "
+            f"the base model alone, {ratios['gateway_vs_direct'][top]['median']:.2f}x the same "
+            f"load sent straight to vLLM, and "
             f"{r16['median']:.1f}x the naive transformers + peft server "
             f"({b['tokens_per_s']['median']:.0f} tokens/s, p50 {b['p50_s']['median']:.1f} s). "
             f"{failed} request(s) failed.")
@@ -202,6 +207,19 @@ def analyse(runs: list[dict], levels: list[int], n: int, settings: dict, short: 
                    "lorastack / naive"], ratio_rows)],
         "goals": goals,
         "figure": "serving.png",
+        "notes": [
+            (f"Every completion is exactly {settings['max_tokens']} tokens on every server "
+            f"(max_tokens = min_tokens, greedy); {short} were not. Each request is another "
+            f"drug review in its adapter's prompt format (median "
+            f"{settings['prompts']['prompt_tokens']['median']:.0f} prompt tokens)."),
+            (f"`lorastack serve` runs as a process of its own (capacity "
+            f"{settings['gateway']['capacity']}, max-loras {settings['gateway']['max_loras']}, "
+            f"float32, {settings['gateway']['kv_cache_gb']} GB KV cache), the load generator in "
+            f"another; direct requests go to the same vLLM child under the names it knows the "
+            f"adapters by (name@hash). The naive server is bench/naive_server.py."),
+            (f"A run sends max({settings['requests_per_run']}, concurrency) requests to a "
+            f"lorastack target and max({settings['naive_requests_per_run']}, concurrency) to "
+            f"the naive server; rounds rotate the order of the targets.")],
         "settings": settings,
         "targets": label,
         "per_target": {t: {str(c): v for c, v in lv.items()} for t, lv in summary.items()},
