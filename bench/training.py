@@ -240,7 +240,7 @@ def worker(args) -> dict:
     last = steps[-1]
     tok_s = (last["tokens"] - first["tokens"]) / max(last["t"] - first["t"], 1e-9)
     return {"recipe": args.recipe, "phase": args.phase, "steps": total,
-            "examples": len(train_ex), "tokens": last["tokens"],
+            "examples": len(train_ex), "validation_examples": len(val_ex), "tokens": last["tokens"],
             "train_seconds": last["t"], "tokens_per_s": tok_s,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "evals": clock.evals, "step_times": steps, "settings": settings,
@@ -283,6 +283,25 @@ def _time_to(evals: list[dict], target: float) -> tuple[float | None, int | None
 
 
 def run(args) -> Path:
+    if args.rebuild:  # re-render the last full run's measurements (presentation changes)
+        old = common.read_result("training", args.out)
+        if old is None:
+            raise SystemExit("bench.training --rebuild: no training.json to rebuild from")
+        for key in ("repeats", "steps", "accuracy_steps", "eval_every", "limit_train",
+                    "limit_eval"):
+            setattr(args, key, old["settings"].get(key, getattr(args, key)))
+        rounds, accuracy = old["rounds"], old["accuracy_runs"]
+        setting = old["setting"]
+    else:
+        rounds, accuracy = _measure(args)
+        setting = "tiny" if args.tiny else "full"
+    payload = _payload(args, rounds, accuracy)
+    path = common.write_result("training", payload, args.out, setting=setting)
+    _plot(payload, args.out)
+    return path
+
+
+def _measure(args) -> tuple[dict, dict]:
     rounds = {r: [] for r in RECIPES}
     for i in range(0 if args.tiny else args.repeats):
         common.log(f"throughput round {i + 1}/{args.repeats}")
@@ -295,15 +314,22 @@ def run(args) -> Path:
             accuracy[recipe] = _spawn(args, recipe, "accuracy")
     if args.tiny:  # one run per trainer: the accuracy runs stand in for the throughput round
         rounds = {r: [accuracy[r]] for r in RECIPES}
+    rounds = {r: [{k: v for k, v in x.items() if k != "step_times"} for x in rounds[r]]
+              for r in RECIPES}
+    return rounds, accuracy
 
+
+def _payload(args, rounds: dict, accuracy: dict) -> dict:
     tok_s = {r: [x["tokens_per_s"] for x in rounds[r]] for r in RECIPES}
     ratios = {f"lorastack/{r}": common.ratio(tok_s["lorastack"], tok_s[r])
               for r in RECIPES if r != "lorastack"}
     peak = {r: common.spread(x["peak_rss_mb"] for x in rounds[r]) for r in RECIPES}
+    best = {r: max(e["accuracy"] for e in accuracy[r]["evals"]) for r in accuracy}
+    final = {r: accuracy[r]["evals"][-1]["accuracy"] for r in accuracy}
+    # two targets: the accuracy all three reach, and the one lorastack and TRL both reach
+    targets = sorted({min(best.values()), min(best["lorastack"], best["trl-sft"])}) \
+        if accuracy else []
     rows = []
-    target = None
-    if accuracy:
-        target = min(max(e["accuracy"] for e in accuracy[r]["evals"]) for r in RECIPES)
     for r in RECIPES:
         s = common.spread(tok_s[r])
         row = [LABELS[r], f"{s['median']:.0f} ({s['min']:.0f}-{s['max']:.0f})",
@@ -311,58 +337,78 @@ def run(args) -> Path:
                f"{peak[r]['median']:.0f}"]
         if accuracy:
             a = accuracy[r]
-            t, step = _time_to(a["evals"], target)
-            best = max(e["accuracy"] for e in a["evals"])
-            row += [f"{best:.3f}", f"{t / 60:.1f} min (step {step})" if t is not None else "-",
-                    f"{a['train_seconds'] / 60:.1f} min"]
+            row += [f"{final[r]:.3f} ({best[r]:.3f})"]
+            for target in targets:
+                t, step = _time_to(a["evals"], target)
+                row.append(f"{t / 60:.1f} min (step {step})" if t is not None else
+                           f"not reached in {args.accuracy_steps} steps")
+            row.append(f"{a['train_seconds'] / 60:.1f} min")
         rows.append(row)
     columns = ["trainer", "real tokens/s (median, min-max)", "lorastack speed-up",
                "peak RSS, MB"]
     if accuracy:
-        columns += ["best val. accuracy", f"time to val. acc. {target:.3f}",
-                    f"{args.accuracy_steps} steps"]
+        columns += [f"val. accuracy after {args.accuracy_steps} steps (best)"]
+        columns += [f"time to val. acc. {t:.3f}" for t in targets]
+        columns += [f"{args.accuracy_steps} steps"]
     trl_ratio = ratios["lorastack/trl-sft"]
-    acc_ok = None
+    shown = common.fmt_ratio(trl_ratio)
+    acc_ok = True
     if accuracy:
-        best = {r: max(e["accuracy"] for e in accuracy[r]["evals"]) for r in RECIPES}
-        acc_ok = best["lorastack"] >= best["trl-sft"] - 1e-9
-    goals = [common.goal(
+        acc_ok = final["lorastack"] >= final["trl-sft"] - 1e-9
+        n_val = accuracy["lorastack"].get("validation_examples") or 90
+        shown += (f"; validation accuracy after the same {args.accuracy_steps} steps "
+                  f"{final['lorastack']:.3f} vs {final['trl-sft']:.3f} (best along the way "
+                  f"{best['lorastack']:.3f} vs {best['trl-sft']:.3f}; one review is "
+                  f"{1 / n_val:.3f})")
+    goal = common.goal(
         "lorastack at least 1.5x TRL SFTTrainer's real tokens/s, at equal or better accuracy",
-        trl_ratio["median"] if acc_ok in (None, True) else None, 1.5,
-        shown=common.fmt_ratio(trl_ratio) + ("" if acc_ok is None else
-                                             f"; best val. accuracy {best['lorastack']:.3f} vs "
-                                             f"{best['trl-sft']:.3f}"))]
+        trl_ratio["median"], 1.5, shown=shown)
+    if goal["met"] and not acc_ok:
+        goal["met"] = False
+        goal["note"] = "faster, but less accurate after the same steps"
     tut = ratios["lorastack/hf-tutorial"]
     summary = (f"Real (non-padding) tokens per second, {args.repeats} round(s) side by side, "
-               f"{args.steps} steps of batch 8 each (the first not timed): lorastack is {common.fmt_ratio(trl_ratio)} "
-               f"TRL SFTTrainer and {common.fmt_ratio(tut)} the tutorial recipe.")
+               f"{args.steps} steps of batch 8 each (the first not timed): lorastack is "
+               f"{common.fmt_ratio(trl_ratio)} TRL SFTTrainer and {common.fmt_ratio(tut)} the "
+               f"tutorial recipe.")
     if accuracy:
-        summary += (f" Trained for {args.accuracy_steps} steps each, all three reach "
-                    f"validation accuracy {target:.3f}; the time each took (evaluation excluded)"
-                    f" is in the table.")
-    gpu_note = ("GPU (Llama-8B-shaped model, random weights): not measured: no GPU was lent "
-                "to the session that produced these results.")
+        t_ours = _time_to(accuracy["lorastack"]["evals"], targets[-1])[0]
+        t_trl = _time_to(accuracy["trl-sft"]["evals"], targets[-1])[0]
+        summary += (f" Trained {args.accuracy_steps} steps each (one run per trainer, "
+                    f"validation every {args.eval_every} steps): lorastack reaches validation "
+                    f"accuracy {targets[-1]:.3f} after {t_ours / 60:.1f} min of training, TRL "
+                    f"after {t_trl / 60:.1f} min.")
+        tut_f1 = max(e["macro_f1"] for e in accuracy["hf-tutorial"]["evals"])
+        if best["hf-tutorial"] <= min(best.values()) + 1e-9:
+            summary += (f" The tutorial recipe does not get past {best['hf-tutorial']:.3f} "
+                        f"(macro-F1 {tut_f1:.2f}: it answers positive, the majority, almost "
+                        "always), likely because its loss covers every prompt token, of which "
+                        "the answer is one.")
     payload = {
         "title": "Training throughput", "summary": summary,
         "tables": [common.table(
-            "Same model (float32), same LoRA, same data and schedule; each trainer in its own "
-            "process.", columns, rows)],
-        "goals": goals, "figure": "training.png", "notes": [gpu_note],
-        "settings": {"repeats": args.repeats, "steps": args.steps, "eval_every": args.eval_every,
+            "Same model (float32), same LoRA, same data, learning rate and schedule; each "
+            "trainer in its own process. Peak RSS: the whole process (model load included).",
+            columns, rows)],
+        "goals": [goal], "figure": "training.png",
+        "notes": [("TRL runs with its defaults (gradient checkpointing on, padding to the "
+                   "longest, completion-only loss, per-step token-accuracy and entropy "
+                   "metrics) except bf16=False; the same learning rate, schedule and batch "
+                   "size as the others."),
+                  ("GPU (Llama-8B-shaped model, random weights): not measured: no GPU was "
+                   "lent to the session that produced these results.")],
+        "settings": {"repeats": args.repeats, "steps": args.steps,
+                     "accuracy_steps": args.accuracy_steps, "eval_every": args.eval_every,
                      "limit_train": args.limit_train, "limit_eval": args.limit_eval,
                      "base": "smollm2-135m (float32)", "lora": "reviews-classify config",
                      "trl_settings": rounds["trl-sft"][0]["settings"] if rounds["trl-sft"]
                      else {}},
         "tokens_per_s": {r: common.spread(tok_s[r]) for r in RECIPES}, "ratios": ratios,
-        "peak_rss_mb": peak, "target_accuracy": target,
-        "rounds": {r: [{k: v for k, v in x.items() if k != "step_times"} for x in rounds[r]]
-                   for r in RECIPES},
-        "accuracy_runs": accuracy, "gpu": None,
+        "peak_rss_mb": peak, "target_accuracy": targets[0] if targets else None,
+        "target_accuracies": targets, "rounds": rounds, "accuracy_runs": accuracy,
+        "gpu": None,
     }
-    path = common.write_result("training", payload, args.out,
-                               setting="tiny" if args.tiny else "full")
-    _plot(payload, args.out)
-    return path
+    return payload
 
 
 def _plot(payload: dict, out) -> None:
@@ -414,6 +460,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     p.add_argument("--skip-accuracy", action="store_true",
                    help="throughput only (no one-epoch time-to-accuracy runs)")
+    p.add_argument("--rebuild", action="store_true",
+                   help="re-render training.json and the figure from its stored runs")
     p.add_argument("--worker", choices=RECIPES, help=argparse.SUPPRESS)
     p.add_argument("--phase", choices=("throughput", "accuracy"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
