@@ -292,11 +292,14 @@ def run(args) -> Path:
             setattr(args, key, old["settings"].get(key, getattr(args, key)))
         rounds, accuracy = old["rounds"], old["accuracy_runs"]
         setting = old["setting"]
+        kept = {"command": old["command"], "created": old["created"], "machine": old["machine"],
+                "versions": old["versions"]}  # the measurement's, not the re-render's
     else:
         rounds, accuracy = _measure(args)
         setting = "tiny" if args.tiny else "full"
+        kept = {}
     payload = _payload(args, rounds, accuracy)
-    path = common.write_result("training", payload, args.out, setting=setting)
+    path = common.write_result("training", {**payload, **kept}, args.out, setting=setting)
     _plot(payload, args.out)
     return path
 
