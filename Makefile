@@ -33,7 +33,7 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
 
-## bench: every benchmark in bench/ (about 1.5 hours on 2 cores; run it alone), then the README's
+## bench: every benchmark in bench/ (about an hour on 2 cores; run it alone), then the README's
 ## Performance and Quality sections are regenerated from bench/results/
 bench: setup
 	$(BIN)/lorastack models pull
