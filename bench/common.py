@@ -146,13 +146,23 @@ def fmt_ratio(r: dict[str, float]) -> str:
     return f"{r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f})"
 
 
-class Timer:
-    def __enter__(self):
-        self.start = time.perf_counter()
-        return self
+def run_worker(module: str, args: list[str], what: str) -> dict[str, Any]:
+    """Run `python -m <module> --worker ...` in a fresh process (clean memory, no shared caches)
+    and return the JSON it prints as its last line; a failed worker stops the benchmark."""
+    import subprocess
 
-    def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.start
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
+    proc = subprocess.run([sys.executable, "-m", module, "--worker", *args], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"{module}: the {what} worker failed (exit {proc.returncode}); its "
+                         "error is above")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measurement_record(old: dict[str, Any]) -> dict[str, Any]:
+    """What a re-rendered (--rebuild) result keeps from the run that measured it."""
+    return {k: old[k] for k in ("command", "created", "machine", "versions")}
 
 
 def save_figure(fig, name: str, out: str | Path | None = None) -> Path:

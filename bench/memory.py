@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import subprocess
 import sys
 import time
 
@@ -152,15 +150,9 @@ def worker(precision: str, batch_size: int, limit_train: int) -> dict:
 
 
 def _spawn(precision: str, args) -> dict:
-    cmd = [sys.executable, "-m", "bench.memory", "--worker", precision,
-           "--batch-size", str(args.batch_size), "--limit-train", str(args.limit_train)]
     common.log(f"{NAMES[precision]} ...")
-    proc = subprocess.run(cmd, cwd=common.REPO, stdout=subprocess.PIPE, text=True, check=False,
-                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    if proc.returncode != 0:
-        raise SystemExit(f"bench.memory: the {precision} worker failed (exit "
-                         f"{proc.returncode}); its error is above")
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    r = common.run_worker("bench.memory", [precision, "--batch-size", str(args.batch_size),
+                                           "--limit-train", str(args.limit_train)], precision)
     common.log(f"{NAMES[precision]}: step peak {r['step_peak_mb']:.0f} MB, weights "
                f"{r['weights_mb']:.0f} MB, step {r['step_seconds']:.1f} s")
     return r
@@ -173,8 +165,7 @@ def run(args) -> None:
         if old is None:
             raise SystemExit("bench.memory --rebuild: no memory.json to rebuild from")
         runs, setting = old["runs"], old["setting"]
-        kept = {"command": old["command"], "created": old["created"], "machine": old["machine"],
-                "versions": old["versions"]}  # the measurement's, not the re-render's
+        kept = common.measurement_record(old)
         args.repeats, args.batch_size = old["settings"]["repeats"], old["settings"]["batch_size"]
         args.limit_train = old["settings"]["limit_train"]
     else:

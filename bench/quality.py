@@ -60,7 +60,7 @@ def _run_summary(runs_dir: Path, name: str, test: dict) -> dict | None:
     return None
 
 
-def _zero_shot(config: str, limit: int | None, out, tiny: bool) -> dict:
+def _zero_shot(config: str, limit: int | None, tiny: bool) -> dict:
     from lorastack.train.assess import evaluate_zero_shot
 
     cached = common.RESULTS / f"zeroshot-{config}.json"
@@ -102,7 +102,7 @@ def run(args) -> None:
                        "train_seconds": summary and summary.get("train_seconds"),
                        "wall_seconds": summary and summary.get("wall_seconds"),
                        "machine": summary and summary.get("machine"),
-                       "zero_shot": _zero_shot(config, limit, args.out, args.tiny)}
+                       "zero_shot": _zero_shot(config, limit, args.tiny)}
 
     from bench.baselines import tfidf_baselines
 

@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -251,9 +249,8 @@ def worker(args) -> dict:
 # The driver: workers side by side, repeated; results, figure.
 
 def _spawn(args, recipe: str, phase: str) -> dict:
-    cmd = [sys.executable, "-m", "bench.training", "--worker", recipe, "--phase", phase,
-           "--steps", str(args.steps), "--accuracy-steps", str(args.accuracy_steps),
-           "--eval-every", str(args.eval_every)]
+    cmd = [recipe, "--phase", phase, "--steps", str(args.steps),
+           "--accuracy-steps", str(args.accuracy_steps), "--eval-every", str(args.eval_every)]
     if args.limit_train:
         cmd += ["--limit-train", str(args.limit_train)]
     if args.limit_eval:
@@ -261,14 +258,8 @@ def _spawn(args, recipe: str, phase: str) -> dict:
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     common.log(f"{phase}: {LABELS[recipe]} ...")
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
     started = time.monotonic()
-    proc = subprocess.run(cmd, cwd=common.REPO, env=env, stdout=subprocess.PIPE, text=True,
-                          check=False)
-    if proc.returncode != 0:
-        raise SystemExit(f"bench.training: the {recipe} worker failed (exit {proc.returncode});"
-                         " its error is above")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = common.run_worker("bench.training", cmd, recipe)
     common.log(f"{phase}: {LABELS[recipe]}: {result['tokens_per_s']:.0f} tok/s, "
                f"{result['train_seconds']:.0f} s training, peak {result['peak_rss_mb']:.0f} MB "
                f"({time.monotonic() - started:.0f} s with start-up)")
@@ -292,8 +283,7 @@ def run(args) -> Path:
             setattr(args, key, old["settings"].get(key, getattr(args, key)))
         rounds, accuracy = old["rounds"], old["accuracy_runs"]
         setting = old["setting"]
-        kept = {"command": old["command"], "created": old["created"], "machine": old["machine"],
-                "versions": old["versions"]}  # the measurement's, not the re-render's
+        kept = common.measurement_record(old)
     else:
         rounds, accuracy = _measure(args)
         setting = "tiny" if args.tiny else "full"
