@@ -1,0 +1,56 @@
+"""What lorastack adds inside vLLM's own processes, through vLLM's plugin entry point.
+
+Registered as the `vllm.general_plugins` entry point `lorastack` (pyproject.toml), so vLLM calls
+`register()` in every process it starts (API server, engine core, workers), in the gateway's
+child and in any `vllm serve` where lorastack is installed.
+
+What it does: on the CPU platform, it points vLLM at `GroupedPunicaWrapperCPU`, whose LoRA ops
+run one matmul per adapter in the batch instead of gathering a weight matrix per token, and
+leave tokens without an adapter untouched (vLLM 0.32's CPU ops give them the last slot's LoRA).
+It acts only on versions it was verified against and stands aside elsewhere, saying so.
+`LORASTACK_VLLM_PATCHES=0` turns it off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+VERIFIED_VLLM = ("0.32.0",)  # versions whose punica_cpu / torch_ops this was checked against
+CPU_WRAPPER = "vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU"
+GROUPED_WRAPPER = "lorastack.serve.vllm_plugin.punica.GroupedPunicaWrapperCPU"
+
+
+def register() -> None:
+    """vLLM's entry point: install the grouped CPU LoRA ops where they apply."""
+    status = install()
+    level = logging.INFO if status.startswith("active") else logging.WARNING
+    _logger().log(level, "lorastack vLLM plugin: %s", status)
+
+
+def install() -> str:
+    """Apply the patch if it applies; return what was done, in words (idempotent)."""
+    if os.environ.get("LORASTACK_VLLM_PATCHES", "1").strip().lower() in ("0", "false", "no",
+                                                                         "off"):
+        return "off (LORASTACK_VLLM_PATCHES=0): vLLM's own CPU LoRA ops are used"
+    import vllm
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return f"standing aside: platform {current_platform.device_name!r} is not the CPU"
+    if vllm.__version__ not in VERIFIED_VLLM:
+        return (f"standing aside: vLLM {vllm.__version__} is not a version it was verified "
+                f"against ({', '.join(VERIFIED_VLLM)})")
+    platform = type(current_platform)
+    current = platform.get_punica_wrapper()
+    if current == GROUPED_WRAPPER:
+        return "active (already installed): grouped CPU LoRA ops"
+    if current != CPU_WRAPPER:
+        return f"standing aside: the platform's punica wrapper is {current}, not {CPU_WRAPPER}"
+    platform.get_punica_wrapper = classmethod(lambda cls: GROUPED_WRAPPER)
+    return "active: grouped CPU LoRA ops (one matmul per adapter; no-LoRA rows untouched)"
+
+
+def _logger() -> logging.Logger:
+    # under the `vllm` logger, so that the line lands in vLLM's log with its format
+    return logging.getLogger("vllm.plugins.lorastack")
