@@ -8,12 +8,14 @@ For an input and a classification adapter:
 Prompts and continuations are tokenized separately, with the base model's own HF tokenizer, and
 sent to vLLM as token ids, so the tokens are the trainer's tokens.
 
-Two ways to get the log-probabilities from vLLM's /v1/completions:
-- every continuation is one token (the usual case): one row per input, the prompt alone,
-  `max_tokens=1` and `logprob_token_ids=[label token ids]`: vLLM returns the raw log-softmax of
-  exactly those ids at the next position. One forward per input, and prefix caching applies.
-- otherwise: one row per (input, label), prompt + continuation, `prompt_logprobs=0`: vLLM
-  returns the log-probability of every prompt token; the continuation's are summed.
+One way for every label set: the label continuations form a trie, and every node of it with
+children is one query row, prompt + the node's prefix, asked for `max_tokens=1` with
+`logprob_token_ids` = the tokens that may follow. vLLM returns the raw log-softmax of exactly
+those ids at the next position. Single-token labels are one row per input (the trie's root);
+a label of k tokens adds rows for its first k-1 prefixes, shared with the labels that share
+them. The root rows go first and the deeper rows after them, so that the deeper rows find the
+prompt in vLLM's prefix cache. `prompt_logprobs` is never used: it bypasses the prefix cache
+and it is the request that crashed vLLM 0.32's CPU LoRA ops.
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ class Tokenizer:
         return len(ids)
 
 
+MAX_TOKEN_IDS = 128  # vLLM's bound on logprob_token_ids per request (MAX_LOGPROB_TOKEN_IDS)
+
+
 @dataclass
 class Rows:
     """What one adapter sends to vLLM for a batch of inputs."""
@@ -63,15 +68,15 @@ class Rows:
     prompts: list[list[int]]  # one per input
     conts: dict[str, list[int]]  # label -> continuation ids
 
-    @property
-    def single_token(self) -> bool:
-        return all(len(c) == 1 for c in self.conts.values())
+    def prefixes(self) -> list[tuple[int, ...]]:
+        """The trie's nodes with children: every proper prefix of a continuation, root first."""
+        nodes = {tuple(c[:k]) for c in self.conts.values() for k in range(len(c))}
+        return sorted(nodes, key=lambda p: (len(p), p))
 
     def prompt_tokens(self) -> int:
-        if self.single_token:
-            return sum(map(len, self.prompts))
-        return sum(len(p) * len(self.labels) for p in self.prompts) + \
-            len(self.prompts) * sum(map(len, self.conts.values()))
+        n = len(self.prompts)
+        return sum(map(len, self.prompts)) * len(self.prefixes()) + \
+            n * sum(map(len, self.prefixes()))
 
 
 def build_rows(tok: Tokenizer, manifest: AdapterManifest, records: Sequence[dict],
@@ -96,29 +101,37 @@ def build_rows(tok: Tokenizer, manifest: AdapterManifest, records: Sequence[dict
 
 async def score(engine: Engine, identity: str, rows: Rows) -> list[dict[str, float]]:
     """Per input, label -> summed log-probability of its continuation."""
-    if rows.single_token:
-        ids = {label: c[0] for label, c in rows.conts.items()}
-        body = {"model": identity, "prompt": rows.prompts, "max_tokens": 1, "temperature": 0,
-                "logprobs": 1, "logprob_token_ids": sorted(set(ids.values())),
+    prefixes = rows.prefixes()
+    wanted: dict[tuple[int, ...], set[int]] = {p: set() for p in prefixes}
+    for cont in rows.conts.values():
+        for k, token in enumerate(cont):
+            wanted[tuple(cont[:k])].add(token)
+    # (input, prefix) -> {token id: logprob}; the root rows first (they fill the prefix cache)
+    got: dict[tuple[int, tuple[int, ...]], dict[int, float]] = {}
+    for depth_rows in (prefixes[:1], prefixes[1:]):
+        if depth_rows:
+            got.update(await _query(engine, identity, rows.prompts, depth_rows, wanted))
+    return [{label: sum(got[(i, tuple(cont[:k]))][token] for k, token in enumerate(cont))
+             for label, cont in rows.conts.items()} for i in range(len(rows.prompts))]
+
+
+async def _query(engine: Engine, identity: str, prompts: list[list[int]],
+                 prefixes: list[tuple[int, ...]], wanted: dict[tuple[int, ...], set[int]]):
+    """One completions request per chunk of at most MAX_TOKEN_IDS token ids."""
+    ids = sorted(set().union(*(wanted[p] for p in prefixes)))
+    out: dict[tuple[int, tuple[int, ...]], dict[int, float]] = {}
+    for start in range(0, len(ids), MAX_TOKEN_IDS):
+        chunk = ids[start:start + MAX_TOKEN_IDS]
+        keys = [(i, p) for i in range(len(prompts)) for p in prefixes
+                if wanted[p] & set(chunk)]
+        body = {"model": identity, "prompt": [prompts[i] + list(p) for i, p in keys],
+                "max_tokens": 1, "temperature": 0, "logprobs": 1, "logprob_token_ids": chunk,
                 "return_tokens_as_token_ids": True}
-        choices = await _complete(engine, body, len(rows.prompts))
-        out = []
-        for choice in choices:
+        for key, choice in zip(keys, await _complete(engine, body, len(keys))):
             top = choice["logprobs"]["top_logprobs"][0]
-            out.append({label: _lookup(top, f"token_id:{tid}") for label, tid in ids.items()})
-        return out
-    flat = [p + rows.conts[label] for p in rows.prompts for label in rows.labels]
-    body = {"model": identity, "prompt": flat, "max_tokens": 1, "temperature": 0,
-            "prompt_logprobs": 0}
-    choices = await _complete(engine, body, len(flat))
-    out, n = [], len(rows.labels)
-    for i in range(len(rows.prompts)):
-        sums = {}
-        for j, label in enumerate(rows.labels):
-            cont = rows.conts[label]
-            positions = choices[i * n + j]["prompt_logprobs"][-len(cont):]
-            sums[label] = sum(_lookup(pos, str(tid)) for pos, tid in zip(positions, cont))
-        out.append(sums)
+            found = out.setdefault(key, {})
+            for token in wanted[key[1]] & set(chunk):
+                found[token] = _lookup(top, f"token_id:{token}")
     return out
 
 

@@ -31,6 +31,10 @@ CLS_TASK = {"type": "classification", "prompt": "{text}", "system": "Classify th
             "labels": ["positive", "negative", "neutral"]}
 DATA = {"source": "drug-reviews", "limit_train": 16, "limit_eval": 8, "max_length": 160}
 LORA = {"r": 8, "alpha": 16, "layers": [27, 28, 29]}
+# Labels answered with several tokens, two of them sharing a prefix ("Sci/Tech"-like words):
+# the scoring path that once killed vLLM's engine (prompt_logprobs on CPU LoRA).
+MULTI_TASK = {**CLS_TASK, "label_words": {"positive": "good/positive", "negative":
+                                          "Sci/Tech negative", "neutral": "good/neutral"}}
 
 
 def _train(root: Path, name: str, task: dict, data: dict = DATA, **training):
@@ -61,11 +65,12 @@ def server(tmp_path_factory, base_model):
     root = tmp_path_factory.mktemp("serving")
     _train(root, "cls-a", CLS_TASK)
     _train(root, "cls-b", CLS_TASK, seed=1, lr=3e-3)
+    _train(root, "cls-multi", MULTI_TASK, seed=2, lr=3e-3)
     _train(root, "gen", {"type": "generation", "prompt": "{text}", "target_field": "condition",
                          "system": "Name the condition treated.", "max_new_tokens": 4},
            data={**DATA, "limit_eval": 3}, lr=5e-3, max_steps=3, eval_every=3, save_every=3)
     staging, store = AdapterStore(root / "staging"), AdapterStore(root / "served")
-    for name in ("cls-a", "cls-b", "gen"):
+    for name in ("cls-a", "cls-b", "cls-multi", "gen"):
         copy_adapter(staging, name, store, name)
     port = free_port()
     settings = ServeSettings(store=store.root, port=port, capacity=2, max_loras=2,
@@ -215,6 +220,23 @@ def test_classify_matches_the_trainers_evaluation(server):
     for got, want in zip(served, reference):
         assert got["probabilities"] == pytest.approx(want, abs=1e-3)
     print(f"\nserved {served[0]['probabilities']}\ntrainer {reference[0]}")
+
+
+def test_multi_token_labels_match_the_trainer_and_the_engine_lives(server):
+    pid = server.gw.engines[0].process.pid
+    served = classify(server, "cls-multi", TEXTS)["data"]
+    reference = trainer_probabilities(server.staging.path("cls-multi"), TEXTS)
+    for got, want in zip(served, reference):
+        assert got["probabilities"] == pytest.approx(want, abs=1e-3)
+    one = classify(server, "cls-multi", TEXTS[1])["data"][0]  # alone = in a batch
+    assert one["probabilities"] == pytest.approx(served[1]["probabilities"], abs=1e-4)
+    # the request that used to kill vLLM 0.32's engine: prompt_logprobs on a LoRA adapter
+    r = server.client.post("/v1/completions", json={"model": "cls-multi", "prompt": TEXTS[0],
+                                                    "max_tokens": 2, "prompt_logprobs": 0})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"][0]["prompt_logprobs"]) > 5
+    assert server.gw.engines[0].process.pid == pid and server.gw.engines[0].up
+    print(f"\nmulti-token labels, served {served[0]['probabilities']}\ntrainer {reference[0]}")
 
 
 def test_hot_load_while_requests_run(server):
