@@ -14,9 +14,23 @@ from typing import Any
 import torch
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
-from lorastack.serve.vllm_plugin.grouped_ops import Groups, NonZeroSlots, expand, group_rows, shrink
+from lorastack.serve.vllm_plugin.grouped_ops import (
+    FusedSlices,
+    Groups,
+    NonZeroSlots,
+    expand,
+    dense_linear,
+    fused_linear,
+    group_rows,
+    row_mask,
+    shrink,
+)
 
 log = logging.getLogger("lorastack.vllm_plugin")
+
+# Up to this many rows (a decode step), every slot's LoRA is computed for every row and masked:
+# fewer, larger calls. Above it, one matmul per adapter's rows. See bench/lora_ops.py.
+DENSE_MAX_ROWS = 64
 
 
 class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
@@ -25,7 +39,9 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         self._tokens = group_rows(torch.empty(0, dtype=torch.long))
         self._sampled = self._tokens
         self._resized: dict[int, Groups] = {}
+        self._masks: dict[tuple, torch.Tensor] = {}
         self._nonzero = NonZeroSlots()
+        self._fused = FusedSlices()
         self._warned = False
 
     def update_metadata(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs):
@@ -33,6 +49,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         self._tokens = group_rows(self.token_lora_indices)
         self._sampled = group_rows(self.sampler_indices)
         self._resized = {}
+        self._masks = {}
 
     def _token_groups(self, rows: int) -> Groups:
         """Groups for `rows` token rows: rows past the mapping (padding) get no adapter."""
@@ -67,6 +84,33 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
             expand(y2, part.view(-1, part.shape[-1]), stacked, groups, offset, size, add_inputs,
                    self._nonzero(stacked))
             offset += size
+
+    def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *,
+                        buffer=None, **kwargs) -> None:
+        """The hot path of every adapted linear layer: all its slices fused, per adapter."""
+        add_inputs = kwargs.get("add_inputs", True)
+        y2 = y.view(-1, y.shape[-1])
+        x2 = x.view(-1, x.shape[-1])
+        groups = self._token_groups(x2.shape[0])
+        if not groups.slots:
+            return
+        fused = self._fused(lora_a_stacked, lora_b_stacked)
+        if fused.b_bd.shape[1] != sum(output_slices):  # not the layout this was written for
+            super().add_lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale, output_slices,
+                                    buffer=buffer, **kwargs)
+            return
+        if add_inputs and not any(fused.nonzero[s] for s in groups.slots):
+            return  # no adapter of this batch adapts this layer
+        if add_inputs and x2.shape[0] <= DENSE_MAX_ROWS and len(groups.slots) > 1:
+            dense_linear(y2, x2, fused, self._mask(groups, fused), scale)
+        else:
+            fused_linear(y2, x2, fused, groups, scale, add_inputs)
+
+    def _mask(self, groups: Groups, fused) -> torch.Tensor:
+        key = (id(groups), fused.a_cat.shape[0], fused.rank)
+        if key not in self._masks:
+            self._masks[key] = row_mask(groups, fused.a_cat.shape[0], fused.rank)
+        return self._masks[key]
 
     def add_lora_embedding(self, y, x, lora_b_stacked, add_inputs=True, **kwargs) -> None:
         y2 = y.view(-1, y.shape[-1])

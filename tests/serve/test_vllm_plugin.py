@@ -88,6 +88,20 @@ def test_linear_matches_reference(case):
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [12, 300])  # the dense form (a decode step) and per adapter
+def test_linear_into_a_fresh_output(rows):
+    """vLLM's other call (add_inputs=False): the output holds the LoRA delta alone."""
+    token_slots = [(-1 if (i // 4) % 5 == 4 else (i // 4) % 3) for i in range(rows)]
+    w = wrapper(token_slots, token_slots)
+    x = torch.randn(rows, 48)
+    a, b = stacked(RANK, 48, seed=11), stacked(24, RANK, seed=12)
+    y = torch.full((rows, 24), 7.0)
+    w.add_lora_linear(y, x, (a,), (b,), 2.0, (24,), add_inputs=False)
+    expected = reference(torch.zeros(rows, 24), x, a, b, torch.tensor(token_slots), scale=2.0)
+    adapted = torch.tensor(token_slots) >= 0
+    torch.testing.assert_close(y[adapted].double(), expected[adapted], rtol=1e-5, atol=1e-5)
+
+
 def test_base_rows_are_untouched_bit_for_bit():
     token_slots = runs((0, 10), (-1, 10), (3, 10))
     w = wrapper(token_slots, token_slots)
