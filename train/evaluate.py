@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from lorastack.adapters import labels as label_scoring
 from lorastack.train.batching import collate
 from lorastack.train.examples import IGNORE, Example, PromptFormat
-from lorastack.train.model import answer_logits, answer_loss
+from lorastack.train.model import answer_logits, answer_loss, causal_lm
 
 EVAL_BATCH = 16
 
@@ -26,56 +26,62 @@ EVAL_BATCH = 16
 @torch.no_grad()
 def label_logprob_sums(model, fmt: PromptFormat, examples: Sequence[Example],
                        batch_size: int = EVAL_BATCH, progress: bool = False) -> list[list[float]]:
-    """For each example, the summed log-probability of every label's continuation."""
+    """For each example, the summed log-probability of every label's continuation.
+
+    Each prompt runs once, whatever the number of labels: scoring prompt + continuation as one
+    row per label ran every prompt once per label, and evaluation outlasted training."""
     model.eval()
     device = next(model.parameters()).device
     conts = [fmt.continuations[label] for label in fmt.labels]
-    if all(len(c) == 1 for c in conts):  # one forward per example: read the next-token scores
-        return _single_token_scores(model, fmt, examples, [c[0] for c in conts], batch_size,
-                                    progress, device)
-    rows = []  # one row per (example, label): prompt + continuation
-    for ex in examples:
-        prompt = ex.input_ids[:ex.prompt_len]
-        for cont in conts:
-            rows.append(Example(prompt + cont, [IGNORE] * len(prompt) + cont, ex.row))
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))  # less padding
-    out = [0.0] * len(rows)
-    step = batch_size * len(conts)
-    for start in tqdm(range(0, len(order), step), desc="scoring labels", leave=False,
-                      disable=not progress):
-        idx = order[start:start + step]
-        batch = {k: v.to(device) for k, v in collate([rows[i] for i in idx], fmt.pad_id).items()}
-        targets = batch["labels"][:, 1:]
-        mask = targets != IGNORE
-        positions = torch.zeros_like(batch["labels"], dtype=torch.bool)
-        positions[:, :-1] = mask
-        logits = answer_logits(model, batch["input_ids"], batch["attention_mask"], positions)
-        token_lp = torch.log_softmax(logits, -1).gather(-1, targets[mask][:, None])[:, 0]
-        per_row = torch.zeros(len(idx), device=device).index_add_(
-            0, mask.nonzero()[:, 0], token_lp)
-        for i, value in zip(idx, per_row.tolist()):
-            out[i] = value
-    n = len(conts)
-    return [out[i * n:(i + 1) * n] for i in range(len(examples))]
-
-
-def _single_token_scores(model, fmt, examples, token_ids, batch_size, progress, device):
     out: list[list[float]] = [[] for _ in examples]
-    order = sorted(range(len(examples)), key=lambda i: examples[i].prompt_len)
+    order = sorted(range(len(examples)), key=lambda i: examples[i].prompt_len)  # less padding
     for start in tqdm(range(0, len(order), batch_size), desc="scoring labels", leave=False,
                       disable=not progress):
         idx = order[start:start + batch_size]
-        prompts = [Example(examples[i].input_ids[:examples[i].prompt_len],
-                           [IGNORE] * examples[i].prompt_len, examples[i].row) for i in idx]
-        batch = {k: v.to(device) for k, v in collate(prompts, fmt.pad_id).items()}
-        positions = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
-        for row, p in enumerate(prompts):
-            positions[row, len(p.input_ids) - 1] = True
-        logits = answer_logits(model, batch["input_ids"], batch["attention_mask"], positions)
-        scores = torch.log_softmax(logits, -1)[:, token_ids]
-        for row, i in enumerate(idx):
-            out[i] = scores[row].tolist()
+        prompts = [examples[i].input_ids[:examples[i].prompt_len] for i in idx]
+        for i, row in zip(idx, _score_prompts(model, prompts, conts, fmt.pad_id, device)):
+            out[i] = row.tolist()
     return out
+
+
+def _score_prompts(model, prompts: list[list[int]], conts: list[list[int]], pad_id: int,
+                   device: torch.device) -> torch.Tensor:
+    """[prompts, conts]: summed log-probabilities of each continuation after each prompt.
+
+    The prompts' last positions score every first token. Later tokens of multi-token
+    continuations run on the prompts' KV cache, copied to one row per (prompt, continuation):
+    a few tokens each, instead of the whole prompt again."""
+    from transformers import DynamicCache
+
+    batch = _padded([Example(p, [IGNORE] * len(p), 0) for p in prompts], pad_id, device)
+    mask = batch["attention_mask"]
+    lengths = mask.sum(1)
+    last = torch.nn.functional.one_hot(lengths - 1, mask.shape[1]).bool()
+    multi = [j for j, c in enumerate(conts) if len(c) > 1]
+    cache = DynamicCache(config=causal_lm(model).config) if multi else None
+    logits = answer_logits(model, batch["input_ids"], mask, last, past_key_values=cache)
+    scores = torch.log_softmax(logits, -1)[:, [c[0] for c in conts]]
+    if not multi:
+        return scores
+    rows = torch.arange(len(prompts), device=device).repeat_interleave(len(multi))
+    cache.batch_select_indices(rows)
+    # Row (prompt b, label j) reads its label's tokens but the last; each predicts the next.
+    tail = _padded([Example(conts[j][:-1], conts[j][1:], 0) for _ in prompts for j in multi],
+                   pad_id, device)
+    real = tail["attention_mask"].bool()
+    # The cache is right-padded: the mask hides its padding, and positions go on from each
+    # prompt's own length (not the padded width), as they would in one unpadded row.
+    positions = lengths[rows, None] + torch.arange(real.shape[1], device=device)
+    logits = answer_logits(model, tail["input_ids"], torch.cat([mask[rows], real.long()], 1),
+                           real, past_key_values=cache, position_ids=positions)
+    token_lp = torch.log_softmax(logits, -1).gather(-1, tail["labels"][real][:, None])[:, 0]
+    per_row = torch.zeros(len(rows), device=device).index_add_(0, real.nonzero()[:, 0], token_lp)
+    scores[:, multi] += per_row.view(len(prompts), len(multi))
+    return scores
+
+
+def _padded(rows: list[Example], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in collate(rows, pad_id).items()}
 
 
 def evaluate_classification(model, fmt: PromptFormat, examples: Sequence[Example],

@@ -101,10 +101,12 @@ def causal_lm(model):
 
 
 def answer_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  positions: torch.Tensor) -> torch.Tensor:
-    """Logits (float32) at the boolean `positions` [B, T] only: the head skips the rest."""
+                  positions: torch.Tensor, **body_kwargs: Any) -> torch.Tensor:
+    """Logits (float32) at the boolean `positions` [B, T] only: the head skips the rest.
+    `body_kwargs` (a KV cache, position ids) go to the transformer body (label scoring)."""
     lm = causal_lm(model)
-    hidden = lm.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    hidden = lm.model(input_ids=input_ids, attention_mask=attention_mask,
+                      **body_kwargs).last_hidden_state
     return lm.lm_head(hidden[positions]).float()
 
 
