@@ -111,9 +111,9 @@ def main() -> None:
                          f"{repeats} repeats; lorastack picks dense up to 64 rows",
                          ["rows", "adapters over rows", "base matmuls", "vLLM 0.32", "lorastack",
                           "dense form", "per-adapter form", "vLLM / lorastack"], rows)],
-        "notes": ["vLLM's fallback gathers a (rank x width) matrix per row, then an einsum; "
-                  "lorastack runs one matmul pair per adapter present (per-adapter form) or, for "
-                  "a few rows, every adapter on every row with a mask (dense form)."],
+        "notes": [("vLLM's fallback gathers a (rank x width) matrix per row, then an einsum; "
+                   "lorastack runs one matmul pair per adapter present (per-adapter form) or, "
+                   "for a few rows, every adapter on every row with a mask (dense form).")],
         "results": results, "figure": "lora_ops.png"}
     plot(results, args.out)
     write_result("lora_ops", report, args.out, setting="tiny" if args.tiny else "full")
