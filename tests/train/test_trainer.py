@@ -190,7 +190,8 @@ def test_single_token_fast_path_matches_the_general_scorer(tiny_base, review_fil
 
 
 def _general_scores(model, fmt, examples):
-    """The per-row path of label_logprob_sums, called directly."""
+    """One row per (example, label), prompt + continuation: how labels were scored before the
+    prompt's KV cache was reused, kept as the reference."""
     from lorastack.train.batching import collate
     from lorastack.train.examples import IGNORE, Example
     from lorastack.train.model import answer_logits
