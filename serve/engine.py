@@ -35,6 +35,7 @@ class Engine:
         self.generation = 0  # bumped on every (re)start: what was loaded before is gone
         self.base_id: str | None = None  # the base model's name on this server
         self.failed_checks = 0  # consecutive failed health checks
+        self.crashed: dict[int, bool] = {}  # generation -> EngineCore raised (vs. was killed)
         self._timeout = httpx.Timeout(timeout_s, connect=5.0)
         self._transport = transport
         self.client = self._new_client()

@@ -19,6 +19,7 @@ from pathlib import Path
 from lorastack.adapters.manifest import ServingLimits
 from lorastack.adapters.models import BaseModel, resolve_base
 from lorastack.adapters.store import AdapterStore
+from lorastack.serve.crashes import CrashGuard
 from lorastack.serve.engine import Engine
 from lorastack.serve.metrics import Metrics
 from lorastack.serve.registry import Registry
@@ -38,6 +39,7 @@ class Gateway:
                  base: BaseModel | None = None) -> None:
         self.settings = settings
         self.metrics = Metrics()
+        self.guard = CrashGuard(metrics=self.metrics)
         self.base = base
         self.engines = engines or []
         self.registry: Registry | None = None
@@ -170,6 +172,7 @@ class Gateway:
             return
         self.metrics.vllm_restarts.inc()
         previous = engine.generation
+        engine.crashed[previous] = proc.crashed_inside()  # read before the log moves on
         engine.generation += 1  # everything it had loaded is gone
         proc.stop()
         proc.start()

@@ -27,6 +27,8 @@ class Metrics:
                              ["engine"], registry=r)
         self.vllm_restarts = Counter("lorastack_vllm_restarts_total", "vLLM child restarts.",
                                      registry=r)
+        self.engine_deaths = Counter("lorastack_engine_deaths_total", "vLLM engine deaths seen "
+                                     "by requests in flight (serve/crashes.py).", registry=r)
 
     def adapter_event(self, event: str) -> None:
         self.adapter_events.labels(event).inc()

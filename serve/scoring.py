@@ -21,13 +21,14 @@ and it is the request that crashed vLLM 0.32's CPU LoRA ops.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
+
 from lorastack.adapters import labels as label_scoring
 from lorastack.adapters.manifest import AdapterManifest
-from lorastack.serve.engine import Engine
 from lorastack.serve.protocol import ApiError
 
 
@@ -99,7 +100,10 @@ def build_rows(tok: Tokenizer, manifest: AdapterManifest, records: Sequence[dict
     return Rows(labels, prompts, conts)
 
 
-async def score(engine: Engine, identity: str, rows: Rows) -> list[dict[str, float]]:
+Send = Callable[[dict], Awaitable[httpx.Response]]  # one /v1/completions body to the engine
+
+
+async def score(send: Send, identity: str, rows: Rows) -> list[dict[str, float]]:
     """Per input, label -> summed log-probability of its continuation."""
     prefixes = rows.prefixes()
     wanted: dict[tuple[int, ...], set[int]] = {p: set() for p in prefixes}
@@ -110,12 +114,12 @@ async def score(engine: Engine, identity: str, rows: Rows) -> list[dict[str, flo
     got: dict[tuple[int, tuple[int, ...]], dict[int, float]] = {}
     for depth_rows in (prefixes[:1], prefixes[1:]):
         if depth_rows:
-            got.update(await _query(engine, identity, rows.prompts, depth_rows, wanted))
+            got.update(await _query(send, identity, rows.prompts, depth_rows, wanted))
     return [{label: sum(got[(i, tuple(cont[:k]))][token] for k, token in enumerate(cont))
              for label, cont in rows.conts.items()} for i in range(len(rows.prompts))]
 
 
-async def _query(engine: Engine, identity: str, prompts: list[list[int]],
+async def _query(send: Send, identity: str, prompts: list[list[int]],
                  prefixes: list[tuple[int, ...]], wanted: dict[tuple[int, ...], set[int]]):
     """One completions request per chunk of at most MAX_TOKEN_IDS token ids."""
     ids = sorted(set().union(*(wanted[p] for p in prefixes)))
@@ -127,7 +131,7 @@ async def _query(engine: Engine, identity: str, prompts: list[list[int]],
         body = {"model": identity, "prompt": [prompts[i] + list(p) for i, p in keys],
                 "max_tokens": 1, "temperature": 0, "logprobs": 1, "logprob_token_ids": chunk,
                 "return_tokens_as_token_ids": True}
-        for key, choice in zip(keys, await _complete(engine, body, len(keys))):
+        for key, choice in zip(keys, await _complete(send, body, len(keys))):
             top = choice["logprobs"]["top_logprobs"][0]
             found = out.setdefault(key, {})
             for token in wanted[key[1]] & set(chunk):
@@ -135,8 +139,8 @@ async def _query(engine: Engine, identity: str, prompts: list[list[int]],
     return out
 
 
-async def _complete(engine: Engine, body: dict, expected: int) -> list[dict]:
-    response = await engine.post_json("/v1/completions", body)
+async def _complete(send: Send, body: dict, expected: int) -> list[dict]:
+    response = await send(body)
     if response.status_code != 200:
         raise ApiError(502, f"vLLM could not score the labels: {response.text[:500]}",
                        "engine_error")

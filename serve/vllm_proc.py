@@ -22,6 +22,9 @@ import httpx
 
 from lorastack.serve.settings import ServeSettings
 
+# what vLLM 0.32 logs when an exception ends EngineCore (not when it is killed from outside)
+CRASH_IN_LOG = b"EngineCore encountered a fatal error"
+
 
 class VllmStartError(RuntimeError):
     """vLLM exited or did not become healthy; the message carries its last log lines."""
@@ -45,6 +48,7 @@ class VllmProcess:
         self.port = settings.vllm_port or free_port()
         self.proc: subprocess.Popen | None = None
         self.started_at = 0.0
+        self.log_offset = 0  # where this start's lines begin in the log file
 
     @property
     def url(self) -> str:
@@ -74,6 +78,7 @@ class VllmProcess:
         with open(self.log_file, "ab") as log:
             log.write(f"\n=== lorastack: starting vLLM: {' '.join(self.command())}\n".encode())
             log.flush()
+            self.log_offset = log.tell()
             # A session of its own: stopping it reaches the engine-core processes it spawns.
             self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, env=env,
@@ -118,6 +123,16 @@ class VllmProcess:
                 return [line.rstrip("\n") for line in deque(fh, maxlen=lines)]
         except OSError:
             return []
+
+    def crashed_inside(self) -> bool:
+        """Since the last start: did vLLM log an exception in EngineCore (a request, or a bug,
+        made it raise), as opposed to being stopped or killed from outside?"""
+        try:
+            with open(self.log_file, "rb") as fh:
+                fh.seek(self.log_offset)
+                return CRASH_IN_LOG in fh.read()
+        except OSError:
+            return False
 
     def describe_log(self, lines: int = 25) -> str:
         shown = "\n".join("  | " + line for line in self.tail(lines))

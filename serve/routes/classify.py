@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import ValidationError
 
 from lorastack.adapters import labels as label_scoring
+from lorastack.serve.crashes import shape_of
 from lorastack.serve.protocol import (
     ApiError,
     Classification,
@@ -56,11 +57,20 @@ async def classify(request: Request, gw: GatewayDep) -> ClassifyResponse:
         async with reg.use(name) as (served, engine):  # this version's manifest and weights
             rows = await asyncio.to_thread(build_rows, gw.tokenizer, served.manifest, req.input,
                                            s.max_prompt_tokens)
-            sums = await score(engine, served.identity, rows)
-        gw.metrics.adapter_requests.labels(name).inc()
+
+            async def send(body: dict):  # watched: a death is retried or answered (crashes.py)
+                return await gw.guard.post(engine, "/v1/completions", body,
+                                           shape_of("classify", body, adapter=True))
+
+            sums = await score(send, served.identity, rows)
         return rows.prompt_tokens(), [label_scoring.probabilities(row) for row in sums]
 
-    answers = await asyncio.gather(*(one(name) for name in req.model))
+    async def replayable(name: str):
+        answer = await gw.guard.retry_once(lambda: one(name), wait_s=s.start_timeout_s)
+        gw.metrics.adapter_requests.labels(name).inc()
+        return answer
+
+    answers = await asyncio.gather(*(replayable(name) for name in req.model))
     tokens = sum(t for t, _ in answers)
     gw.metrics.tokens.labels(request.state.model, "prompt").inc(tokens)
     data = []

@@ -15,6 +15,8 @@ from datetime import datetime
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 
+from lorastack.serve.crashes import DEAD_ANSWER, shape_of
+from lorastack.serve.engine import EngineError
 from lorastack.serve.gateway import Gateway
 from lorastack.serve.protocol import ApiError, error_body
 from lorastack.serve.routes.common import GatewayDep, read_json, require_api_key
@@ -58,29 +60,33 @@ async def _forward(request: Request, gw: Gateway, path: str) -> Response:
                        "/v1/models lists them)", "missing_model", "model")
     request.state.model = model
     await asyncio.to_thread(_check_limits, gw, body, path)
+    is_base = model == gw.registry.base_name
+    shape = shape_of("chat" if path.endswith("chat/completions") else "completions", body,
+                     adapter=not is_base)
+    gw.guard.admit(shape)  # before an adapter is loaded for it
+    if not body.get("stream"):
+        # whole answers can be replayed: a death of the engine under them is retried once
+        return await gw.guard.retry_once(lambda: _whole(gw, path, body, model, shape),
+                                         wait_s=gw.settings.start_timeout_s)
     stack = AsyncExitStack()
     handed_off = False
     try:
-        if model == gw.registry.base_name:
-            engine = gw.registry.pick_engine()
-            identity = engine.base_id or model
-        else:
-            served, engine = await stack.enter_async_context(gw.registry.use(model))
-            identity = served.identity
-            gw.metrics.adapter_requests.labels(model).inc()
-        body["model"] = identity
-        if not body.get("stream"):
-            response = await engine.post_json(path, body)
-            content = response.content.replace(_quoted(identity), _quoted(model))
-            _count_usage(gw, model, response)
-            return Response(content, response.status_code,
-                            media_type=response.headers.get("content-type", "application/json"))
-        upstream = await stack.enter_async_context(engine.stream(path, body))
+        engine, identity = await _target(gw, model, stack)
+        watch = gw.guard.watch(engine, shape)
+        stack.callback(watch.close)
+        try:
+            upstream = await stack.enter_async_context(
+                engine.stream(path, dict(body, model=identity)))
+        except EngineError:
+            await _raise_death(watch)
+            raise
         if upstream.status_code != 200:
             content = (await upstream.aread()).replace(_quoted(identity), _quoted(model))
+            if upstream.status_code >= 500:
+                await _raise_death(watch)
             return Response(content, upstream.status_code, media_type="application/json")
         handed_off = True
-        return StreamingResponse(_relay(gw, upstream, stack, identity, model),
+        return StreamingResponse(_relay(gw, upstream, stack, watch, identity, model),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
     finally:
@@ -88,18 +94,51 @@ async def _forward(request: Request, gw: Gateway, path: str) -> Response:
             await stack.aclose()
 
 
-async def _relay(gw: Gateway, upstream, stack: AsyncExitStack, identity: str, model: str):
+async def _target(gw: Gateway, model: str, stack: AsyncExitStack):
+    """The engine and the name to send: the base model's, or the adapter's held version."""
+    if model == gw.registry.base_name:
+        engine = gw.registry.pick_engine()
+        return engine, engine.base_id or model
+    served, engine = await stack.enter_async_context(gw.registry.use(model))
+    gw.metrics.adapter_requests.labels(model).inc()
+    return engine, served.identity
+
+
+async def _whole(gw: Gateway, path: str, body: dict, model: str, shape) -> Response:
+    async with AsyncExitStack() as stack:
+        engine, identity = await _target(gw, model, stack)
+        response = await gw.guard.post(engine, path, dict(body, model=identity), shape)
+    content = response.content.replace(_quoted(identity), _quoted(model))
+    _count_usage(gw, model, response)
+    return Response(content, response.status_code,
+                    media_type=response.headers.get("content-type", "application/json"))
+
+
+async def _raise_death(watch) -> None:
+    died = await watch.failed()
+    if died is not None:
+        raise ApiError(500 if died.killer else 503, str(died),
+                       "engine_died" if died.killer else "engine_unavailable")
+
+
+async def _relay(gw: Gateway, upstream, stack: AsyncExitStack, watch, identity: str,
+                 model: str):
     """SSE lines from vLLM to the client, one by one; the adapter is held until the end."""
     try:
         async for line in upstream.aiter_lines():
             if line.startswith("data: {"):
+                if DEAD_ANSWER in line:  # vLLM's engine died mid-answer: say so and why
+                    raise EngineError("vLLM's engine died")
                 line = line.replace(f'"{identity}"', f'"{model}"')
                 if '"usage":{' in line:
                     _count_stream_usage(gw, model, line)
             yield line + "\n"
-    except Exception as exc:  # noqa: BLE001  vLLM died mid-stream: end with an error event
-        error = error_body(503, f"the stream was cut: vLLM failed mid-answer ({exc}); retry",
-                           "engine_unavailable")
+        watch.succeeded()
+    except Exception as exc:  # noqa: BLE001  vLLM failed mid-stream: end with an error event
+        died = await watch.failed()
+        error = error_body(500, str(died), "engine_died") if died is not None and died.killer \
+            else error_body(503, f"the stream was cut: vLLM failed mid-answer ({died or exc}); "
+                            f"retry", "engine_unavailable")
         yield f"data: {json.dumps(error)}\n\n"
     finally:
         await stack.aclose()

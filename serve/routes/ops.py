@@ -19,7 +19,10 @@ async def health(gw: GatewayDep) -> JSONResponse:
                for e in gw.engines]
     up = any(e.up for e in gw.engines)
     body = {"status": "ok" if up else "unavailable", "gateway": "ok", "vllm": engines,
-            "adapters": len(gw.registry.current) if gw.registry else 0}
+            "adapters": len(gw.registry.current) if gw.registry else 0,
+            "engine_deaths": len(gw.guard.deaths),
+            "refused_shapes": [{"shape": str(shape), "why": why}
+                               for shape, why in gw.guard.blocked.items()]}
     return JSONResponse(body, status_code=200 if up else 503)
 
 

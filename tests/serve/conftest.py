@@ -11,6 +11,8 @@ import json
 import math
 import struct
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -57,6 +59,111 @@ def write_fake_adapter(store: AdapterStore, name: str, *, task: str = "classific
         chat_format="<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n",
         end_of_turn="<|im_end|>")
     return store.write(name, src, manifest, replace=replace)
+
+
+@pytest.fixture
+def store(tmp_path):
+    return AdapterStore(tmp_path / "store")
+
+
+@pytest.fixture
+def make(fake_base, store, tmp_path):
+    """A gateway over FakeVllm (an httpx transport), as a context: (client, fake, gateway)."""
+    import httpx
+    from fake_vllm import FakeVllm
+    from fastapi.testclient import TestClient
+
+    from lorastack.serve.app import create_app
+    from lorastack.serve.engine import Engine
+    from lorastack.serve.gateway import Gateway
+    from lorastack.serve.settings import ServeSettings
+
+    @contextmanager
+    def build(**settings):
+        fake = FakeVllm()
+        engine = Engine("http://fake-vllm", transport=httpx.ASGITransport(fake.app))
+        values = {"store": store.root, "work_dir": tmp_path / "work", "poll_interval_s": 0.05,
+                  "max_prompt_tokens": 64, "max_model_len": 128, "max_tokens": 32,
+                  "max_batch": 4, "max_body_bytes": 4096, **settings}
+        gw = Gateway(ServeSettings(**values), engines=[engine], base=fake_base)
+        with TestClient(create_app(gateway=gw)) as client:
+            yield client, fake, gw
+    return build
+
+
+def wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+# SmolLM2-135M: hidden 576, 30 layers, 3 KV heads of 64, MLP 1536
+SHAPES = {"q_proj": (576, 576), "v_proj": (576, 192), "down_proj": (1536, 576)}
+PARENT = {"q_proj": "self_attn", "v_proj": "self_attn", "down_proj": "mlp"}
+
+
+def random_adapter(store: AdapterStore, name: str, base, seed: int, tmp, rank: int = 8,
+                   labels: tuple[str, ...] = ()):
+    """An adapter of random weights on the real base (q, v, down in every layer), strong enough
+    that it answers differently from the base model; a classifier when `labels` are given."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(30):
+        for module, (fan_in, fan_out) in SHAPES.items():
+            key = f"base_model.model.model.layers.{layer}.{PARENT[module]}.{module}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, fan_in, generator=g) / fan_in ** .5
+            tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, rank, generator=g) * 0.25
+    src = tmp / name
+    src.mkdir()
+    save_file(tensors, str(src / "adapter_model.safetensors"))
+    (src / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank,
+        "lora_dropout": 0.0, "target_modules": list(SHAPES), "use_dora": False,
+        "modules_to_save": None, "bias": "none"}))
+    manifest = AdapterManifest(
+        name=name, task="classification" if labels else "generation", labels=labels,
+        base_model=base.name, base_fingerprint=base.fingerprint,
+        lora=LoraSettings(rank=rank, alpha=rank, target_modules=tuple(SHAPES)),
+        prompt_template="{text}",
+        chat_format="<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n",
+        end_of_turn="<|im_end|>")
+    return store.write(name, src, manifest)
+
+
+@contextmanager
+def serve_in_thread(store: AdapterStore, work: Path, **settings):
+    """The real gateway (and its real vLLM child) on a free port in this process, as a
+    context: (httpx client, gateway)."""
+    import threading
+
+    import httpx
+    import uvicorn
+
+    from lorastack.serve.app import create_app
+    from lorastack.serve.settings import ServeSettings
+    from lorastack.serve.vllm_proc import free_port
+
+    port = free_port()
+    app = create_app(ServeSettings(store=store.root, port=port, work_dir=work / "work",
+                                   **settings))
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    while not uv.started:
+        assert thread.is_alive(), "the gateway failed to start (see the output above)"
+        time.sleep(0.5)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300) as client:
+            yield client, app.state.gateway
+    finally:
+        uv.should_exit = True
+        thread.join(60)
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,13 @@ class FakeVllm:
         self.gate = asyncio.Event()  # prompts starting with WAIT block until it is set
         self.gate.set()
         self.healthy = True
+        self.dead = False  # a prompt starting with KILL kills the "engine" until revive()
         self.app = self._build()
+
+    def revive(self) -> None:
+        """What a restart does: healthy again, every adapter forgotten."""
+        self.dead, self.healthy = False, True
+        self.loaded.clear()
 
     def _build(self) -> FastAPI:
         app = FastAPI()
@@ -64,8 +70,15 @@ class FakeVllm:
                 return JSONResponse({"error": {"message": f"The model `{model}` does not "
                                      f"exist.", "type": "NotFoundError", "code": 404}}, 404)
             prompt = body.get("prompt") or json.dumps(body.get("messages"))
+            if isinstance(prompt, str) and prompt.startswith("KILL"):
+                self.dead, self.healthy = True, False
+                self.gate.set()  # the requests in flight fail with it, as in vLLM
             if isinstance(prompt, str) and prompt.startswith("WAIT"):
                 await self.gate.wait()
+            if self.dead:  # vLLM's answer to every request once EngineCore died
+                return JSONResponse({"error": {"message": "EngineCore encountered an issue. "
+                                     "See stack trace (above) for the root cause.",
+                                     "type": "InternalServerError", "code": 500}}, 500)
             if body.get("logprob_token_ids"):
                 return self._scores(body)
             chunk = {"id": "x", "object": "text_completion", "model": model,

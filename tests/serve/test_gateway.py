@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import threading
 import time
-from contextlib import contextmanager
 
 import httpx
 import pytest
-from conftest import write_fake_adapter
+from conftest import wait_for, write_fake_adapter
 from fake_vllm import FakeVllm
 from fastapi.testclient import TestClient
 
-from lorastack.adapters.store import AdapterStore
 from lorastack.serve.app import create_app
 from lorastack.serve.engine import Engine
 from lorastack.serve.gateway import Gateway
@@ -21,35 +19,6 @@ from lorastack.serve.settings import ServeSettings, SettingsError
 
 ADMIN = {"Authorization": "Bearer admin-key"}
 USER = {"Authorization": "Bearer user-key"}
-
-
-@pytest.fixture
-def store(tmp_path):
-    return AdapterStore(tmp_path / "store")
-
-
-@pytest.fixture
-def make(fake_base, store, tmp_path):
-    @contextmanager
-    def build(**settings):
-        fake = FakeVllm()
-        engine = Engine("http://fake-vllm", transport=httpx.ASGITransport(fake.app))
-        values = {"store": store.root, "work_dir": tmp_path / "work", "poll_interval_s": 0.05,
-                  "max_prompt_tokens": 64, "max_model_len": 128, "max_tokens": 32,
-                  "max_batch": 4, "max_body_bytes": 4096, **settings}
-        gw = Gateway(ServeSettings(**values), engines=[engine], base=fake_base)
-        with TestClient(create_app(gateway=gw)) as client:
-            yield client, fake, gw
-    return build
-
-
-def wait_for(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_models_and_forwarding_under_identity(make, store):
