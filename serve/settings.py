@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -73,6 +73,10 @@ class ServeSettings(BaseSettings):
     """Loopback port of the vLLM child (0: a free one)."""
     kv_cache_gb: float = Field(2, gt=0)
     """KV cache size of the vLLM child on CPU (VLLM_CPU_KVCACHE_SPACE)."""
+    vllm_threads: Literal["all", "vllm"] = "all"
+    """CPU only: `all` gives the engine every core (VLLM_CPU_NUM_OF_RESERVED_CPU=0: its OpenMP
+    threads bound to all of them); `vllm` keeps vLLM's own placement, which reserves one core
+    for its API front end (on 2 cores: one compute thread). Measured in bench/engine_tuning.py."""
     dtype: str = "float32"
     """vLLM --dtype (float32 on CPU: bfloat16 is far slower there)."""
     vllm_args: CommaList = []

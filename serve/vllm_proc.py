@@ -74,6 +74,8 @@ class VllmProcess:
         env = dict(os.environ)
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{self.settings.kv_cache_gb:g}")
+        if self.settings.vllm_threads == "all":  # see ServeSettings.vllm_threads
+            env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "ab") as log:
             log.write(f"\n=== lorastack: starting vLLM: {' '.join(self.command())}\n".encode())
