@@ -45,6 +45,10 @@ bench: setup
 	$(BIN)/python -m bench.serving
 	$(BIN)/python -m bench.hotswap
 	$(BIN)/python -m bench.classify
+	$(BIN)/python -m bench.engine_tuning
+	$(BIN)/python -m bench.fuzz
+	$(BIN)/python -m bench.lora_ops
+	$(BIN)/python -m bench.label_eval
 	$(BIN)/python -m bench.quality
 	$(BIN)/python -m bench.ceilings
 	$(BIN)/python -m bench.report

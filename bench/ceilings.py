@@ -115,6 +115,23 @@ def run(args) -> None:
         rows.append(["vLLM decode, concurrency 1", f"{bps / 1e9:.1f} GB/s",
                      (f"{bps / read_bw:.0%} of read bandwidth ({decode_tok_s:.1f} tok/s x "
                      f"{shape['weight_bytes'] / 1e6:.0f} MB of weights)")])
+    classify = common.read_result("classify", args.out)
+    goals = []
+    if classify and classify.get("prompt_tokens_per_s"):
+        # a classify request is prompt work only: a forward pass, no backward
+        c = max(classify["prompt_tokens_per_s"], key=int)
+        tok_s = classify["prompt_tokens_per_s"][c]["median"]
+        achieved = tok_s * 2 * shape["per_layer_linear_params"] * shape["layers"]
+        fractions["classify"] = {"tokens_per_s": tok_s, "gflops": achieved / 1e9,
+                                 "fraction": achieved / peak_flops, "concurrency": int(c)}
+        rows.append([f"served /v1/classify, concurrency {c}", f"{achieved / 1e9:.1f} GFLOP/s",
+                     (f"{achieved / peak_flops:.0%} of matmul peak ({tok_s:.0f} prompt tok/s "
+                      f"x {2 * shape['per_layer_linear_params'] * shape['layers'] / 1e6:.0f} "
+                      f"MFLOP/token)")])
+        goals.append(common.goal("served classify prompt tokens/s >= 50% of the matmul "
+                                 "ceiling", achieved / peak_flops, 0.5,
+                                 shown=f"{achieved / peak_flops:.0%} ({tok_s:.0f} tokens/s)",
+                                 note=f"concurrency {c}"))
     summary = (f"This machine: {mm['gflops']['median']:.0f} GFLOP/s float32 matmul, "
                f"{bw['read_gbs']['median']:.1f} GB/s memory read.")
     if "trainer" in fractions:
@@ -123,10 +140,13 @@ def run(args) -> None:
         summary += (f"; decode at concurrency 1 moves weights at "
                     f"{fractions['decode']['fraction']:.0%} of read bandwidth."
                     if "decode" in fractions else ".")
+    if "classify" in fractions:
+        summary += (f" Served /v1/classify runs the model at "
+                    f"{fractions['classify']['fraction']:.0%} of it.")
     payload = {"title": "Machine ceilings", "summary": summary,
                "tables": [common.table("Measured by bench/ceilings.py on this machine.",
                                        ["what", "rate", "how"], rows)],
-               "goals": [], "figure": "ceilings.png", "matmul": mm, "bandwidth": bw,
+               "goals": goals, "figure": "ceilings.png", "matmul": mm, "bandwidth": bw,
                "model": shape, "fractions": fractions}
     common.write_result("ceilings", payload, args.out, setting="tiny" if args.tiny else "full")
     _plot(mm, bw, fractions, args.out)
@@ -151,6 +171,8 @@ def _plot(mm: dict, bw: dict, fractions: dict, out) -> None:
     bars = [("matmul peak", mm["gflops"]["median"], "#bbb")]
     if "trainer" in fractions:
         bars.append(("lorastack trainer", fractions["trainer"]["gflops"], "#2a7"))
+    if "classify" in fractions:
+        bars.append(("served classify", fractions["classify"]["gflops"], "#27a"))
     ax.bar([b[0] for b in bars], [b[1] for b in bars], color=[b[2] for b in bars])
     ax.set_ylabel("GFLOP/s (float32)")
     ax.set_title("Compute")

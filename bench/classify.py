@@ -24,7 +24,17 @@ import shutil
 
 import httpx
 
-from bench.common import fmt_ratio, goal, log, pyplot, ratio, save_figure, table, write_result
+from bench.common import (
+    fmt_ratio,
+    goal,
+    log,
+    pyplot,
+    ratio,
+    save_figure,
+    spread,
+    table,
+    write_result,
+)
 from bench.serving_setup import (
     CLS,
     Reviews,
@@ -156,6 +166,9 @@ def analyse(runs: list[dict], levels: list[int], settings: dict, agreement: dict
                          f"{rps['min']:.2f}-{rps['max']:.2f}", f"{s['p50_s']['median']:.2f}",
                          f"{s['p99_s']['median']:.2f}", s["requests_per_round"]])
     a, b = summary["lorastack"][top], summary["naive"][top]
+    prompt_tps = {c: spread(r["prompt_tokens_per_s"] for r in runs
+                            if r["target"] == "lorastack" and r["concurrency"] == c)
+                  for c in levels}
     text = (f"At concurrency {top}, /v1/classify answered {a['requests_per_s']['median']:.1f} "
             f"requests/s (p50 {a['p50_s']['median']:.2f} s), {ratios[top]['median']:.1f}x the "
             f"naive transformers + peft server ({b['requests_per_s']['median']:.2f} requests/s, "
@@ -190,6 +203,7 @@ def analyse(runs: list[dict], levels: list[int], settings: dict, agreement: dict
         "settings": settings,
         "per_target": {t: {str(c): v for c, v in lv.items()} for t, lv in summary.items()},
         "ratios": {str(c): v for c, v in ratios.items()},
+        "prompt_tokens_per_s": {str(c): v for c, v in prompt_tps.items()},
         "agreement": agreement,
         "failed_requests": failed,
         "runs": runs,

@@ -19,6 +19,7 @@ from bench import common
 
 SECTIONS = {
     "performance": ("Performance", ["training", "memory", "serving", "hotswap", "classify",
+                                    "engine_tuning", "fuzz", "lora_ops", "label_eval",
                                     "ceilings"]),
     "quality": ("Quality", ["quality"]),
 }

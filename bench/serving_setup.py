@@ -277,11 +277,13 @@ class ServerProcess:
 
 
 def start_gateway(store: AdapterStore, work: Path, *, capacity: int = 8, max_loras: int = 8,
-                  poll_interval_s: float | None = None) -> ServerProcess:
+                  poll_interval_s: float | None = None,
+                  env: dict[str, str] | None = None) -> ServerProcess:
     """`lorastack serve` on the store, as a user runs it; ServeSettings' defaults otherwise
-    (float32, VLLM_CPU_KVCACHE_SPACE from kv_cache_gb). Call .wait_ready() next."""
+    (float32, VLLM_CPU_KVCACHE_SPACE from kv_cache_gb), `env` added to its environment (and so
+    to its vLLM child's). Call .wait_ready() next."""
     port = free_port()
-    env = {}
+    env = dict(env or {})
     if poll_interval_s is not None:
         env["LORASTACK_POLL_INTERVAL_S"] = str(poll_interval_s)
     command = [sys.executable, "-m", "lorastack", "serve", "--store", str(store.root),
@@ -348,6 +350,7 @@ class Run:
     seconds: float = 0.0
     latencies: list[float] = field(default_factory=list)  # successful requests, in order done
     completion_tokens: list[int] = field(default_factory=list)
+    prompt_tokens: list[int] = field(default_factory=list)
     statuses: Counter = field(default_factory=Counter)
     failures: list[str] = field(default_factory=list)  # the first few, for the reader
     failed: int = 0
@@ -362,10 +365,12 @@ class Run:
     def summary(self) -> dict[str, Any]:
         lat = self.latencies or [float("nan")]
         tokens = sum(self.completion_tokens)
+        prompt = sum(self.prompt_tokens)
         return {"target": self.target, "concurrency": self.concurrency,
                 "seconds": round(self.seconds, 4), "requests": self.ok, "failed": self.failed,
                 "completion_tokens": tokens,
                 "tokens_per_s": tokens / self.seconds if self.seconds else None,
+                "prompt_tokens_per_s": prompt / self.seconds if self.seconds else None,
                 "requests_per_s": self.ok / self.seconds if self.seconds else None,
                 "p50_s": percentile(lat, 50), "p99_s": percentile(lat, 99),
                 "mean_s": sum(lat) / len(lat), "statuses": dict(self.statuses),
@@ -400,6 +405,7 @@ async def _drive(run: Run, make: Callable[[int], Request], total: int | None,
                     run.latencies.append(latency)
                     usage = response.json().get("usage") or {}
                     run.completion_tokens.append(int(usage.get("completion_tokens") or 0))
+                    run.prompt_tokens.append(int(usage.get("prompt_tokens") or 0))
                 else:
                     run.failed += 1
                     if len(run.failures) < 20:

@@ -100,3 +100,19 @@ def test_classify(tmp_path, tiny_store):
     assert all(positive(r["median"]) for r in data["ratios"].values())
     # the naive server scores what the gateway scores
     assert data["agreement"]["max_abs_probability_difference"] < 1e-3
+    assert all(positive(v["median"]) for v in data["prompt_tokens_per_s"].values())
+
+
+def test_engine_tuning(tmp_path, tiny_store):
+    data = run_bench("engine_tuning", tmp_path, tiny_store)
+    assert data["default"] in data["configs"] and data["best"] in data["configs"]
+    for config in data["configs"].values():
+        assert config["failed"] == 0
+        assert all(positive(config[load]["median"]) for load in ("adapters", "base",
+                                                                   "classify"))
+
+
+def test_fuzz_kills_no_engine(tmp_path, tiny_store):
+    data = run_bench("fuzz", tmp_path, tiny_store)
+    assert sum(data["statuses"].values()) == 12
+    assert data["restarts"] == 0 and data["server_errors"] == 0, data["failures"]

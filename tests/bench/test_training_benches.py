@@ -124,3 +124,26 @@ def test_report_refuses_a_readme_without_markers(tmp_path):
                           check=False)
     assert proc.returncode != 0 and "markers" in proc.stderr
     assert readme.read_text() == "# no markers\n"
+
+
+def test_lora_ops_times_each_form_against_vllms_fallback(tmp_path):
+    _run("bench.lora_ops", tmp_path)
+    data = _load(tmp_path, "lora_ops")
+    forms = {"vllm", "lorastack", "lorastack, dense", "lorastack, per adapter", "base matmuls"}
+    assert {(r["rows"], r["layout"]) for r in data["results"]} == {
+        (16, "round robin"), (16, "runs"), (64, "round robin"), (64, "runs")}
+    for r in data["results"]:
+        assert set(r["seconds"]) == forms and all(map(_positive, r["seconds"].values()))
+    assert _positive(data["goals"][0]["value"])
+
+
+def test_label_eval_times_evaluation_against_training(tmp_path, base_model):
+    _run("bench.label_eval", tmp_path)
+    data = json.loads((tmp_path / "label_eval.json").read_text())
+    assert data["name"] == "label_eval" and data["setting"] == "tiny"
+    assert len(data["labels"]) == 4 and max(data["labels"].values()) > 1  # multi-token labels
+    assert data["examples"] > 0 and _positive(data["train_seconds"])
+    assert set(data["eval_seconds"]) == {"lorastack (KV cache)", "one row per label (before)"}
+    assert all(map(_positive, data["eval_seconds"].values()))
+    (goal,) = data["goals"]
+    assert _positive(goal["value"]) and goal["met"] in (True, False)
