@@ -54,7 +54,7 @@ def measure(rows: int, layout: str, repeats: int) -> dict:
     out = {}
     wrappers = {"vllm": PunicaWrapperCPU, "lorastack": punica.GroupedPunicaWrapperCPU}
     for name, cls in wrappers.items():
-        w = cls(8192, 256, device="cpu")
+        w = cls(8192, max(256, rows), device="cpu")
         w.update_metadata(mapping, list(range(1, SLOTS + 1)), SLOTS, 49152)
 
         def lora(w=w):
@@ -64,7 +64,7 @@ def measure(rows: int, layout: str, repeats: int) -> dict:
     saved = punica.DENSE_MAX_ROWS
     for label, limit in (("lorastack, dense", 10**9), ("lorastack, per adapter", 0)):
         punica.DENSE_MAX_ROWS = limit  # the two forms lorastack chooses between, each forced
-        w = punica.GroupedPunicaWrapperCPU(8192, 256, device="cpu")
+        w = punica.GroupedPunicaWrapperCPU(8192, max(256, rows), device="cpu")
         w.update_metadata(mapping, list(range(1, SLOTS + 1)), SLOTS, 49152)
         out[label] = timed(lambda w=w: [w.add_lora_linear(torch.zeros(rows, sum(o)), x, a, b,
                                                           1.0, o)

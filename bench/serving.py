@@ -171,9 +171,12 @@ def analyse(runs: list[dict], levels: list[int], n: int, settings: dict, short: 
         goals.append(goal(text, r["median"], target, shown=fmt_ratio(r),
                           note=f"worst concurrency: {c} (of {', '.join(map(str, levels))})"))
     r16 = ratios["lorastack_vs_naive"][top]
-    goals.append(goal("lorastack >= 10x the naive server at concurrency 16", r16["median"], 10,
-                      shown=fmt_ratio(r16), note=f"at concurrency {top}" +
-                      ("" if top == 16 else " (16 was not run in this setting)")))
+    at = f"at concurrency {top}" + ("" if top == 16 else " (16 was not run in this setting)")
+    # two targets set at different times (the first serving issue: 10x; the engine issue: 3x);
+    # both stay in the report
+    for target in (10, 3):
+        goals.append(goal(f"lorastack >= {target}x the naive server at concurrency 16",
+                          r16["median"], target, shown=fmt_ratio(r16), note=at))
     label = {t: LABELS[t].format(n=n) for t in TARGETS}
     rows = []
     for target in TARGETS:
