@@ -106,6 +106,13 @@ class EngineDied(Exception):
                        f"request or from outside ({death.cause}); it is being restarted")
         super().__init__(message)
 
+    def answer(self) -> ApiError:
+        """The HTTP answer: 500 for the killer (its fault is the server's defect), 503 for the
+        others (retry: the engine is coming back)."""
+        if self.killer:
+            return ApiError(500, str(self), "engine_died")
+        return ApiError(503, str(self), "engine_unavailable")
+
 
 class CrashGuard:
     """Shared by the gateway's engines: what succeeded, what killed, what is in flight."""
@@ -230,7 +237,7 @@ class CrashGuard:
             return await attempt()
         except EngineDied as died:
             if died.killer:
-                raise ApiError(500, str(died), "engine_died") from None
+                raise died.answer() from None
             await self.wait_back(died.death, wait_s)
             log.info("retrying a %s request after the engine's restart", died.shape)
         try:

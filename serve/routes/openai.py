@@ -117,8 +117,7 @@ async def _whole(gw: Gateway, path: str, body: dict, model: str, shape) -> Respo
 async def _raise_death(watch) -> None:
     died = await watch.failed()
     if died is not None:
-        raise ApiError(500 if died.killer else 503, str(died),
-                       "engine_died" if died.killer else "engine_unavailable")
+        raise died.answer()
 
 
 async def _relay(gw: Gateway, upstream, stack: AsyncExitStack, watch, identity: str,
@@ -136,9 +135,9 @@ async def _relay(gw: Gateway, upstream, stack: AsyncExitStack, watch, identity: 
         watch.succeeded()
     except Exception as exc:  # noqa: BLE001  vLLM failed mid-stream: end with an error event
         died = await watch.failed()
-        error = error_body(500, str(died), "engine_died") if died is not None and died.killer \
-            else error_body(503, f"the stream was cut: vLLM failed mid-answer ({died or exc}); "
-                            f"retry", "engine_unavailable")
+        error = died.answer().body() if died is not None and died.killer else \
+            error_body(503, f"the stream was cut: vLLM failed mid-answer ({died or exc}); "
+                       f"retry", "engine_unavailable")
         yield f"data: {json.dumps(error)}\n\n"
     finally:
         await stack.aclose()
