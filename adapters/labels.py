@@ -13,6 +13,7 @@ Pure Python: the engines (torch in train, vLLM in serve) produce the log-probabi
 from __future__ import annotations
 
 import math
+import string
 from collections.abc import Mapping, Sequence
 
 INPUT_SLOT = "{input}"
@@ -38,6 +39,18 @@ def render_prompt(chat_format: str, user_template: str, record: Mapping[str, obj
     """
     user = user_template.format_map(_Fields(record))
     return chat_format.replace(INPUT_SLOT, user, 1)
+
+
+def template_fields(user_template: str) -> list[str]:
+    """The record fields `user_template` fills in, in order of first use ("{text} {drug}" ->
+    ["text", "drug"]); `{text[0]}` or `{text!r}` count as `text`."""
+    fields: list[str] = []
+    for _, name, _, _ in string.Formatter().parse(user_template):
+        if name:
+            root = name.split(".", 1)[0].split("[", 1)[0]
+            if root and root not in fields:
+                fields.append(root)
+    return fields
 
 
 def probabilities(logprob_sums: Mapping[str, float]) -> dict[str, float]:

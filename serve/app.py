@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -16,7 +17,7 @@ from lorastack import __version__
 from lorastack.adapters.manifest import AdapterError
 from lorastack.serve.engine import EngineError
 from lorastack.serve.gateway import Gateway
-from lorastack.serve.protocol import ApiError, error_body
+from lorastack.serve.protocol import ApiError, ErrorResponse, error_body
 from lorastack.serve.registry import UnknownModelError
 from lorastack.serve.routes import adapters, classify, openai, ops
 from lorastack.serve.settings import ServeSettings
@@ -38,9 +39,13 @@ def create_app(settings: ServeSettings | None = None, gateway: Gateway | None = 
     app = FastAPI(title="lorastack gateway", version=__version__, lifespan=lifespan,
                   docs_url="/docs", redoc_url=None)
     app.state.gateway = gw
+    errors = {code: {"model": ErrorResponse, "description": what} for code, what in (
+        ("4XX", "the request was refused: `error.message` says why and what to do"),
+        ("5XX", "the engine failed or is restarting (503 comes with Retry-After)"))}
     for module in (openai, classify, adapters, ops):
-        app.include_router(module.router)
+        app.include_router(module.router, responses=errors)
     _install_error_handlers(app)
+    app.openapi = lambda: _openapi(app)
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):
@@ -54,6 +59,26 @@ def create_app(settings: ServeSettings | None = None, gateway: Gateway | None = 
         return response
 
     return app
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's document, plus the request bodies the routes read with `json_body` (they read
+    the body themselves, within the size limit, so FastAPI does not see the models)."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    doc = get_openapi(title=app.title, version=app.version, routes=app.routes,
+                      description="lorastack's gateway: OpenAI's routes over vLLM, with LoRA "
+                      "adapters hot-swapped from the store, and /v1/classify.")
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    for route in app.routes:
+        for dep in getattr(getattr(route, "dependant", None), "dependencies", []):
+            model = getattr(dep.call, "__lorastack_model__", None)
+            if model is not None:
+                schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                schemas.update(schema.pop("$defs", {}))
+                schemas[model.__name__] = schema
+    app.openapi_schema = doc
+    return doc
 
 
 def _json_error(status: int, message: str, code: str, param: str | None = None,

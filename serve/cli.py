@@ -15,7 +15,8 @@ def serve_command(
                                                "(env LORASTACK_STORE)")] = None,
     host: Annotated[str | None, typer.Option(help="Address to bind (default 127.0.0.1); "
                                              "beyond loopback, keys are required")] = None,
-    port: Annotated[int | None, typer.Option(help="Port to bind (default 8000)")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to bind (default 8000; 0: any free "
+                                             "port, printed once bound)")] = None,
     upstream: Annotated[list[str] | None, typer.Option(
         help="URL of a vLLM server already running (repeatable); no child is started")] = None,
     api_key: Annotated[list[str] | None, typer.Option(
@@ -51,7 +52,7 @@ def serve_command(
              "max_tokens": max_tokens, "max_batch": max_batch, "max_body_bytes": max_body_bytes,
              "start_timeout_s": start_timeout, "work_dir": work_dir}
     try:
-        settings = ServeSettings(**{k: v for k, v in given.items() if v})
+        settings = ServeSettings(**{k: v for k, v in given.items() if v not in (None, "", [])})
         settings.check_exposure()
     except (ValidationError, SettingsError) as exc:
         typer.echo(f"lorastack serve: {exc}", err=True)

@@ -6,9 +6,9 @@ clients raise their usual exceptions with our message in them.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 
 class ApiError(Exception):
@@ -35,8 +35,109 @@ def error_body(status: int, message: str, code: str, param: str | None = None) -
     return {"error": {"message": message, "type": kind, "code": code, "param": param}}
 
 
+class ErrorDetail(BaseModel):
+    message: str = Field(description="what was wrong and what to do")
+    type: str
+    code: str = Field(description="a stable machine-readable name of the error")
+    param: str | None = Field(None, description="the request field at fault, if one is")
+
+
+class ErrorResponse(BaseModel):
+    """Every answer other than success (OpenAI's error shape)."""
+
+    error: ErrorDetail
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class _Open(BaseModel):
+    """OpenAI's requests: the fields the gateway checks; every other field goes to vLLM as is."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+_Ids = Annotated[list[StrictInt], Field(min_length=1)]
+_Texts = Annotated[list[str], Field(min_length=1)]
+_PositiveInt = Annotated[StrictInt, Field(ge=1)]
+
+
+class _Generation(_Open):
+    model: str = Field(min_length=1, description="the base model or an adapter name (GET "
+                       "/v1/models lists them)")
+    n: _PositiveInt = Field(1, description="completions per prompt")
+    max_tokens: _PositiveInt | None = Field(None, description="at most the server's "
+                                            "--max-tokens; default: that limit, or what the "
+                                            "context leaves")
+    max_completion_tokens: _PositiveInt | None = Field(None, description="as max_tokens")
+    stream: bool | None = Field(False, description="relay tokens as server-sent events")
+
+
+class CompletionRequest(_Generation):
+    """POST /v1/completions (OpenAI's; other OpenAI and vLLM sampling fields are forwarded)."""
+
+    prompt: str | _Ids | _Texts | Annotated[list[_Ids], Field(min_length=1)] = Field(
+        description="a text, a list of texts, a list of token ids, or a list of such lists")
+
+
+class ChatMessage(_Open):
+    role: str = Field(min_length=1, description="system, user or assistant")
+    content: str | list[dict[str, Any]] | None = Field(
+        None, description="text, or OpenAI's content parts ([{\"type\": \"text\", ...}])")
+
+
+class ChatRequest(_Generation):
+    """POST /v1/chat/completions (OpenAI's; other fields are forwarded)."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class CompletionChoice(_Open):
+    index: int
+    text: str | None = None
+    message: dict[str, Any] | None = None
+    finish_reason: str | None = None
+
+
+class CompletionResponse(_Open):
+    """vLLM's answer, with the adapter's public name as `model` (streamed: SSE chunks of the
+    same shape, then `data: [DONE]`)."""
+
+    id: str
+    object: str
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: dict[str, Any] | None = None
+
+
+class LoraInfo(BaseModel):
+    rank: int
+    alpha: int | float
+    target_modules: list[str]
+
+
+class ModelCard(BaseModel):
+    """One entry of GET /v1/models: OpenAI's model object plus what lorastack knows of it."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "lorastack"
+    root: str
+    parent: str | None = Field(description="the base model of an adapter; null for the base")
+    task: str = Field(description="classification or generation")
+    max_model_len: int | None = None
+    labels: list[str] | None = None
+    examples: list[Any] | None = Field(None, description="validation inputs to try")
+    lora: LoraInfo | None = None
+    metrics: dict[str, Any] | None = Field(None, description="validation and test metrics")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
 
 
 class ClassifyRequest(_Strict):
@@ -112,5 +213,48 @@ class AdapterStatus(BaseModel):
     identity: str = Field(description="the name vLLM knows this version by: name@content hash")
     task: str
     labels: list[str]
-    loaded_on: list[str]
-    inflight: int
+    loaded_on: list[str] = Field(description="engines that hold it now")
+    inflight: int = Field(description="requests running on it")
+
+
+class AdapterList(BaseModel):
+    object: Literal["list"] = "list"
+    capacity: int = Field(description="adapters kept loaded per engine")
+    data: list[AdapterStatus]
+    draining: list[str] = Field(description="replaced versions finishing their requests")
+    unloaded: list[str] = Field(description="unloaded by hand")
+    refused: dict[str, str] = Field(description="store entries not served, and why")
+
+
+class AdapterLoaded(AdapterStatus):
+    status: Literal["loaded"] = "loaded"
+
+
+class AdapterUnloaded(BaseModel):
+    status: Literal["unloaded"] = "unloaded"
+    name: str
+    note: str
+
+
+class EngineHealth(BaseModel):
+    url: str
+    up: bool
+    reason: str
+    adapters_loaded: int
+
+
+class RefusedShape(BaseModel):
+    shape: str
+    why: str
+
+
+class Health(BaseModel):
+    """GET /health: 200 when at least one vLLM engine is up, 503 when none is."""
+
+    status: Literal["ok", "unavailable"]
+    gateway: Literal["ok"] = "ok"
+    vllm: list[EngineHealth]
+    adapters: int
+    engine_deaths: int
+    refused_shapes: list[RefusedShape] = Field(
+        description="request shapes refused because they killed the engine")

@@ -2,57 +2,63 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
-from pydantic import ValidationError
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
 
 from lorastack.adapters.manifest import AdapterError, AdapterNotFoundError
-from lorastack.serve.protocol import AdapterAction, AdapterStatus, ApiError
+from lorastack.serve.protocol import (
+    AdapterAction,
+    AdapterList,
+    AdapterLoaded,
+    AdapterStatus,
+    AdapterUnloaded,
+    ApiError,
+)
 from lorastack.serve.registry import Served, UnknownModelError
-from lorastack.serve.routes.classify import validation_message
-from lorastack.serve.routes.common import GatewayDep, read_json, require_admin, require_api_key
+from lorastack.serve.routes.common import (
+    GatewayDep,
+    documented,
+    json_body,
+    require_admin,
+    require_api_key,
+)
 
 router = APIRouter()
+Action = Annotated[AdapterAction, json_body(AdapterAction, code="invalid_request")]
 
 
 @router.get("/v1/adapters", dependencies=[Depends(require_api_key)])
-async def list_adapters(gw: GatewayDep) -> dict:
+async def list_adapters(gw: GatewayDep) -> AdapterList:
     reg = gw.registry
-    return {"object": "list", "capacity": reg.capacity,
-            "data": [_status(reg.current[n]).model_dump() for n in reg.names()],
-            "draining": [s.identity for s in reg.draining],
-            "unloaded": sorted(reg.disabled), "refused": reg.problems}
+    return AdapterList(capacity=reg.capacity, data=[_status(reg.current[n]) for n in reg.names()],
+                       draining=[s.identity for s in reg.draining],
+                       unloaded=sorted(reg.disabled), refused=reg.problems)
 
 
-@router.post("/v1/adapters/load", dependencies=[Depends(require_admin)])
-async def load(request: Request, gw: GatewayDep) -> dict:
-    name = await _name(request)
+@router.post("/v1/adapters/load", dependencies=[Depends(require_admin)],
+             openapi_extra=documented(AdapterAction))
+async def load(gw: GatewayDep, action: Action) -> AdapterLoaded:
     try:
-        served = await gw.registry.add(name, eager=True)
+        served = await gw.registry.add(action.name, eager=True)
     except AdapterNotFoundError as exc:
         raise ApiError(404, str(exc), "adapter_not_found", "name") from None
     except AdapterError as exc:
         raise ApiError(422, f"cannot serve it: {exc}", "adapter_not_servable", "name") from None
     gw.metrics.adapters_served.set(len(gw.registry.current))
-    return {"status": "loaded", **_status(served).model_dump()}
+    return AdapterLoaded(**_status(served).model_dump())
 
 
-@router.post("/v1/adapters/unload", dependencies=[Depends(require_admin)])
-async def unload(request: Request, gw: GatewayDep) -> dict:
-    name = await _name(request)
+@router.post("/v1/adapters/unload", dependencies=[Depends(require_admin)],
+             openapi_extra=documented(AdapterAction))
+async def unload(gw: GatewayDep, action: Action) -> AdapterUnloaded:
+    name = action.name
     if not await gw.registry.remove(name, by_hand=True):
         gw.registry.disabled.discard(name)
         raise UnknownModelError(name, [gw.registry.base_name, *gw.registry.names()])
     gw.metrics.adapters_served.set(len(gw.registry.current))
-    return {"status": "unloaded", "name": name,
-            "note": "requests already running on it finish first; it stays unloaded until "
-                    "loaded again or rewritten in the store"}
-
-
-async def _name(request: Request) -> str:
-    try:
-        return AdapterAction.model_validate(await read_json(request)).name
-    except ValidationError as exc:
-        raise ApiError(422, validation_message(exc), "invalid_request") from None
+    return AdapterUnloaded(name=name, note="requests already running on it finish first; it "
+                           "stays unloaded until loaded again or rewritten in the store")
 
 
 def _status(s: Served) -> AdapterStatus:

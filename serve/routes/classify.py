@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import ValidationError
 
 from lorastack.adapters import labels as label_scoring
 from lorastack.serve.crashes import shape_of
@@ -18,18 +18,16 @@ from lorastack.serve.protocol import (
     LabelScore,
     MemberAnswer,
 )
-from lorastack.serve.routes.common import GatewayDep, read_json, require_api_key
+from lorastack.serve.routes.common import GatewayDep, documented, json_body, require_api_key
 from lorastack.serve.scoring import build_rows, score
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
+Body = Annotated[ClassifyRequest, json_body(ClassifyRequest, code="invalid_request")]
 
 
-@router.post("/v1/classify", response_model=ClassifyResponse, response_model_exclude_none=True)
-async def classify(request: Request, gw: GatewayDep) -> ClassifyResponse:
-    try:
-        req = ClassifyRequest.model_validate(await read_json(request))
-    except ValidationError as exc:
-        raise ApiError(422, validation_message(exc), "invalid_request") from None
+@router.post("/v1/classify", response_model=ClassifyResponse, response_model_exclude_none=True,
+             openapi_extra=documented(ClassifyRequest))
+async def classify(request: Request, gw: GatewayDep, req: Body) -> ClassifyResponse:
     request.state.model = ",".join(req.model)
     s, reg = gw.settings, gw.registry
     if len(req.input) > s.max_batch:
@@ -46,6 +44,8 @@ async def classify(request: Request, gw: GatewayDep) -> ClassifyResponse:
             raise ApiError(400, f"{served.name!r} is a {served.manifest.task} adapter; "
                            f"/v1/classify needs classification adapters (use /v1/completions "
                            f"for generation)", "not_a_classifier", "model")
+    for served in members:
+        _check_fields(served, req.input)
     labels = list(members[0].manifest.labels)
     for served in members[1:]:
         if set(served.manifest.labels) != set(labels):
@@ -88,9 +88,14 @@ async def classify(request: Request, gw: GatewayDep) -> ClassifyResponse:
                             usage=ClassifyUsage(prompt_tokens=tokens, total_tokens=tokens))
 
 
-def validation_message(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "body"
-        parts.append(f"{where}: {err['msg']}")
-    return "invalid request: " + "; ".join(parts)
+def _check_fields(served, records: list[dict[str, str]]) -> None:
+    """422 naming the field when a record lacks one the adapter's prompt template fills in."""
+    needed = label_scoring.template_fields(served.manifest.prompt_template)
+    for i, record in enumerate(records):
+        missing = [f for f in needed if f not in record]
+        if missing:
+            template = served.manifest.prompt_template
+            raise ApiError(422, f"input {i} lacks the field(s) {', '.join(missing)}: adapter "
+                           f"{served.name!r} builds its prompt from {template!r}; send records "
+                           f"with {', '.join(needed)} (a plain string is {{\"text\": ...}})",
+                           "missing_field", "input")

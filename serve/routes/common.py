@@ -1,15 +1,19 @@
-"""What every route needs: the gateway, auth, and a JSON body read within the size limit."""
+"""What every route needs: the gateway, auth, and a JSON body read within the size limit and
+validated by the route's pydantic model (which also describes it in /openapi.json)."""
 
 from __future__ import annotations
 
 import json
 import secrets
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
+from pydantic import BaseModel, ValidationError
 
 from lorastack.serve.gateway import Gateway
 from lorastack.serve.protocol import ApiError
+
+M = TypeVar("M", bound=BaseModel)
 
 
 def gateway(request: Request) -> Gateway:
@@ -80,6 +84,9 @@ async def read_json(request: Request) -> dict:
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the request body is not valid JSON ({exc})", "invalid_json") \
             from None
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply to read; send a flat JSON "
+                       "object", "invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body must be a JSON object, got "
                        f"{type(body).__name__}", "invalid_json")
@@ -90,3 +97,62 @@ def _too_large(size: int, limit: int) -> ApiError:
     return ApiError(413, f"the request body is {size} bytes or more; the limit is {limit} "
                     f"(LORASTACK_MAX_BODY_BYTES). Send fewer or shorter inputs.",
                     "body_too_large")
+
+
+def json_body(model: type[M], *, status: int = 422, code: str | None = None) -> Any:
+    """A dependency: the body, read by `read_json`, validated by `model`. A body that does not
+    fit answers `status` with every wrong field named; `code` (default: `missing_<field>` for a
+    missing field, else `invalid_request`) and `param` come from the first error."""
+
+    async def body(request: Request) -> M:
+        raw = await read_json(request)
+        try:
+            return model.model_validate(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = str(first["loc"][0]) if first["loc"] else None
+            what = code or (f"missing_{field}" if first["type"] == "missing" and field
+                            else "invalid_request")
+            raise ApiError(status, validation_message(exc, model), what, field) from None
+        except RecursionError:
+            raise ApiError(400, "the request body is nested too deeply to validate",
+                           "invalid_json") from None
+
+    body.__lorastack_model__ = model  # the schema /openapi.json shows (serve/app.py)
+    return Depends(body)
+
+
+def documented(model: type[BaseModel]) -> dict:
+    """`openapi_extra` of a route whose body `json_body(model)` reads."""
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+def validation_message(exc: ValidationError, model: type[BaseModel] | None = None) -> str:
+    """Every error of `exc`, as `field: what is wrong`; a missing field says what it is. A field
+    that takes several forms (a text or a list...) gets one line, not one per form."""
+    parts: list[str] = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        forms = next((i for i, p in enumerate(loc) if _is_form(p)), None)
+        info = model.model_fields.get(loc[0]) if model and loc else None
+        description = info.description if info is not None else None
+        if forms is not None:
+            where = ".".join(loc[:forms]) or "body"
+            message = "not one of the forms it takes" + (f" ({description})" if description
+                                                        and forms == 1 else "")
+        else:
+            where = ".".join(loc) or "body"
+            message = err["msg"]
+            if err["type"] == "missing" and description and len(loc) == 1:
+                message = f"required: {description}"
+        part = f"{where}: {message}"
+        if part not in parts:
+            parts.append(part)
+    more = f"; and {len(parts) - 5} more" if len(parts) > 5 else ""
+    return "invalid request: " + "; ".join(parts[:5]) + more
+
+
+def _is_form(loc: str) -> bool:
+    """pydantic names the member of a union in an error's location: `str`, `list[str]`..."""
+    return loc in {"str", "int", "float", "bool", "dict", "list", "none"} or "[" in loc

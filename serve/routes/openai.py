@@ -8,9 +8,11 @@ answer, streamed line by line so that tokens reach the client as vLLM emits them
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from contextlib import AsyncExitStack
 from datetime import datetime
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
@@ -18,48 +20,64 @@ from fastapi.responses import Response, StreamingResponse
 from lorastack.serve.crashes import DEAD_ANSWER, shape_of
 from lorastack.serve.engine import EngineError
 from lorastack.serve.gateway import Gateway
-from lorastack.serve.protocol import ApiError, error_body
-from lorastack.serve.routes.common import GatewayDep, read_json, require_api_key
+from lorastack.serve.protocol import (
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    CompletionResponse,
+    LoraInfo,
+    ModelCard,
+    ModelList,
+    error_body,
+)
+from lorastack.serve.routes.common import GatewayDep, documented, json_body, require_api_key
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
+CompletionBody = Annotated[CompletionRequest, json_body(CompletionRequest, status=400)]
+ChatBody = Annotated[ChatRequest, json_body(ChatRequest, status=400)]
+# OpenAI's and vLLM's status for a request that does not validate is 400
+_ANSWERS = {200: {"model": CompletionResponse, "content": {"text/event-stream": {
+    "schema": {"type": "string", "description": "with stream: true, `data: {chunk}` lines, "
+               "then `data: [DONE]`"}}}}}
 
 
-@router.get("/v1/models")
-async def list_models(gw: GatewayDep) -> dict:
+@router.get("/v1/models", response_model_exclude_unset=True)
+async def list_models(gw: GatewayDep) -> ModelList:
     reg = gw.registry
-    cards = [{"id": reg.base_name, "object": "model", "created": gw.started_at,
-              "owned_by": "lorastack", "root": reg.base_name, "parent": None,
-              "task": "generation", "max_model_len": gw.settings.max_model_len}]
+    # fields are given explicitly: the answer leaves out only what a card does not have
+    # (labels for the base...), and keeps `parent: null` and the OpenAI fields
+    card = functools.partial(ModelCard, object="model", owned_by="lorastack")
+    cards = [card(id=reg.base_name, created=gw.started_at, root=reg.base_name, parent=None,
+                  task="generation", max_model_len=gw.settings.max_model_len)]
     for name in reg.names():
         m = reg.current[name].manifest
-        cards.append({"id": name, "object": "model", "created": _epoch(m.created_at),
-                      "owned_by": "lorastack", "root": name, "parent": reg.base_name,
-                      "task": m.task, "labels": list(m.labels),
-                      "examples": list(m.examples),
-                      "lora": {"rank": m.lora.rank, "alpha": m.lora.alpha,
-                               "target_modules": list(m.lora.target_modules)},
-                      "metrics": {"validation": m.metrics.validation, "test": m.metrics.test}})
-    return {"object": "list", "data": cards}
+        cards.append(card(
+            id=name, created=_epoch(m.created_at), root=name, parent=reg.base_name,
+            task=m.task, labels=list(m.labels), examples=list(m.examples),
+            lora=LoraInfo(rank=m.lora.rank, alpha=m.lora.alpha,
+                          target_modules=list(m.lora.target_modules)),
+            metrics={"validation": m.metrics.validation, "test": m.metrics.test}))
+    return ModelList(object="list", data=cards)
 
 
-@router.post("/v1/completions")
-async def completions(request: Request, gw: GatewayDep) -> Response:
-    return await _forward(request, gw, "/v1/completions")
+@router.post("/v1/completions", response_class=Response, responses=_ANSWERS,
+             openapi_extra=documented(CompletionRequest))
+async def completions(request: Request, gw: GatewayDep, req: CompletionBody) -> Response:
+    return await _forward(request, gw, "/v1/completions", req)
 
 
-@router.post("/v1/chat/completions")
-async def chat_completions(request: Request, gw: GatewayDep) -> Response:
-    return await _forward(request, gw, "/v1/chat/completions")
+@router.post("/v1/chat/completions", response_class=Response, responses=_ANSWERS,
+             openapi_extra=documented(ChatRequest))
+async def chat_completions(request: Request, gw: GatewayDep, req: ChatBody) -> Response:
+    return await _forward(request, gw, "/v1/chat/completions", req)
 
 
-async def _forward(request: Request, gw: Gateway, path: str) -> Response:
-    body = await read_json(request)
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise ApiError(400, "`model` is required: the base model or an adapter name (GET "
-                       "/v1/models lists them)", "missing_model", "model")
+async def _forward(request: Request, gw: Gateway, path: str,
+                   req: CompletionRequest | ChatRequest) -> Response:
+    body = req.model_dump(mode="json", exclude_unset=True)  # every field sent, extras too
+    model = req.model
     request.state.model = model
-    await asyncio.to_thread(_check_limits, gw, body, path)
+    await asyncio.to_thread(_check_limits, gw, req, body)
     is_base = model == gw.registry.base_name
     shape = shape_of("chat" if path.endswith("chat/completions") else "completions", body,
                      adapter=not is_base)
@@ -143,39 +161,29 @@ async def _relay(gw: Gateway, upstream, stack: AsyncExitStack, watch, identity: 
         await stack.aclose()
 
 
-def _check_limits(gw: Gateway, body: dict, path: str) -> None:
-    """Prompt length, batch and max_tokens limits, checked before vLLM sees the request."""
+def _check_limits(gw: Gateway, req: CompletionRequest | ChatRequest, body: dict) -> None:
+    """Prompt length, batch and max_tokens limits, checked before vLLM sees the request (the
+    types were checked by the request's model)."""
     s, tok = gw.settings, gw.tokenizer
-    n = body.get("n", 1)
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ApiError(400, "`n` must be a positive integer", "invalid_value", "n")
-    if path.endswith("chat/completions"):
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) for m in messages):
-            raise ApiError(400, "`messages` must be a non-empty list of {role, content} "
-                           "objects", "invalid_value", "messages")
+    if isinstance(req, ChatRequest):
         try:
-            lengths = [tok.chat_length([_plain(m) for m in messages])]
+            lengths = [tok.chat_length([_plain(m) for m in body["messages"]])]
         except Exception as exc:  # noqa: BLE001  jinja raises many kinds
             raise ApiError(400, f"the messages do not fit the model's chat template ({exc})",
                            "invalid_value", "messages") from None
     else:
-        lengths = _prompt_lengths(tok, body.get("prompt"))
-    if len(lengths) * n > s.max_batch:
-        raise ApiError(400, f"{len(lengths)} prompt(s) x n={n} is over the batch limit "
+        lengths = _prompt_lengths(tok, req.prompt)
+    if len(lengths) * req.n > s.max_batch:
+        raise ApiError(400, f"{len(lengths)} prompt(s) x n={req.n} is over the batch limit "
                        f"{s.max_batch}; split the request", "batch_too_large")
     longest = max(lengths)
     if longest > s.max_prompt_tokens:
         raise ApiError(400, f"the prompt is {longest} tokens; the limit is "
                        f"{s.max_prompt_tokens}. Shorten it.", "prompt_too_long",
-                       "messages" if "messages" in body else "prompt")
-    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None \
-        else "max_tokens"
-    asked = body.get(key)
+                       "messages" if isinstance(req, ChatRequest) else "prompt")
+    key = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    asked = getattr(req, key)
     if asked is not None:
-        if not isinstance(asked, int) or isinstance(asked, bool) or asked < 1:
-            raise ApiError(400, f"`{key}` must be a positive integer", "invalid_value", key)
         if asked > s.max_tokens:
             raise ApiError(400, f"`{key}` is {asked}; the limit is {s.max_tokens}",
                            "max_tokens_too_large", key)
@@ -183,20 +191,12 @@ def _check_limits(gw: Gateway, body: dict, path: str) -> None:
         body["max_tokens"] = max(1, min(s.max_tokens, s.max_model_len - longest))
 
 
-def _prompt_lengths(tok, prompt) -> list[int]:
-    bad = ApiError(400, "`prompt` must be a string, a list of strings, a list of token ids or "
-                   "a list of such lists", "invalid_value", "prompt")
+def _prompt_lengths(tok, prompt: str | list) -> list[int]:
     if isinstance(prompt, str):
         return [len(tok.encode(prompt))]
-    if not isinstance(prompt, list) or not prompt:
-        raise bad
-    if all(isinstance(p, int) for p in prompt):
+    if isinstance(prompt[0], int):
         return [len(prompt)]
-    if all(isinstance(p, str) for p in prompt):
-        return [len(tok.encode(p)) for p in prompt]
-    if all(isinstance(p, list) and all(isinstance(t, int) for t in p) for p in prompt):
-        return [len(p) for p in prompt]
-    raise bad
+    return [len(tok.encode(p)) if isinstance(p, str) else len(p) for p in prompt]
 
 
 def _plain(message: dict) -> dict:

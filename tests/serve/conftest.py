@@ -28,7 +28,8 @@ FAKE_FINGERPRINT = "sha256:" + "ab" * 32
 
 def write_fake_adapter(store: AdapterStore, name: str, *, task: str = "classification",
                        rank: int = 8, labels=("yes", "no"), fingerprint: str = FAKE_FINGERPRINT,
-                       salt: int = 0, replace: bool = False, tmp: Path | None = None):
+                       salt: int = 0, replace: bool = False, tmp: Path | None = None,
+                       prompt_template: str = "{text}"):
     """A small valid PEFT adapter (zero weights; `salt` changes its bytes) written atomically."""
     src = (tmp or store.root.parent) / f"src-{name}-{salt}"
     src.mkdir(parents=True, exist_ok=True)
@@ -55,7 +56,7 @@ def write_fake_adapter(store: AdapterStore, name: str, *, task: str = "classific
     manifest = AdapterManifest(
         name=name, task=task, base_model="smollm2-135m", base_fingerprint=fingerprint,
         lora=LoraSettings(rank=rank, alpha=2 * rank, target_modules=tuple(targets)),
-        prompt_template="{text}", labels=tuple(labels) if classify else (),
+        prompt_template=prompt_template, labels=tuple(labels) if classify else (),
         chat_format="<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n",
         end_of_turn="<|im_end|>")
     return store.write(name, src, manifest, replace=replace)
