@@ -1,1 +1,1 @@
-"""lorastack.serve: the gateway in front of a supervised vLLM server (see design.md)."""
+"""lorastack.serve: the gateway in front of a supervised vLLM server (README: Serving)."""

@@ -14,7 +14,7 @@ import pytest
 REQUIRED = ["torch", "transformers", "peft", "accelerate", "bitsandbytes", "gguf", "safetensors",
             "sklearn", "pandas", "pyarrow", "matplotlib", "tensorboard", "vllm", "fastapi",
             "uvicorn", "httpx", "prometheus_client", "gradio", "openai", "yaml", "typer",
-            "playwright"]
+            "playwright", "schemathesis", "hypothesis"]
 
 
 @pytest.mark.parametrize("module", REQUIRED)
@@ -59,3 +59,24 @@ def test_cli_help_is_instant_and_imports_no_torch():
     assert helped.returncode == 0, helped.stderr
     for verb in ("models", "data", "adapters"):
         assert verb in helped.stdout
+
+
+def test_every_document_the_project_points_at_is_in_the_repository():
+    """A comment or doc that says "see <name>.md" must find that file in this repository."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    tracked = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.split()
+    texts = [f for f in tracked if f.endswith((".py", ".toml", ".md", ".yaml", ".sh"))
+             or f == "Makefile"]
+    texts = [f for f in texts if (root / f).is_file()]
+    assert len(texts) > 50
+    missing = set()
+    for name in texts:
+        for doc in re.findall(r"\b([\w./-]+\.md)\b", (root / name).read_text()):
+            if not (root / doc).exists() and not (root / name).parent.joinpath(doc).exists() \
+                    and not any(f.endswith("/" + doc) or f == doc for f in tracked):
+                missing.add(f"{name}: {doc}")
+    assert not missing, sorted(missing)
