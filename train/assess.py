@@ -1,7 +1,10 @@
 """Evaluate an adapter from the store, or the base model zero-shot, on a data split.
 
 Both use the trainer's evaluation (label scoring for classification, greedy decoding for
-generation) on the float base model, which is what the server runs.
+generation) on the float base model, which is what the server runs. An adapter is evaluated
+with its manifest's own prompt (chat format, template, label words), as the server renders it.
+An imported adapter (`lorastack adapters import`) has no training config, so there is no
+data it is known to have seen: it needs `data`.
 """
 
 from __future__ import annotations
@@ -12,25 +15,37 @@ from lorastack.adapters.files import check_base
 from lorastack.adapters.models import resolve_base
 from lorastack.adapters.store import AdapterStore
 from lorastack.train.config import TrainConfig, build_config, load_config
-from lorastack.train.data import DataError, is_catalog_name, load_records
+from lorastack.train.data import DataError, is_catalog_name, load_records, load_split
 from lorastack.train.run import config_splits
 
+TRAINED_SPLITS = ("train", "validation", "test")
 
-def evaluate_adapter(name: str, *, data: str | None = None, split: str = "test",
+
+def evaluate_adapter(name: str, *, data: str | None = None, split: str | None = None,
                      store: str | Path | None = None, columns: dict | None = None,
                      limit: int | None = None) -> dict:
-    """Metrics of adapter `name` on `split` of `data` (default: the data it was trained on)."""
+    """Metrics of adapter `name` on `split` of `data` (default: the data it was trained on).
+
+    `split` defaults to test; a data file without splits is used whole (see data.load_split).
+    The result says what it was measured on under "evaluated_on".
+    """
     adapter = AdapterStore(store).resolve(name)
     manifest = adapter.manifest
-    cfg = _config_from_manifest(manifest)
+    cfg, trained = config_from_manifest(manifest)
+    if data is None and not trained:
+        raise DataError(
+            f"adapter {name!r} was imported, not trained here: lorastack does not know its data. "
+            f"Pass --data (a catalog dataset, a file or a directory of split files) whose "
+            f"records have the fields its prompt uses ({_fields(cfg)}), mapping other column "
+            f"names with --column FIELD=COLUMN")
     base = resolve_base(manifest.base_model)
     check_base(manifest, base.fingerprint, adapter.path / "manifest.json")
     return _evaluate(cfg, base.path, list(manifest.labels), data, split, columns, limit,
-                     adapter_dir=adapter.path, chat_format=manifest.chat_format)
+                     adapter_dir=adapter.path, manifest=manifest)
 
 
 def evaluate_zero_shot(config: str | Path | TrainConfig, *, data: str | None = None,
-                       split: str = "test", columns: dict | None = None,
+                       split: str | None = None, columns: dict | None = None,
                        limit: int | None = None) -> dict:
     """Metrics of the config's base model without any adapter, with the same prompt/scoring."""
     cfg = config if isinstance(config, TrainConfig) else load_config(config)
@@ -45,43 +60,82 @@ def evaluate_zero_shot(config: str | Path | TrainConfig, *, data: str | None = N
 
 
 def _evaluate(cfg: TrainConfig, base_path: Path, labels: list[str], data, split, columns, limit,
-              adapter_dir: Path | None = None, chat_format: str | None = None) -> dict:
+              adapter_dir: Path | None = None, manifest=None) -> dict:
     from lorastack.train import evaluate as ev
     from lorastack.train.examples import PromptFormat, encode_records
     from lorastack.train.model import load_base, load_tokenizer, pick_device
 
     columns = columns or cfg.data.columns or None
     if data is None:  # the splits the adapter was trained and evaluated with
-        if split not in ("train", "validation", "test"):
-            raise DataError(f"split must be train, validation or test, got {split!r}")
+        split = split or "test"
+        if split not in TRAINED_SPLITS:
+            raise DataError(f"--split must be one of {', '.join(TRAINED_SPLITS)} for the data "
+                            f"in the config, got {split!r}; or pass --data")
         records = getattr(config_splits(cfg, columns), split)
+        where = f"{cfg.data.source} {split}"
+        if not records:
+            raise DataError(f"the {split} split of {cfg.data.source} is empty (the config has "
+                            f"no data.{split}): pass --split validation, or --data a file")
     else:
-        records = load_records(data, split if is_catalog_name(data) else None, columns)
+        records, where = load_split(data, split, columns)
     records = records[:limit] if limit else records
     tokenizer = load_tokenizer(base_path)
     fmt = PromptFormat(tokenizer, cfg, labels)
-    if chat_format and chat_format != "{input}":
-        fmt.chat_format = chat_format  # the adapter's own record of its prompt wins
-    examples = encode_records(fmt, records, split).examples
+    if manifest is not None:  # the adapter's own record of its prompt wins, as in serving
+        fmt.chat_format = manifest.chat_format
+        if fmt.labels and manifest.score_end_of_turn != fmt.score_end:
+            fmt.score_end = manifest.score_end_of_turn
+            fmt.continuations = (fmt.targets if fmt.score_end else
+                                 {label: ids[:-1] for label, ids in fmt.targets.items()})
+    examples = encode_records(fmt, records, split or "data").examples
+    if not examples:  # generation: records without an answer are dropped
+        raise DataError(f"no examples to evaluate in {where}: no record has an answer in "
+                        f"{cfg.task.target_field!r}; map it with --column "
+                        f"{cfg.task.target_field}=COLUMN")
     model = load_base(cfg.model_copy(update={"quantization": "none"}), base_path, pick_device())
     if adapter_dir is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
+        from lorastack.adapters.manifest import AdapterError
+
+        try:
+            model = PeftModel.from_pretrained(model, str(adapter_dir))
+        except (RuntimeError, ValueError) as exc:  # shapes or modules of another base model
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [repr(exc)]
+            first = next((ln for ln in lines if "size mismatch" in ln), lines[0])
+            raise AdapterError(f"its weights do not fit the base model {cfg.base} ({first})",
+                               manifest.name, adapter_dir / "adapter_model.safetensors",
+                               "import it with --base set to the model it was trained on") \
+                from None
     if cfg.task.type == "classification":
         metrics, _ = ev.evaluate_classification(model, fmt, examples, progress=True)
     else:
         metrics, _ = ev.evaluate_generation(model, fmt, examples, cfg.task.max_new_tokens,
                                             progress=True)
+    metrics["evaluated_on"] = where + (f", first {limit}" if limit else "")
     return metrics
 
 
-def _config_from_manifest(manifest) -> TrainConfig:
-    if manifest.training:
-        return TrainConfig.model_validate(manifest.training)
-    # an imported adapter: what the manifest says is all there is
+def config_from_manifest(manifest) -> tuple[TrainConfig, bool]:
+    """The config to evaluate an adapter with, and whether it is the one it was trained with.
+
+    A trained adapter's manifest holds its whole TrainConfig. An imported one holds only where
+    it came from: the task, prompt and labels of the manifest are then all there is.
+    """
+    where = f"adapter {manifest.name}'s manifest (training)"
+    if {"task", "data"} <= set(manifest.training):
+        return build_config(manifest.training, where=where), True
     task = {"type": manifest.task, "prompt": manifest.prompt_template}
     if manifest.labels:
         task.update(labels=list(manifest.labels), label_words=dict(manifest.label_words))
-    return build_config({"name": manifest.name, "base": manifest.base_model, "task": task,
-                         "lora": {"for_serving": False}}, where=f"adapter {manifest.name}")
+    return build_config({"base": manifest.base_model, "task": task,
+                         "lora": {"for_serving": False}}, where=where), False
+
+
+def _fields(cfg: TrainConfig) -> str:
+    import string
+
+    names = {f for _, f, _, _ in string.Formatter().parse(cfg.task.prompt) if f}
+    names.add(cfg.task.label_field if cfg.task.type == "classification"
+              else cfg.task.target_field)
+    return ", ".join(sorted(names))

@@ -37,7 +37,7 @@ def data_pull(name: str = typer.Argument("drug-reviews", help="a catalog dataset
     try:
         path = data.pull_dataset(name)
     except data.DataError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {_escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(1) from exc
     console.print(f"{name}: {path}")
 
@@ -54,6 +54,7 @@ def train_command(
 ) -> None:
     """Train a LoRA/QLoRA adapter and write it into the adapter store."""
     from lorastack.adapters.manifest import AdapterError
+    from lorastack.adapters.models import ModelError
     from lorastack.train.config import ConfigError, load_config
 
     try:
@@ -65,8 +66,8 @@ def train_command(
         from lorastack.train.run import train
 
         result = train(cfg, resume=resume)
-    except (ConfigError, data.DataError, AdapterError) as exc:
-        console.print(f"[red]error:[/red] {_escape(str(exc))}")
+    except (ConfigError, data.DataError, AdapterError, ModelError) as exc:
+        console.print(f"[red]error:[/red] {_escape(str(exc))}", soft_wrap=True)  # one line
         raise typer.Exit(1) from exc
     console.print(f"adapter [bold]{result.name}[/bold] written to {result.adapter_dir}; run "
                   f"directory {result.run_dir} (training.png, metrics.jsonl, tensorboard/)")
@@ -75,9 +76,15 @@ def train_command(
 def eval_command(
     target: str = typer.Argument(..., help="adapter name in the store (or, with --zero-shot, "
                                  "a config)"),
-    data_source: str = typer.Option(None, "--data", help="catalog dataset or data file "
-                                    "(default: what the adapter was trained on)"),
-    split: str = typer.Option("test", help="split of a catalog dataset"),
+    data_source: str = typer.Option(None, "--data", help="catalog dataset, data file or "
+                                    "directory of <split> files (default: what the adapter "
+                                    "was trained on; needed for an imported adapter)"),
+    split: str = typer.Option(None, "--split", help="split to evaluate: of a catalog dataset, "
+                              "of a directory's files, or a file's 'split' column (default "
+                              "test; a file without splits is used whole)"),
+    column: list[str] = typer.Option(  # noqa: B008 (typer's idiom)
+        [], "--column", help="FIELD=COLUMN: the prompt's or label's field is that column of "
+        "the data (repeatable), e.g. --column text=review"),
     zero_shot: bool = typer.Option(False, "--zero-shot", help="evaluate the config's base model "
                                    "without an adapter, with the same prompt and scoring"),
     limit: int = typer.Option(None, help="only the first N records"),
@@ -88,20 +95,23 @@ def eval_command(
     import json
 
     from lorastack.adapters.manifest import AdapterError
+    from lorastack.adapters.models import ModelError
     from lorastack.train import assess
     from lorastack.train.config import ConfigError
 
     try:
+        columns = _columns(column)
         if zero_shot:
             metrics = assess.evaluate_zero_shot(target, data=data_source, split=split,
-                                                limit=limit)
+                                                columns=columns, limit=limit)
         else:
             metrics = assess.evaluate_adapter(target, data=data_source, split=split,
-                                              store=store, limit=limit)
-    except (ConfigError, data.DataError, AdapterError) as exc:
-        console.print(f"[red]error:[/red] {_escape(str(exc))}")
+                                              store=store, columns=columns, limit=limit)
+    except (ConfigError, data.DataError, AdapterError, ModelError) as exc:
+        console.print(f"[red]error:[/red] {_escape(str(exc))}", soft_wrap=True)  # one line
         raise typer.Exit(1) from exc
-    table = Table(title=f"{target}{' (zero-shot base)' if zero_shot else ''} on {split}")
+    title = f"{target}{' (zero-shot base)' if zero_shot else ''} on {metrics['evaluated_on']}"
+    table = Table(title=_escape(title))
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in metrics.items():
@@ -114,6 +124,18 @@ def eval_command(
         from lorastack.adapters.fsutil import atomic_write_text
 
         atomic_write_text(Path(out), json.dumps(metrics, indent=2) + "\n")
+
+
+def _columns(items: list[str]) -> dict[str, str] | None:
+    """--column FIELD=COLUMN options as a column mapping."""
+    columns = {}
+    for item in items:
+        field, sep, col = item.partition("=")
+        if not sep or not field.strip() or not col.strip():
+            raise data.DataError(f"--column {item!r}: expected FIELD=COLUMN, e.g. "
+                                 f"--column text=review")
+        columns[field.strip()] = col.strip()
+    return columns or None
 
 
 def _already_trained(cfg) -> bool:

@@ -160,6 +160,51 @@ def load_records(source: str | Path, split: str | None = None,
     return apply_columns(records, columns, source) if columns else records
 
 
+SPLIT_COLUMN = "split"
+
+
+def load_split(source: str | Path, split: str | None = None,
+               columns: Mapping[str, str] | None = None) -> tuple[list[dict], str]:
+    """The records of one split of `source` to evaluate on, and a line saying which they are.
+
+    - a catalog dataset: its split (default test);
+    - a directory: its `<split>.jsonl` (or .csv, ...) file, default test, as `lorastack data
+      pull` writes a dataset;
+    - a file with a `split` column: its rows whose split is `split` (default test);
+    - any other file has no splits: all its rows, and asking for a split is refused rather
+      than quietly ignored.
+    """
+    source = str(source)
+    path = Path(source)
+    if is_catalog_name(source):
+        split = split or "test"
+        return load_records(source, split, columns), f"{source} {split}"
+    if path.is_dir():
+        split = split or "test"
+        files = {p.stem: p for p in sorted(path.iterdir())
+                 if p.is_file() and p.suffix.lower() in FILE_FORMATS}
+        if split not in files:
+            raise DataError(f"{path} has no {split} split: give --split one of "
+                            f"{', '.join(files) or '(none: no data files there)'}, "
+                            f"whose files are <split>{'/'.join(FILE_FORMATS)}")
+        records = load_records(files[split], None, columns)
+        return records, f"{files[split]} ({len(records)} rows)"
+    records = load_records(path, None, columns)
+    if not any(SPLIT_COLUMN in r for r in records[:50]):
+        if split is not None:
+            raise DataError(f"{path} has no splits (no {SPLIT_COLUMN!r} column), so --split "
+                            f"{split} cannot apply: drop --split to evaluate on all its rows, "
+                            f"or add a {SPLIT_COLUMN!r} column")
+        return records, f"{path} (all {len(records)} rows)"
+    split = split or "test"
+    chosen = [r for r in records if str(r.get(SPLIT_COLUMN, "")).strip() == split]
+    if not chosen:
+        present = sorted({str(r.get(SPLIT_COLUMN, "")).strip() for r in records})
+        raise DataError(f"{path}: no rows with {SPLIT_COLUMN}={split!r}; its {SPLIT_COLUMN} "
+                        f"column has {', '.join(map(repr, present))}: pass --split one of them")
+    return chosen, f"{path} {SPLIT_COLUMN}={split} ({len(chosen)} of {len(records)} rows)"
+
+
 def load_splits(train: str | Path, *, validation: str | Path | None = None,
                 test: str | Path | None = None, columns: Mapping[str, str] | None = None,
                 validation_fraction: float = 0.15, seed: int = 0,

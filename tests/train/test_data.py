@@ -148,3 +148,40 @@ def test_not_utf8(tmp_path):
     path.write_bytes("text,label\ncaf\xe9,a\n".encode("latin-1"))
     with pytest.raises(DataError, match="not UTF-8"):
         load_records(path)
+
+
+# -- one split to evaluate on (lorastack eval --data ... --split ...) -------------------------
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_split_of_a_file_with_a_split_column(tmp_path):
+    path = _jsonl(tmp_path / "all.jsonl", [{"text": str(i), "split": s} for i, s in
+                                           enumerate(["train", "test", "validation", "test"])])
+    records, where = data.load_split(path, "validation")
+    assert [r["text"] for r in records] == ["2"] and "split=validation (1 of 4 rows)" in where
+    assert [r["text"] for r in data.load_split(path)[0]] == ["1", "3"]  # default: test
+    with pytest.raises(DataError, match=r"no rows with split='dev'.*'test', 'train', "
+                                        r"'validation': pass --split one of them"):
+        data.load_split(path, "dev")
+
+
+def test_a_file_without_splits_is_used_whole_and_refuses_a_split(tmp_path):
+    path = _jsonl(tmp_path / "plain.jsonl", [{"text": "a"}, {"text": "b"}])
+    records, where = data.load_split(path)
+    assert len(records) == 2 and where.endswith("(all 2 rows)")
+    with pytest.raises(DataError, match=r"has no splits \(no 'split' column\), so --split "
+                                        r"validation cannot apply: drop --split"):
+        data.load_split(path, "validation")
+
+
+def test_split_of_a_directory_of_split_files(tmp_path):
+    _jsonl(tmp_path / "train.jsonl", [{"text": "t"}])
+    (tmp_path / "test.csv").write_text("text\nx\ny\n")
+    assert [r["text"] for r in data.load_split(tmp_path)[0]] == ["x", "y"]
+    assert [r["text"] for r in data.load_split(tmp_path, "train")[0]] == ["t"]
+    with pytest.raises(DataError, match="has no validation split: give --split one of test, "
+                                        "train"):
+        data.load_split(tmp_path, "validation")
