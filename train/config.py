@@ -2,21 +2,37 @@
 
 A config is a YAML file (see train/configs/), overridable with `--set section.key=value`.
 Everything here is checked when the config is built, before any model is loaded: a wrong value
-names the field and what is allowed.
+names the field and what is allowed. What depends on the base model (lora.layers in range,
+lora.target_modules that exist) is checked by check_against_base as soon as the base is
+resolved, from its config alone, still before its weights load.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 CONFIGS_DIR = Path(__file__).parent / "configs"
 # What vLLM's LoRA path serves for Llama-style models (vllm/lora: packed qkv and gate_up).
 SERVABLE_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_MAX_SERVING_RANK = 16
+# What each task's validation evaluation reports (train/evaluate.py), the first its default:
+# the metrics training.early_stopping_metric may select on.
+SELECTION_METRICS = {"classification": ("macro_f1", "accuracy", "loss"),
+                     "generation": ("exact_match", "token_f1", "loss")}
+# Module types peft's LoRA can adapt (what target_modules may name).
+_ADAPTABLE_TYPES = ("Linear", "Embedding", "Conv1d", "Conv2d", "Conv3d", "Conv1D")
 
 
 class ConfigError(ValueError):
@@ -99,6 +115,14 @@ class LoraConfig(_Section):
     """Refuse settings the serving layer cannot load (rank, modules, DoRA)."""
     serving_rank: int = Field(DEFAULT_MAX_SERVING_RANK, ge=1)
     """The server's max LoRA rank (vLLM --max-lora-rank) that r must not exceed."""
+
+    @field_validator("layers")
+    @classmethod
+    def _layer_indices(cls, layers: list[int] | None) -> list[int] | None:
+        if layers is not None and (not layers or min(layers) < 0):
+            raise ValueError("list layer indices from 0 (the bottom layer), or null for all "
+                             "layers")
+        return layers
 
 
 class TrainingConfig(_Section):
@@ -194,10 +218,84 @@ class TrainConfig(_Section):
             raise ValueError("data.augment is for classification tasks only")
         return self
 
+    @model_validator(mode="after")
+    def _metric_exists(self) -> TrainConfig:
+        metric, allowed = self.training.early_stopping_metric, SELECTION_METRICS[self.task.type]
+        if metric is not None and metric not in allowed:
+            raise ValueError(f"training.early_stopping_metric={metric!r} is not a validation "
+                             f"metric of a {self.task.type} task: use one of "
+                             f"{', '.join(allowed)}, or null for {allowed[0]}")
+        return self
+
     @property
     def selection_metric(self) -> str:
-        default = "macro_f1" if self.task.type == "classification" else "exact_match"
-        return self.training.early_stopping_metric or default
+        return self.training.early_stopping_metric or SELECTION_METRICS[self.task.type][0]
+
+
+def check_against_base(cfg: TrainConfig, base_path: str | Path) -> None:
+    """Check the settings that depend on the base model, before its weights load.
+
+    lora.layers must be layers the model has (its config.json says how many) and
+    lora.target_modules modules it has (the architecture built on torch's meta device: no
+    memory and no weights, about a second): otherwise the error would come only after the
+    model and the data had loaded, as peft's. Raises ConfigError naming the field and the fix.
+    """
+    lora = cfg.lora
+    if lora.layers is None and lora.target_modules == "all-linear":
+        return
+    base_path = Path(base_path)
+    if lora.layers is not None:
+        count = layer_count(base_path)
+        outside = [i for i in lora.layers if count is not None and i >= count]
+        if outside:
+            raise ConfigError(f"lora.layers: {outside} out of range: {cfg.base} has {count} "
+                              f"layers, 0-{count - 1}; fix the indices, or null adapts all")
+    if lora.target_modules == "all-linear":
+        return
+    modules = adaptable_modules(base_path)
+    if modules is None:
+        return  # an architecture transformers cannot build from its config: loading will say
+    if lora.layers is not None:  # peft then adapts only modules inside the numbered layers
+        modules = [m for m in modules if re.search(r"\.\d+\.", m)]
+    missing = [t for t in lora.target_modules
+               if not any(m == t or m.endswith("." + t) for m in modules)]
+    if missing:
+        inside = " inside the transformer layers (lora.layers is set)" if lora.layers else ""
+        names = sorted({m.rsplit(".", 1)[-1] for m in modules})
+        raise ConfigError(f"lora.target_modules: {missing} not found in {cfg.base}: the "
+                          f"modules LoRA can adapt{inside} are {', '.join(names)}; fix the "
+                          f"names, or all-linear adapts every linear layer")
+
+
+def layer_count(base_path: Path) -> int | None:
+    """Transformer layers of a base model, from its config.json; None when it does not say."""
+    import json
+
+    try:
+        config = json.loads((base_path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for section in (config, config.get("text_config") or {}):
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if isinstance(section.get(key), int):
+                return section[key]
+    return None
+
+
+def adaptable_modules(base_path: Path) -> list[str] | None:
+    """Full names of the modules LoRA can adapt in a base model, from its architecture alone
+    (built on the meta device, weights never read); None if it cannot be built so."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(base_path)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception:  # noqa: BLE001 - any failure here is the real load's to report
+        return None
+    return [name for name, module in model.named_modules()
+            if name and type(module).__name__ in _ADAPTABLE_TYPES]
 
 
 def load_config(source: str | Path, overrides: list[str] | None = None) -> TrainConfig:
@@ -262,7 +360,12 @@ def _explain(exc: ValidationError) -> str:
     for err in exc.errors():
         field = ".".join(str(p) for p in err["loc"]) or "(config)"
         msg = err["msg"]
-        if err["type"] == "literal_error":
+        if err["type"] == "value_error":  # our validators' own sentences
+            msg = str(err.get("ctx", {}).get("error", msg))
+            if not err["loc"]:
+                lines.append(msg)
+                continue
+        elif err["type"] == "literal_error":
             allowed = err.get("ctx", {}).get("expected", "")
             msg = f"must be one of {allowed}"
         elif err["type"] == "extra_forbidden":

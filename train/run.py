@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lorastack.adapters.models import resolve_base
-from lorastack.train.config import TrainConfig, build_config, load_config
+from lorastack.train.config import TrainConfig, build_config, check_against_base, load_config
 from lorastack.train.data import fingerprint_records, load_splits
 
 
@@ -54,6 +54,10 @@ def train(cfg: TrainConfig | str | Path | dict, *, resume: bool = False,
 
     cfg = _as_config(cfg)
     t_start = time.monotonic()
+    # The base model's identity; the settings that depend on it are checked against its config
+    # (seconds), before the run directory is touched or anything else loads.
+    base = resolve_base(cfg.base)
+    check_against_base(cfg, base.path)
     run_dir = Path(cfg.runs_dir) / cfg.name
     if run_dir.exists() and not resume:
         _clear_run(run_dir)
@@ -62,8 +66,7 @@ def train(cfg: TrainConfig | str | Path | dict, *, resume: bool = False,
         torch.set_num_threads(cfg.training.threads)
     torch.manual_seed(cfg.training.seed)
 
-    # 1. the base model's identity and tokenizer; the data, as token examples
-    base = resolve_base(cfg.base)
+    # 1. the base model's tokenizer; the data, as token examples
     tokenizer = load_tokenizer(base.path)
     d = cfg.data
     splits = config_splits(cfg)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from lorastack.train.config import (
     CONFIGS_DIR,
     ConfigError,
     build_config,
+    check_against_base,
     load_config,
     shipped_configs,
 )
@@ -23,6 +26,14 @@ def test_every_shipped_config_validates_and_names_its_command(name):
     assert cfg.name == name
     first = (CONFIGS_DIR / f"{name}.yaml").read_text().splitlines()[0]
     assert first == f"# lorastack train {name}"
+
+
+@pytest.mark.parametrize("name", shipped_configs())
+def test_every_shipped_config_says_how_long_it_trains(name):
+    header = " ".join(line.lstrip("# ") for line in
+                      (CONFIGS_DIR / f"{name}.yaml").read_text().splitlines()
+                      if line.startswith("#"))
+    assert re.search(r"Trains in about \d+ minutes on a 2-core CPU", header), header
 
 
 def test_reviews_classify_is_qlora():
@@ -50,6 +61,13 @@ def test_overrides_are_parsed_as_yaml():
     ({"task": {"labels": ["only"]}}, "at least two distinct labels"),
     ({"task": {"type": "generation"}, "data": {"augment": "word_dropout"}},
      "data.augment is for classification tasks only"),
+    ({"training": {"early_stopping_metric": "macro-f1"}},
+     ("training.early_stopping_metric='macro-f1' is not a validation metric of a classification "
+      "task: use one of macro_f1, accuracy, loss, or null for macro_f1")),
+    ({"task": {"type": "generation"}, "training": {"early_stopping_metric": "accuracy"}},
+     "use one of exact_match, token_f1, loss, or null for exact_match"),
+    ({"lora": {"layers": [-1, 3]}}, "lora.layers: list layer indices from 0"),
+    ({"lora": {"layers": []}}, "lora.layers: list layer indices from 0"),
 ])
 def test_bad_settings_name_the_field(raw, expected):
     with pytest.raises(ConfigError) as err:
@@ -71,3 +89,47 @@ def test_bad_override_and_missing_config(tmp_path):
     bad.write_text("training: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+# -- settings checked against the base model, before its weights load -------------------------
+
+def _tiny(tiny_base, **lora):
+    return build_config({"base": str(tiny_base), "lora": {"for_serving": False, **lora}})
+
+
+@pytest.mark.parametrize("lora,expected", [
+    ({"layers": [1, 2, 5]},
+     ("lora.layers: [2, 5] out of range: {base} has 2 layers, 0-1; fix the indices, or null "
+      "adapts all")),
+    ({"target_modules": ["q_proj", "qkv_proj", "mlp"]},
+     ("lora.target_modules: ['qkv_proj', 'mlp'] not found in {base}: the modules LoRA can adapt "
+      "are down_proj, embed_tokens, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj")),
+    ({"target_modules": ["q_proj", "lm_head"], "layers": [0]},
+     ("['lm_head'] not found in {base}: the modules LoRA can adapt inside the transformer layers "
+      "(lora.layers is set) are down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj")),
+])
+def test_settings_the_base_model_lacks_are_named(tiny_base, lora, expected):
+    with pytest.raises(ConfigError) as err:
+        check_against_base(_tiny(tiny_base, **lora), tiny_base)
+    assert expected.format(base=tiny_base) in str(err.value)
+
+
+def test_settings_the_base_model_has_pass(tiny_base):
+    check_against_base(_tiny(tiny_base, target_modules=["q_proj", "self_attn.v_proj"],
+                             layers=[0, 1]), tiny_base)
+    check_against_base(_tiny(tiny_base, target_modules=["lm_head", "embed_tokens"]), tiny_base)
+
+
+def test_train_refuses_them_before_any_model_or_data_loads(tiny_config, monkeypatch, tmp_path):
+    from lorastack.train import model, run
+
+    def never(*args, **kwargs):
+        raise AssertionError("loaded before the config was checked")
+
+    for name in ("load_base", "load_tokenizer", "attach_lora"):
+        monkeypatch.setattr(model, name, never)
+    monkeypatch.setattr(run, "config_splits", never)
+    tiny_config["lora"]["layers"] = [0, 7]
+    with pytest.raises(ConfigError, match=r"lora.layers: \[7\] out of range"):
+        run.train(tiny_config)
+    assert not (tmp_path / "runs" / "tiny-sentiment").exists()  # the run directory untouched
