@@ -7,7 +7,10 @@
 Importing this package is light: torch loads when training starts.
 """
 
+from lorastack.train import quiet
 from lorastack.train.config import TrainConfig, load_config
 from lorastack.train.run import TrainResult, train
+
+quiet.install()  # before anything imports bitsandbytes: its CPU kernel warning is noise here
 
 __all__ = ["TrainConfig", "TrainResult", "load_config", "train"]

@@ -50,6 +50,13 @@ def load_base(cfg: TrainConfig, path: Any, device: torch.device):
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else "cpu"
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if cfg.quantization == "4bit" and device.type == "cpu":
+        from lorastack.train.quiet import cpu_4bit_note
+
+        if note := cpu_4bit_note():
+            from tqdm.auto import tqdm
+
+            tqdm.write(note)
     if cfg.quantization == "none":
         model.to(device)
     model.config.use_cache = False
