@@ -54,7 +54,7 @@ StoreOption = typer.Option(None, "--store", envvar="LORASTACK_STORE", show_defau
 
 
 def _fail(exc: Exception) -> typer.Exit:
-    err_console.print(f"[red]error:[/red] {escape(str(exc))}")
+    err_console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)  # one line
     return typer.Exit(1)
 
 
@@ -66,29 +66,96 @@ def _size(n: int) -> str:
     return str(n)
 
 
+LIST_COLUMNS = ("name", "task", "base", "rank", "size", "key metric", "created")
+
+
 @adapters_app.command("list")
-def adapters_list(store: Path = StoreOption) -> None:
-    """Show the adapters in the store, and entries that are not valid adapters."""
+def adapters_list(
+    store: Path = StoreOption,
+    plain: bool = typer.Option(False, "--plain", help="one line per adapter, columns aligned "
+                               "(the default when stdout is not a terminal wide enough for "
+                               "the table)"),
+    as_json: bool = typer.Option(False, "--json", help="a JSON list of objects, full fields "
+                                 "(fingerprint, labels, metrics, path)"),
+) -> None:
+    """Show the adapters in the store, and entries that are not valid adapters.
+
+    On a terminal wide enough, a table; piped or narrower, plain aligned lines that never wrap
+    a cell; --json for scripts. Entries that are not valid adapters go to stderr.
+    """
+    import json
+
     from lorastack.adapters.store import AdapterStore
 
     st = AdapterStore(store)
     adapters, problems = st.scan()
-    table = Table(title=f"adapters ({st.root})")
-    # Short fields never wrap; the long ones fold rather than lose characters to an ellipsis.
-    for col in ("name", "task", "base", "rank", "size", "key metric", "created"):
-        table.add_column(col, no_wrap=col in ("name", "task", "rank", "size", "created"),
-                         overflow="fold")
-    for a in adapters:
-        m = a.manifest
-        key = m.key_metric()
-        table.add_row(a.name, m.task + (f"\n{len(m.labels)} labels" if m.labels else ""),
-                      f"{m.base_model}\n{m.base_fingerprint.split(':')[-1][:8]}",
-                      str(m.lora.rank), _size(a.weights_bytes),
-                      f"{key[1]} {key[2]:.4g} ({key[0]})" if key else "",
-                      m.created_at[:10])
-    console.print(table)
+    if as_json:
+        typer.echo(json.dumps([_adapter_record(a) for a in adapters], indent=2))
+    else:
+        rows = [_adapter_row(a) for a in adapters]
+        table = _adapters_table(st.root, rows)
+        if plain or not _fits(table):
+            _print_plain(st.root, rows)
+        else:
+            console.print(table)
     for p in problems:
-        err_console.print(f"[yellow]skipped {escape(p.name)}:[/yellow] {escape(p.message)}")
+        err_console.print(f"[yellow]skipped {escape(p.name)}:[/yellow] {escape(p.message)}",
+                          soft_wrap=True)
+
+
+def _adapter_row(a) -> dict[str, str]:
+    """The listing's cells for one adapter, short forms (the table and the plain lines)."""
+    m = a.manifest
+    key = m.key_metric()
+    return {"name": a.name, "task": m.task + (f" ({len(m.labels)} labels)" if m.labels else ""),
+            "base": f"{m.base_model} {m.base_fingerprint.split(':')[-1][:8]}",
+            "rank": str(m.lora.rank), "size": _size(a.weights_bytes),
+            "key metric": f"{key[1]} {key[2]:.4g} ({key[0]})" if key else "",
+            "created": m.created_at[:10]}
+
+
+def _adapter_record(a) -> dict:
+    """One adapter for --json: the listing's fields, in full."""
+    m = a.manifest
+    key = m.key_metric()
+    return {"name": a.name, "path": str(a.path), "task": m.task, "labels": list(m.labels),
+            "base": m.base_model, "base_fingerprint": m.base_fingerprint,
+            "rank": m.lora.rank, "alpha": m.lora.alpha,
+            "target_modules": list(m.lora.target_modules), "size_bytes": a.weights_bytes,
+            "key_metric": ({"split": key[0], "metric": key[1], "value": key[2]}
+                           if key else None),
+            "metrics": {"validation": dict(m.metrics.validation),
+                        "test": dict(m.metrics.test)},
+            "created_at": m.created_at}
+
+
+def _adapters_table(root: Path, rows: list[dict[str, str]]) -> Table:
+    table = Table(title=f"adapters ({root})")
+    for col in LIST_COLUMNS:
+        table.add_column(col, no_wrap=True)
+    for row in rows:
+        table.add_row(*(escape(row[col]) for col in LIST_COLUMNS))
+    return table
+
+
+def _fits(table: Table) -> bool:
+    """Whether stdout is a terminal that shows `table` without wrapping a cell."""
+    from rich.measure import Measurement
+
+    if not console.is_terminal:
+        return False
+    unbounded = console.options.update_width(1 << 20)  # measure the table's natural width
+    return Measurement.get(console, unbounded, table).maximum <= console.width
+
+
+def _print_plain(root: Path, rows: list[dict[str, str]]) -> None:
+    """A header and one line per adapter, columns padded to align; nothing is cut or wrapped.
+    An empty store prints the header only and says so on stderr."""
+    widths = {col: max([len(col)] + [len(r[col]) for r in rows]) for col in LIST_COLUMNS}
+    for row in [{col: col for col in LIST_COLUMNS}, *rows]:
+        typer.echo("  ".join(row[col].ljust(widths[col]) for col in LIST_COLUMNS).rstrip())
+    if not rows:
+        err_console.print(f"no adapters in {escape(str(root))}", soft_wrap=True)
 
 
 @adapters_app.command("show")

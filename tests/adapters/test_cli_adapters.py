@@ -60,6 +60,62 @@ def test_list_of_an_empty_store(store):
     assert result.exit_code == 0 and "adapters" in result.flat
 
 
+BOX = set("│┃┏┓┗┛┡┩└┘─━┬┴┼╇")
+
+
+@pytest.mark.parametrize("columns", ["200", "40"])
+def test_list_piped_is_one_aligned_line_per_adapter(store, add_adapter, columns):
+    add_adapter("reviews")
+    add_adapter("a-much-longer-adapter-name", task="generation", metrics=Metrics())
+    result = run("list", "--store", str(store.root), env={"COLUMNS": columns})
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3 and not BOX & set(result.stdout)  # header + one line each, no box
+    header, *rows = lines
+    assert header.split() == ["name", "task", "base", "rank", "size", "key", "metric",
+                              "created"]
+    assert rows[0].startswith("a-much-longer-adapter-name  generation ")
+    assert rows[1].startswith("reviews ") and "accuracy 0.75 (test)" in rows[1]
+    for column in ("task", "base", "rank", "created"):  # every column starts where its header
+        start = header.index(column)
+        assert all(row[start - 2:start] == "  " and row[start] != " " for row in rows), column
+    assert "classification (2 labels)" in rows[1] and "smollm2-135m abababab" in rows[1]
+
+
+def test_list_plain_and_table_on_a_terminal(store, add_adapter, monkeypatch):
+    from rich.console import Console
+
+    from lorastack.adapters import cli
+
+    add_adapter("reviews")
+    monkeypatch.setattr(cli, "console", Console(force_terminal=True, width=200))
+    assert "┏" in run("list", "--store", str(store.root)).stdout  # wide enough: the table
+    plain = run("list", "--plain", "--store", str(store.root)).stdout
+    assert len(plain.splitlines()) == 2 and not BOX & set(plain)
+    monkeypatch.setattr(cli, "console", Console(force_terminal=True, width=60))
+    narrow = run("list", "--store", str(store.root)).stdout  # too narrow: never wrapped cells
+    assert narrow.splitlines()[1].startswith("reviews ") and not BOX & set(narrow)
+
+
+def test_list_json_has_the_full_fields(store, add_adapter, fake):
+    add_adapter("reviews")
+    add_adapter("qa", task="generation", metrics=Metrics())
+    (store.root / "broken").mkdir()
+    result = run("list", "--json", "--store", str(store.root))
+    assert result.exit_code == 0, result.output
+    listed = json.loads(result.stdout)  # problems go to stderr, never into the JSON
+    assert [a["name"] for a in listed] == ["qa", "reviews"]
+    reviews = listed[1]
+    assert reviews["base_fingerprint"] == fake.FINGERPRINT
+    assert reviews["labels"] == ["negative", "positive"] and reviews["task"] == "classification"
+    assert reviews["key_metric"] == {"split": "test", "metric": "accuracy", "value": 0.75}
+    assert reviews["metrics"]["validation"] == {"accuracy": 0.8}
+    assert reviews["rank"] == 8 and reviews["target_modules"] == ["q_proj", "v_proj"]
+    assert reviews["size_bytes"] > 0 and reviews["path"] == str(store.root / "reviews")
+    assert listed[0]["key_metric"] is None and "skipped broken" in result.stderr
+    assert json.loads(run("list", "--json", "--store", str(store.root / "none")).stdout) == []
+
+
 def test_show_prints_the_manifest(store, add_adapter):
     add_adapter("reviews")
     result = run("show", "reviews", "--store", str(store.root))
