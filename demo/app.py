@@ -17,12 +17,18 @@ import threading
 
 import gradio as gr
 
+from lorastack.client import Classified, Client, GatewayError, ModelCard
 from lorastack.demo import feedback
-from lorastack.demo.client import GatewayClient, GatewayError
 
 REFRESH_S = 5.0
-# The page cannot read the server's files (it talks HTTP only) and the gateway exposes no
-# validation data, so a few reviews of the kind the shipped adapters were trained on live here.
+# The page's advice after a gateway error, by status: its own flags (lorastack.client's default
+# hints name the client's arguments).
+PAGE_HINTS = {401: "give the page an API key: `lorastack demo --api-key KEY`",
+              403: "load/unload needs the admin key: `lorastack demo --admin-key KEY`",
+              503: "the model server is starting or restarting; retry in a moment"}
+NO_TRUTH = "(none)"  # the true-label column's choice for a file without true labels
+# Offered beside the chosen adapter's own validation examples (its model card's `examples`),
+# so that there is something to click for any adapter, even one whose card lists none.
 EXAMPLES = [
     "This medicine works great, my pain is gone and I had no side effects at all.",
     "Terrible side effects: it made me sick for a week and did not help.",
@@ -30,8 +36,12 @@ EXAMPLES = [
     "After two months my skin cleared up completely. I would recommend it.",
     "I gained weight and felt exhausted all the time, so I stopped taking it.",
 ]
-NO_CLASSIFIER = "no classification adapter is served yet: train one (`lorastack train`) into " \
-                "the server's store; it appears here within a few seconds"
+
+
+def page_client(server: str, api_key: str | None = None, admin_key: str | None = None
+                ) -> Client:
+    """The page's client of the gateway: lorastack.client with the page's hints."""
+    return Client(server, api_key=api_key, admin_key=admin_key, hints=PAGE_HINTS)
 
 
 def shown(fn):
@@ -57,10 +67,10 @@ def shown(fn):
     return plain
 
 
-def model_choices(cards: list[dict]) -> tuple[list[str], list[str]]:
+def model_choices(cards: list[ModelCard]) -> tuple[list[str], list[str]]:
     """(classification adapters, every model) from GET /v1/models; the base model first."""
-    every = [c["id"] for c in cards]
-    return [c["id"] for c in cards if c.get("task") == "classification"], every
+    every = [c.id for c in cards]
+    return [c.id for c in cards if c.task == "classification"], every
 
 
 def keep(value, choices: list[str], default):
@@ -79,17 +89,16 @@ def as_models(value) -> list[str]:
     return models
 
 
-def prediction_markdown(models: list[str], answer) -> str:
+def prediction_markdown(models: list[str], answer: Classified) -> str:
     lines = [f"### Predicted: **{answer.label}** ({answer.confidence:.1%})",
              f"by `{' + '.join(models)}`" + (" (ensemble: the members' mean)"
                                               if len(models) > 1 else "")]
     for name, member in (answer.members or {}).items():
-        probs = member["probabilities"]
-        lines.append(f"- `{name}`: {member['label']} ({probs[member['label']]:.1%})")
+        lines.append(f"- `{name}`: {member.label} ({member.confidence:.1%})")
     return "\n\n".join(lines[:2]) + ("\n\n" + "\n".join(lines[2:]) if lines[2:] else "")
 
 
-def build_page(client: GatewayClient) -> gr.Blocks:
+def build_page(client: Client) -> gr.Blocks:
     try:
         cards, status_line = client.models(), ""
     except GatewayError as exc:
@@ -157,6 +166,9 @@ def build_page(client: GatewayClient) -> gr.Blocks:
                                       elem_id="fb_file")
                     fb_column = gr.Dropdown([], label="Text column", elem_id="fb_column",
                                             interactive=True)
+                    fb_truth = gr.Dropdown([], label="True-label column (optional)",
+                                           info="adds `true_label`, `wrong` and the accuracy",
+                                           elem_id="fb_truth", interactive=True)
                 with gr.Column():
                     fb_lines = gr.Textbox(label="…or paste one review per line", lines=6,
                                           elem_id="fb_lines")
@@ -181,17 +193,23 @@ def build_page(client: GatewayClient) -> gr.Blocks:
         @shown
         def pick_column(path):
             if not path:
-                return gr.update(choices=[], value=None)
+                return gr.update(choices=[], value=None), gr.update(choices=[], value=None)
             frame = feedback.read_csv(path)
             columns = [str(c) for c in frame.columns]
-            return gr.update(choices=columns, value=feedback.guess_text_column(frame))
+            text = feedback.guess_text_column(frame)
+            truth = feedback.guess_label_column(frame, text) or NO_TRUTH
+            return (gr.update(choices=columns, value=text),
+                    gr.update(choices=[NO_TRUTH, *columns], value=truth))
 
         @shown
-        def classify_all(path, column, pasted, models, flag_pct, batch,
+        def classify_all(path, column, truth_column, pasted, models, flag_pct, batch,
                          progress=gr.Progress()):  # noqa: B008  (Gradio's idiom)
             models = as_models(models)
+            truth = None
             if path:
-                texts = feedback.texts_from_csv(feedback.read_csv(path), column or "")
+                texts, truth = feedback.labelled_from_csv(
+                    feedback.read_csv(path), column or "",
+                    None if truth_column in (None, "", NO_TRUTH) else truth_column)
             else:
                 texts = feedback.texts_from_lines(pasted)
             progress((0, len(texts)), desc="classifying", unit="texts")
@@ -199,15 +217,16 @@ def build_page(client: GatewayClient) -> gr.Blocks:
                 models, texts, int(batch),
                 on_batch=lambda done, total: progress((done, total), desc="classifying",
                                                       unit="texts"))
-            labels = list(results[0].probabilities)
-            table = feedback.results_table(texts, results, labels, flag_pct / 100)
+            labels = list(results.labels or results[0].probabilities)
+            table = feedback.results_table(texts, results, labels, flag_pct / 100, truth)
             return (feedback.summary(table, " + ".join(models)),
                     feedback.label_distribution(table, labels),
                     str(feedback.write_results(table)),
                     table[table["check"]].sort_values("confidence"), table)
 
-        fb_file.change(pick_column, fb_file, fb_column)
-        fb_btn.click(classify_all, [fb_file, fb_column, fb_lines, fb_model, fb_flag, fb_batch],
+        fb_file.change(pick_column, fb_file, [fb_column, fb_truth])
+        fb_btn.click(classify_all,
+                     [fb_file, fb_column, fb_truth, fb_lines, fb_model, fb_flag, fb_batch],
                      [fb_summary, fb_chart, fb_download, fb_flagged, fb_table])
 
         # -- Generate -------------------------------------------------------------------------
@@ -253,7 +272,7 @@ def build_page(client: GatewayClient) -> gr.Blocks:
             else:
                 out = text
                 yield gr.skip(), out, gr.skip()
-                for piece in client.stream_completion(model, text, **params):
+                for piece in client.stream_complete(model, text, **params):
                     out += piece
                     yield gr.skip(), out, gr.skip()
 
@@ -324,7 +343,7 @@ def build_page(client: GatewayClient) -> gr.Blocks:
             except GatewayError as exc:
                 return (f"⚠ {exc}", known, *[gr.skip()] * 5, gr.skip(), gr.skip())
             cls, every = model_choices(cards)
-            refused = state.get("refused") or {}
+            refused = state.refused
             refused_md = "\n".join(["**Refused by the gateway:**"] +
                                    [f"- `{n}`: {why}" for n, why in refused.items()]) \
                 if refused else ""
@@ -354,7 +373,7 @@ def build_page(client: GatewayClient) -> gr.Blocks:
                 if not (name or "").strip():
                     raise feedback.InputError("type the name of an adapter in the store")
                 answer = getattr(client, action)(name.strip())
-                return f"`{name.strip()}`: {answer.get('status', action + 'ed')}"
+                return f"`{name.strip()}`: {answer.status or action + 'ed'}"
             return run
 
         ad_load.click(admin("load"), ad_name, ad_result).then(**refresh_io)
@@ -362,7 +381,7 @@ def build_page(client: GatewayClient) -> gr.Blocks:
     return page
 
 
-def _classify_side(client: GatewayClient, model: str, text: str, classifiers: list[str]):
+def _classify_side(client: Client, model: str, text: str, classifiers: list[str]):
     """(label probabilities, text) for one side of Compare; a generation model has no labels."""
     if model not in classifiers:
         return None, (f"{model} is not a classification adapter: it has no labels to score. "
@@ -376,7 +395,7 @@ def _classify_side(client: GatewayClient, model: str, text: str, classifiers: li
     return answer.probabilities, f"{model}: {answer.label} ({answer.confidence:.1%})"
 
 
-def stream_pair(client: GatewayClient, models: tuple[str, str], prompt: str, params: dict):
+def stream_pair(client: Client, models: tuple[str, str], prompt: str, params: dict):
     """Two chat generations at once; yields (text A, text B) whenever either grows."""
     events: queue.Queue = queue.Queue()
 

@@ -21,13 +21,17 @@ def demo_command(
 ) -> None:
     """Start the Gradio page (classify, analyse feedback, generate, compare, manage adapters)
     for a running gateway; it talks to the gateway over HTTP only."""
-    from lorastack.demo.app import build_page
-    from lorastack.demo.client import GatewayClient, GatewayError
+    from lorastack.client import GatewayError
+    from lorastack.demo.app import build_page, page_client
 
-    client = GatewayClient(server, api_key=api_key, admin_key=admin_key)
-    try:
-        client.health()
-    except GatewayError as exc:  # start anyway: the page says so, and recovers when it is up
+    client = page_client(server, api_key=api_key, admin_key=admin_key)
+    try:  # start anyway: the page says so, and recovers when the gateway is up
+        health = client.health()
+        if not health.ok:
+            reasons = "; ".join(e.reason for e in health.engines if e.reason) or health.status
+            typer.echo(f"lorastack demo: warning: the gateway at {server} has no model server "
+                       f"up yet ({reasons})", err=True)
+    except GatewayError as exc:
         typer.echo(f"lorastack demo: warning: {exc}", err=True)
     page = build_page(client)
     typer.echo(f"lorastack demo: page for {server} at http://{host}:{port}")

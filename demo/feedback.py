@@ -13,7 +13,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from lorastack.client import Adapters, ModelCard
+
 TEXT_COLUMN_NAMES = ("text", "review", "comment", "feedback", "body", "content", "message")
+LABEL_COLUMN_NAMES = ("label", "labels", "true_label", "true label", "gold", "target", "class",
+                      "category", "sentiment")
 MAX_ROWS = 5000  # a page is not a batch job: beyond this, use the HTTP API directly
 
 
@@ -55,11 +59,31 @@ def guess_text_column(frame: pd.DataFrame) -> str:
     return max(lengths, key=lengths.get)
 
 
+def guess_label_column(frame: pd.DataFrame, text_column: str | None = None) -> str | None:
+    """The column that most likely holds the true labels (a usual name), or None."""
+    by_name = {str(c).strip().lower(): c for c in frame.columns if c != text_column}
+    return next((by_name[name] for name in LABEL_COLUMN_NAMES if name in by_name), None)
+
+
 def texts_from_csv(frame: pd.DataFrame, column: str) -> list[str]:
-    if column not in frame.columns:
-        raise InputError(f"the CSV has no column {column!r}; its columns are "
-                         f"{list(frame.columns)}")
-    return _checked([str(t) for t in frame[column]])
+    return labelled_from_csv(frame, column)[0]
+
+
+def labelled_from_csv(frame: pd.DataFrame, column: str, truth_column: str | None = None
+                      ) -> tuple[list[str], list[str] | None]:
+    """The texts of `column` (rows without text left out) and, with `truth_column`, the true
+    label of each (None without it)."""
+    for name in (column, truth_column):
+        if name is not None and name not in frame.columns:
+            raise InputError(f"the CSV has no column {name!r}; its columns are "
+                             f"{list(frame.columns)}")
+    texts = [str(t) for t in frame[column]]
+    if truth_column is None:
+        return _checked(texts), None
+    kept = [(t, str(y).strip()) for t, y in zip(texts, frame[truth_column])
+            if t and t.strip()]
+    checked = _checked([t for t, _ in kept])  # the same rows: kept texts are not blank
+    return checked, [y for _, y in kept]
 
 
 def texts_from_lines(pasted: str) -> list[str]:
@@ -92,19 +116,29 @@ def least_confident(confidences: Sequence[float], fraction: float = 0.1,
 
 
 def results_table(texts: Sequence[str], results: Sequence, labels: Sequence[str],
-                  flag_fraction: float = 0.1) -> pd.DataFrame:
-    """One row per text: text, label, confidence, whether to check it by hand, and every
-    label's probability. `results` are the client's `Classified` answers, in input order."""
+                  flag_fraction: float = 0.1, truth: Sequence[str] | None = None
+                  ) -> pd.DataFrame:
+    """One row per text, the columns a reader came for first (they fit a normal screen):
+    the predicted label, with `truth` the true label and whether the prediction is wrong, the
+    confidence, whether to check it by hand, every label's probability; then the text, and
+    the row's number in the input last. `results` are the client's `Classified` answers, in
+    input order. A true label matches whatever its case; a row without one is never wrong."""
     if len(texts) != len(results):
         raise ValueError(f"{len(texts)} texts but {len(results)} answers")
+    if truth is not None and len(truth) != len(texts):
+        raise ValueError(f"{len(texts)} texts but {len(truth)} true labels")
     confidences = [r.confidence for r in results]
-    table = pd.DataFrame({
-        "row": range(1, len(texts) + 1), "text": list(texts),
-        "label": [r.label for r in results],
-        "confidence": [round(c, 4) for c in confidences],
-        "check": least_confident(confidences, flag_fraction)})
+    table = pd.DataFrame({"label": [r.label for r in results]})
+    if truth is not None:
+        table["true_label"] = [str(t).strip() for t in truth]
+        table["wrong"] = [bool(t) and t.lower() != r.label.lower()
+                          for t, r in zip(table["true_label"], results)]
+    table["confidence"] = [round(c, 4) for c in confidences]
+    table["check"] = least_confident(confidences, flag_fraction)
     for label in labels:
         table[f"p({label})"] = [round(r.probabilities.get(label, 0.0), 4) for r in results]
+    table["text"] = list(texts)
+    table["row"] = range(1, len(texts) + 1)
     return table
 
 
@@ -120,8 +154,15 @@ def summary(table: pd.DataFrame, model: str) -> str:
     parts = ", ".join(f"**{r.label}** {r.count} ({r.count / len(table):.0%})"
                       for r in dist.itertuples())
     flagged = int(table["check"].sum())
-    return (f"{len(table)} texts classified by `{model}`: {parts}. "
+    text = (f"{len(table)} texts classified by `{model}`: {parts}. "
             f"{flagged} least confident flagged for a human look (column `check`).")
+    if "true_label" in table:
+        known = int((table["true_label"] != "").sum())
+        wrong = int(table["wrong"].sum())
+        if known:
+            text += (f" Against the true labels: accuracy **{(known - wrong) / known:.0%}** "
+                     f"({known - wrong} of {known}), {wrong} wrong (column `wrong`).")
+    return text
 
 
 def write_results(table: pd.DataFrame, folder: str | Path | None = None) -> Path:
@@ -133,26 +174,24 @@ def write_results(table: pd.DataFrame, folder: str | Path | None = None) -> Path
     return path
 
 
-def models_table(cards: Sequence[dict], status: dict | None = None) -> pd.DataFrame:
+def models_table(cards: Sequence[ModelCard], status: Adapters | None = None) -> pd.DataFrame:
     """GET /v1/models cards (plus GET /v1/adapters' load state) as the Adapters tab's table."""
-    loaded = {a["name"]: a for a in (status or {}).get("data", [])}
-    unloaded = set((status or {}).get("unloaded", []))
+    loaded = {a.name: a for a in status.data} if status else {}
+    unloaded = set(status.unloaded) if status else set()
     rows = []
     for card in cards:
-        name = card["id"]
-        metrics = card.get("metrics") or {}
-        state = ("base model" if card.get("parent") is None else
+        name = card.id
+        state = ("base model" if card.is_base else
                  "unloaded by hand" if name in unloaded else
-                 f"loaded ({len(loaded[name]['loaded_on'])} engine(s), "
-                 f"{loaded[name]['inflight']} in flight)"
-                 if name in loaded and loaded[name].get("loaded_on") else "served (lazy)")
-        rows.append({"name": name, "state": state, "task": card.get("task", ""),
-                     "base": card.get("parent") or "",
-                     "labels": ", ".join(card.get("labels") or []),
-                     "validation": format_metrics(metrics.get("validation")),
-                     "test": format_metrics(metrics.get("test")),
-                     "created": _date(card.get("created"))})
-    listed = {card["id"] for card in cards}
+                 f"loaded ({len(loaded[name].loaded_on)} engine(s), "
+                 f"{loaded[name].inflight} in flight)"
+                 if name in loaded and loaded[name].loaded_on else "served (lazy)")
+        rows.append({"name": name, "state": state, "task": card.task,
+                     "base": card.parent or "", "labels": ", ".join(card.labels),
+                     "validation": format_metrics(card.metrics.get("validation")),
+                     "test": format_metrics(card.metrics.get("test")),
+                     "created": _date(card.created)})
+    listed = {card.id for card in cards}
     for name in sorted(unloaded - listed):  # not served, but the admin may load it again
         rows.append({"name": name, "task": "", "base": "", "labels": "", "validation": "",
                      "test": "", "created": "", "state": "unloaded by hand"})
@@ -179,13 +218,13 @@ def _date(epoch) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def adapter_examples(cards: list[dict], models: list[str], n: int = 6) -> list[str]:
+def adapter_examples(cards: Sequence[ModelCard], models: list[str], n: int = 6) -> list[str]:
     """Validation inputs the gateway lists for the chosen adapters (model cards' `examples`),
-    in order, without repeats."""
+    in order, without repeats (texts only: the page has one text box)."""
     out: list[str] = []
     for card in cards:
-        if card.get("id") in models:
-            for text in card.get("examples") or []:
+        if card.id in models:
+            for text in card.examples:
                 if isinstance(text, str) and text not in out:
                     out.append(text)
     return out[:n]

@@ -77,8 +77,8 @@ def gateway(tmp_path_factory, base_model):
                 pass
             time.sleep(1)
         print(f"gateway healthy {time.monotonic() - started:.0f} s after the start")
-        yield SimpleNamespace(url=url, key=KEY, admin=ADMIN, labels=LABELS, store=store, staging=staging,
-                              log=root / "serve.log")
+        yield SimpleNamespace(url=url, key=KEY, admin=ADMIN, labels=LABELS, store=store,
+                              staging=staging, log=root / "serve.log")
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # its own session: the gateway and its vLLM child
         try:
@@ -91,21 +91,31 @@ def gateway(tmp_path_factory, base_model):
 
 @pytest.fixture(scope="session")
 def client(gateway):
-    from lorastack.demo.client import GatewayClient
+    """lorastack.client with both keys, as a program would use it."""
+    from lorastack.client import Client
 
-    c = GatewayClient(gateway.url, api_key=gateway.key, admin_key=gateway.admin)
+    with Client(gateway.url, api_key=gateway.key, admin_key=gateway.admin) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def page_client(gateway):
+    """The page's client: lorastack.client with the page's hints (`lorastack demo`'s)."""
+    from lorastack.demo.app import page_client
+
+    c = page_client(gateway.url, api_key=gateway.key, admin_key=gateway.admin)
     yield c
     c.close()
 
 
 @pytest.fixture(scope="session")
-def page_url(client):
+def page_url(page_client):
     """The page, as `lorastack demo` starts it, on a free port of 127.0.0.1."""
     from lorastack.demo.app import build_page
     from lorastack.serve.vllm_proc import free_port
 
     port = free_port()
-    page = build_page(client)
+    page = build_page(page_client)
     page.queue(default_concurrency_limit=4).launch(server_name="127.0.0.1", server_port=port,
                                                    prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}"

@@ -1,13 +1,15 @@
-"""The page's client against the real gateway: `lorastack serve` (real vLLM, the real default
-model) with a classification adapter trained for the session (tests/demo/conftest.py)."""
+"""lorastack.client (the page's client) against the real gateway: `lorastack serve` (real vLLM,
+the real default model) with a classification adapter trained for the session
+(tests/demo/conftest.py). The same calls over FakeVllm, fast: tests/test_client.py."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 import pytest
 
-from lorastack.demo.client import GatewayClient, GatewayError
+from lorastack.client import AsyncClient, Client, GatewayError
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -17,15 +19,23 @@ TEXTS = ["This medicine works great, my pain is gone.", "It made me sick, awful.
          "Side effects were mild.", "I would not take it again."]
 
 
-def test_models_lists_the_base_and_the_adapters_with_their_cards(client):
-    cards = {c["id"]: c for c in client.models()}
+def test_health_models_and_adapters(client):
+    health = client.health()
+    assert health.ok and health.engines and all(e.up for e in health.engines)
+    assert health.adapters >= 2  # the page's tests add one later
+    cards = {c.id: c for c in client.models()}
     base = next(iter(cards))
-    assert cards[base]["task"] == "generation" and cards[base]["parent"] is None
+    assert cards[base].task == "generation" and cards[base].parent is None
+    assert cards[base].is_base and cards[base].max_model_len
     for name in ("sentiment", "sentiment-2"):
         card = cards[name]
-        assert card["task"] == "classification" and card["labels"] == LABELS
-        assert card["parent"] == base and card["created"] > 0
-        assert "accuracy" in card["metrics"]["validation"]
+        assert card.task == "classification" and list(card.labels) == LABELS
+        assert card.parent == base and card.created > 0
+        assert "accuracy" in card.metrics["validation"]
+        assert card.lora["rank"] == 8 and card.examples
+    state = client.adapters()
+    assert {"sentiment", "sentiment-2"} <= set(state.names()) and not state.refused
+    assert all(a.identity.startswith(a.name + "@") for a in state.data)
 
 
 def test_classify_one_and_an_ensemble(client):
@@ -33,10 +43,16 @@ def test_classify_one_and_an_ensemble(client):
     assert set(one.probabilities) == set(LABELS)
     assert math.isclose(sum(one.probabilities.values()), 1, abs_tol=1e-5)
     assert one.label == max(one.probabilities, key=one.probabilities.get)
-    [ens] = client.classify(["sentiment", "sentiment-2"], TEXTS[0])
-    assert set(ens.members) == {"sentiment", "sentiment-2"}
+    assert one.members is None and one.top[0].label == one.label and len(one.top) == 3
+    ens = client.classify(["sentiment", "sentiment-2"], TEXTS[0], top_k=1)
+    assert list(ens.labels) == LABELS and ens.usage.prompt_tokens > 0
+    [ens] = ens
+    assert set(ens.members) == {"sentiment", "sentiment-2"} and len(ens.top) == 1
     for label in LABELS:  # same weights under two names: the mean equals each member
         assert math.isclose(ens.probabilities[label], one.probabilities[label], abs_tol=1e-4)
+        for member in ens.members.values():
+            assert math.isclose(member.probabilities[label], one.probabilities[label],
+                                abs_tol=1e-4)
 
 
 def test_classify_many_batches_within_the_gateways_limit(client):
@@ -46,57 +62,108 @@ def test_classify_many_batches_within_the_gateways_limit(client):
     assert progress == [(3, 7), (6, 7), (7, 7)]
     alone = client.classify("sentiment", TEXTS)
     assert [a.label for a in many] == [a.label for a in alone]
+    assert [a.index for a in many] == [a.index for a in alone] == list(range(7))
     for a, b in zip(many, alone):
         assert math.isclose(a.confidence, b.confidence, abs_tol=1e-4)
+    # over the gateway's --max-batch 8: halved until it fits
+    assert len(client.classify_many("sentiment", TEXTS * 2, batch_size=14)) == 14
 
 
 def test_streams_arrive_in_pieces(client):
-    pieces = list(client.stream_completion("sentiment", "The capital of France is",
-                                           max_tokens=12, temperature=0))
+    pieces = list(client.stream_complete("sentiment", "The capital of France is",
+                                         max_tokens=12, temperature=0))
     assert len(pieces) > 1 and "".join(pieces).strip()
-    base = client.models()[0]["id"]
+    base = client.models()[0].id
     chat = list(client.stream_chat(base, [{"role": "user", "content": "Say hello."}],
                                    max_tokens=12, temperature=0))
     assert len(chat) > 1 and "".join(chat).strip()
 
 
-def test_errors_are_the_gateways_readable_messages(client, gateway):
-    with pytest.raises(GatewayError, match=r"404: model 'nope' is not served here.*sentiment"):
+def test_whole_answers_match_the_streams(client):
+    base = client.models()[0].id
+    done = client.complete(base, "The capital of France is", max_tokens=12, temperature=0)
+    streamed = "".join(client.stream_complete(base, "The capital of France is",
+                                              max_tokens=12, temperature=0))
+    assert done.text == streamed and done.model == base
+    assert done.finish_reason in ("stop", "length") and done.usage.completion_tokens > 0
+    reply = client.chat("sentiment", "Say hello.", max_tokens=12, temperature=0)
+    assert reply.text == "".join(client.stream_chat("sentiment", "Say hello.", max_tokens=12,
+                                                    temperature=0))
+    assert reply.model == "sentiment" and reply.text.strip()
+
+
+def test_errors_are_the_gateways_readable_messages(client, page_client, gateway):
+    with pytest.raises(GatewayError, match=r"404: model 'nope' is not served here.*"
+                                           r"sentiment") as info:
         client.classify("nope", "text")
-    with pytest.raises(GatewayError, match="over the batch limit 8; split the request"):
+    assert (info.value.status, info.value.code) == (404, "model_not_found")
+    with pytest.raises(GatewayError, match="over the batch limit 8; split the request") as info:
         client.classify("sentiment", TEXTS + TEXTS)
+    assert info.value.code == "batch_too_large"
     with pytest.raises(GatewayError, match="`max_tokens` is 100; the limit is 64"):
-        list(client.stream_completion("sentiment", "Hi", max_tokens=100))
-    base = client.models()[0]["id"]
+        list(client.stream_complete("sentiment", "Hi", max_tokens=100))
+    base = client.models()[0].id
     with pytest.raises(GatewayError, match=f"400: '{base}' is the base model, which has no "
                        f"labels"):
         client.classify(base, "text")
-    no_key = GatewayClient(gateway.url)
-    with pytest.raises(GatewayError, match="401: missing API key.*--api-key") as info:
+    with Client(gateway.url, api_key="") as no_key, \
+            pytest.raises(GatewayError, match="401: missing API key.*api_key=") as info:
         no_key.models()
     assert info.value.status == 401
-    api_only = GatewayClient(gateway.url, api_key=gateway.key)
-    with pytest.raises(GatewayError, match="403: .*admin key.*--admin-key"):
+    with Client(gateway.url, api_key=gateway.key, admin_key="") as api_only, \
+            pytest.raises(GatewayError, match="403: .*admin key.*admin_key="):
+        api_only.unload("sentiment-2")
+    # the page's client says what to do with the page's flags
+    from lorastack.demo.app import page_client as make_page_client
+
+    with make_page_client(gateway.url) as no_key, \
+            pytest.raises(GatewayError, match="401: missing API key.*--api-key") as info:
+        no_key.models()
+    with make_page_client(gateway.url, api_key=gateway.key) as api_only, \
+            pytest.raises(GatewayError, match="403: .*admin key.*--admin-key"):
         api_only.unload("sentiment-2")
 
 
 def test_unload_and_load_by_hand(client):
-    assert client.unload("sentiment-2")["status"] == "unloaded"
-    assert "sentiment-2" not in [c["id"] for c in client.models()]
+    gone = client.unload("sentiment-2")
+    assert gone.status == "unloaded" and gone.name == "sentiment-2"
+    assert "sentiment-2" not in [c.id for c in client.models()]
+    assert "sentiment-2" in client.adapters().unloaded
     with pytest.raises(GatewayError, match="404"):
         client.classify("sentiment-2", "text")
-    assert client.load("sentiment-2")["status"] == "loaded"
-    assert "sentiment-2" in [c["id"] for c in client.models()]
+    back = client.load("sentiment-2")
+    assert back.status == "loaded" and back.adapter.loaded_on
+    assert "sentiment-2" in [c.id for c in client.models()]
     assert client.classify("sentiment-2", "text")[0].label in LABELS
 
 
-def test_compare_streams_two_models_at_once(client):
+def test_the_async_client(gateway):
+    async def main():
+        async with AsyncClient(gateway.url, api_key=gateway.key,
+                               admin_key=gateway.admin) as agw:
+            assert (await agw.health()).ok
+            base = (await agw.models())[0].id
+            a, b = await asyncio.gather(agw.classify("sentiment", TEXTS[:3]),
+                                        agw.classify(["sentiment", "sentiment-2"], TEXTS[0]))
+            assert len(a) == 3 and set(b[0].members) == {"sentiment", "sentiment-2"}
+            pieces = [p async for p in agw.stream_chat(base, "Say hello.", max_tokens=12,
+                                                       temperature=0)]
+            assert len(pieces) > 1
+            whole = await agw.chat(base, "Say hello.", max_tokens=12, temperature=0)
+            assert whole.text == "".join(pieces)
+            with pytest.raises(GatewayError, match="404: model 'nope'"):
+                await agw.classify("nope", "x")
+
+    asyncio.run(main())
+
+
+def test_compare_streams_two_models_at_once(page_client):
     from lorastack.demo.app import stream_pair
 
-    base = client.models()[0]["id"]
-    steps = list(stream_pair(client, (base, "sentiment"), "Name a colour.",
+    base = page_client.models()[0].id
+    steps = list(stream_pair(page_client, (base, "sentiment"), "Name a colour.",
                              {"max_tokens": 8, "temperature": 0}))
     assert len(steps) > 2 and steps[-1][0].strip() and steps[-1][1].strip()
-    [(left, right)] = list(stream_pair(client, ("nope", "sentiment"), "Hi",
+    [(left, right)] = list(stream_pair(page_client, ("nope", "sentiment"), "Hi",
                                        {"max_tokens": 1, "temperature": 0}))[-1:]
     assert "404: model 'nope' is not served here" in left and right

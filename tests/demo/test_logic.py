@@ -1,5 +1,6 @@
-"""The page's logic without a server: CSV reading, flagging, tables, error messages, SSE parsing,
-the client's failures when the gateway is down, and the page building against a dead gateway."""
+"""The page's logic without a server: CSV reading, flagging, tables (and the column order the page
+shows), the page's error hints, and the page building against a dead gateway. The client itself
+(lorastack.client) is tested in tests/test_client.py."""
 
 from __future__ import annotations
 
@@ -7,18 +8,13 @@ import json
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
 
+from lorastack.client import Adapters, Classified, Client, GatewayError, Member, ModelCard
 from lorastack.demo import feedback
-from lorastack.demo.client import (
-    Classified,
-    GatewayClient,
-    GatewayError,
-    error_message,
-    sse_events,
-)
 
 
 def _csv(tmp_path, text: str, name="reviews.csv"):
@@ -80,8 +76,10 @@ def _answers():
 
 def test_results_table_distribution_summary_and_csv(tmp_path):
     table = feedback.results_table(["a", "b", "c"], _answers(), ["positive", "negative"], 0.3)
-    assert list(table.columns) == ["row", "text", "label", "confidence", "check",
-                                   "p(positive)", "p(negative)"]
+    # what a reader came for first, the (long) text after, the row number last
+    assert list(table.columns) == ["label", "confidence", "check", "p(positive)",
+                                   "p(negative)", "text", "row"]
+    assert table["row"].tolist() == [1, 2, 3] and table["text"].tolist() == ["a", "b", "c"]
     assert table["check"].tolist() == [False, True, False]
     assert table["confidence"].tolist() == [0.9, 0.55, 0.7]
     dist = feedback.label_distribution(table, ["positive", "negative", "neutral"])
@@ -90,21 +88,97 @@ def test_results_table_distribution_summary_and_csv(tmp_path):
     text = feedback.summary(table, "m")
     assert "3 texts" in text and "**positive** 2 (67%)" in text and "1 least confident" in text
     path = feedback.write_results(table, tmp_path)
-    assert path.read_text().splitlines()[0] == "row,text,label,confidence,check,p(positive)," \
-                                                "p(negative)"
+    assert path.read_text().splitlines()[0] == "label,confidence,check,p(positive)," \
+                                                "p(negative),text,row"
     assert len(path.read_text().splitlines()) == 4
     with pytest.raises(ValueError, match="2 texts but 3 answers"):
         feedback.results_table(["a", "b"], _answers(), ["positive"])
 
 
+def test_results_table_with_true_labels_says_which_are_wrong():
+    table = feedback.results_table(["a", "b", "c"], _answers(), ["positive", "negative"], 0.3,
+                                   truth=["Positive", "positive", ""])
+    assert list(table.columns) == ["label", "true_label", "wrong", "confidence", "check",
+                                   "p(positive)", "p(negative)", "text", "row"]
+    assert table["wrong"].tolist() == [False, True, False]  # any case; no true label: not wrong
+    assert "accuracy **50%** (1 of 2), 1 wrong (column `wrong`)" in feedback.summary(table, "m")
+    with pytest.raises(ValueError, match="3 texts but 1 true labels"):
+        feedback.results_table(["a", "b", "c"], _answers(), ["positive"], truth=["x"])
+
+
+def test_labelled_csv_keeps_texts_and_true_labels_aligned(tmp_path):
+    frame = feedback.read_csv(_csv(tmp_path, "review,Sentiment\nGood, positive\n ,negative\n"
+                                             "Bad,negative\n"))
+    assert feedback.guess_label_column(frame, "review") == "Sentiment"
+    assert feedback.guess_label_column(frame, "Sentiment") is None
+    assert feedback.labelled_from_csv(frame, "review", "Sentiment") == (
+        ["Good", "Bad"], ["positive", "negative"])
+    assert feedback.labelled_from_csv(frame, "review") == (["Good", "Bad"], None)
+    with pytest.raises(feedback.InputError, match="no column 'gold'"):
+        feedback.labelled_from_csv(frame, "review", "gold")
+
+
+LABELS2 = ["positive", "negative"]
+CARDS = {"object": "list", "data": [
+    {"id": "base", "task": "generation", "parent": None},
+    {"id": "c", "task": "classification", "parent": "base", "labels": LABELS2}]}
+
+
+def _fake_gateway(request: httpx.Request) -> httpx.Response:
+    """GET /v1/models, /v1/adapters and POST /v1/classify: "bad" in a text makes it negative."""
+    if request.url.path == "/v1/models":
+        return httpx.Response(200, json=CARDS)
+    if request.url.path == "/v1/adapters":
+        return httpx.Response(200, json={"data": [], "unloaded": [], "refused": {}})
+    texts = json.loads(request.content)["input"]
+    data = [{"index": i, "label": "negative" if "bad" in t.lower() else "positive",
+             "probabilities": {"negative": 0.8, "positive": 0.2} if "bad" in t.lower() else
+             {"positive": 0.7, "negative": 0.3}} for i, t in enumerate(texts)]
+    return httpx.Response(200, json={"model": "c", "labels": LABELS2, "data": data,
+                                     "usage": {"prompt_tokens": 1, "total_tokens": 1}})
+
+
+def _handler(page, name: str):
+    return next(f.fn for f in page.fns.values() if f.name == name)
+
+
+def test_the_feedback_tables_the_page_shows_put_label_and_confidence_first(tmp_path):
+    """What the page hands its two tables (least confident, every row), in the order shown:
+    label and confidence in view on a normal screen, the long text after them, row last."""
+    from lorastack.demo.app import NO_TRUTH, build_page
+
+    page = build_page(Client("http://gw", transport=httpx.MockTransport(_fake_gateway)))
+    classify_all = _handler(page, "classify_all")
+    summary, _, csv_path, flagged, table = classify_all(
+        None, None, None, "Works well\nBad for me\nFine", ["c"], 34, 16)
+    shown = ["label", "confidence", "check", "p(positive)", "p(negative)", "text", "row"]
+    assert list(table.columns) == shown and list(flagged.columns) == shown
+    assert table["label"].tolist() == ["positive", "negative", "positive"]
+    assert sorted(flagged["row"]) == [1, 3]  # the two least confident
+    assert Path(csv_path).read_text().splitlines()[0] == ",".join(shown)
+    # a CSV with true labels: the true-label column is guessed, then shown beside the label
+    src = _csv(tmp_path, "id,review,label\n1,Works well,positive\n2,Bad for me,positive\n")
+    column, truth = _handler(page, "pick_column")(str(src))
+    assert (column["value"], truth["value"]) == ("review", "label")
+    assert truth["choices"][0] == NO_TRUTH
+    summary, _, _, flagged, table = classify_all(str(src), "review", "label", "", ["c"], 10, 16)
+    assert list(table.columns)[:5] == ["label", "true_label", "wrong", "confidence", "check"]
+    assert list(table.columns)[-2:] == ["text", "row"] and list(flagged.columns) == list(
+        table.columns)
+    assert table["wrong"].tolist() == [False, True] and "accuracy **50%**" in summary
+    _, _, _, _, table = classify_all(str(src), "review", NO_TRUTH, "", ["c"], 10, 16)
+    assert "true_label" not in table
+
+
 def test_models_table_reads_cards_and_load_state():
-    cards = [{"id": "base", "task": "generation", "parent": None, "created": 0},
-             {"id": "s", "task": "classification", "parent": "base", "labels": ["a", "b"],
-              "metrics": {"validation": {"accuracy": 0.75, "n": 8.0}, "test": {"f1": 1}},
-              "created": 1_700_000_000},
-             {"id": "g", "task": "generation", "parent": "base", "created": 1_700_000_000}]
-    status = {"data": [{"name": "s", "loaded_on": ["http://x"], "inflight": 2}],
-              "unloaded": ["g", "h"]}
+    cards = [ModelCard.from_json(c) for c in (
+        {"id": "base", "task": "generation", "parent": None, "created": 0},
+        {"id": "s", "task": "classification", "parent": "base", "labels": ["a", "b"],
+         "metrics": {"validation": {"accuracy": 0.75, "n": 8.0}, "test": {"f1": 1}},
+         "created": 1_700_000_000},
+        {"id": "g", "task": "generation", "parent": "base", "created": 1_700_000_000})]
+    status = Adapters.from_json({"data": [{"name": "s", "loaded_on": ["http://x"],
+                                           "inflight": 2}], "unloaded": ["g", "h"]})
     rows = feedback.models_table(cards, status).to_dict("records")
     assert rows[0]["state"] == "base model" and rows[0]["created"] == ""
     assert rows[1]["labels"] == "a, b" and rows[1]["validation"] == "accuracy 0.750, n 8"
@@ -113,35 +187,23 @@ def test_models_table_reads_cards_and_load_state():
     assert rows[1]["created"] == "2023-11-14 22:13 UTC"
     assert rows[2]["state"] == "unloaded by hand"
     assert rows[3]["name"] == "h" and rows[3]["state"] == "unloaded by hand" and len(rows) == 4
+    assert feedback.models_table(cards)["state"].tolist() == ["base model", "served (lazy)",
+                                                               "served (lazy)"]
 
 
-def test_error_message_prefers_the_gateways_message_and_adds_a_hint():
-    body = json.dumps({"error": {"message": "model 'x' is not served here", "code": "c"}})
-    assert error_message(404, body) == "gateway error 404: model 'x' is not served here"
-    assert "--api-key" in error_message(401, b'{"error": {"message": "missing API key"}}')
-    assert "--admin-key" in error_message(403, b'{"error": {"message": "needs admin"}}')
-    assert error_message(422, '{"detail": "bad field"}') == "gateway error 422: bad field"
-    assert error_message(502, "<html>\n  Bad   gateway</html>") == \
-        "gateway error 502: <html> Bad gateway</html>"
+def test_the_pages_errors_name_the_pages_flags():
+    from lorastack.demo.app import PAGE_HINTS, page_client
 
-
-def test_sse_events_stop_at_done_and_refuse_garbage():
-    lines = [": comment", "", 'data: {"a": 1}', "data: [DONE]", 'data: {"b": 2}']
-    assert list(sse_events(iter(lines))) == [{"a": 1}]
-    with pytest.raises(GatewayError, match="not JSON"):
-        list(sse_events(iter(["data: {oops"])))
-
-
-def test_stream_surfaces_an_error_event_mid_stream():
-    chunks = ['data: {"choices": [{"text": "Hel"}]}', 'data: {"choices": [{"text": "lo"}]}',
-              'data: {"error": {"message": "the stream was cut: vLLM failed"}}']
-    transport = httpx.MockTransport(lambda req: httpx.Response(
-        200, text="\n\n".join(chunks) + "\n\n", headers={"content-type": "text/event-stream"}))
-    client = GatewayClient("http://gw", transport=transport)
-    got = []
-    with pytest.raises(GatewayError, match="the stream was cut"):
-        got.extend(client.stream_completion("m", "p"))
-    assert got == ["Hel", "lo"]
+    body = b'{"error": {"message": "missing API key", "code": "missing_api_key"}}'
+    assert str(GatewayError.from_response(401, body, PAGE_HINTS)) == (
+        "gateway error 401: missing API key (give the page an API key: `lorastack demo "
+        "--api-key KEY`)")
+    assert "--admin-key" in str(GatewayError.from_response(403, b"{}", PAGE_HINTS))
+    assert str(GatewayError.from_response(404, '{"error": {"message": "not served"}}',
+                                          PAGE_HINTS)) == "gateway error 404: not served"
+    client = page_client("http://gw/", "k", "a")
+    assert (client.url, client.api_key, client.admin_key, client.hints) == (
+        "http://gw", "k", "a", PAGE_HINTS)
 
 
 def _closed_port() -> int:
@@ -150,35 +212,10 @@ def _closed_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_unreachable_gateway_is_a_readable_error():
-    client = GatewayClient(f"http://127.0.0.1:{_closed_port()}")
-    for call in (client.models, lambda: client.classify("m", "t"),
-                 lambda: list(client.stream_chat("m", [{"role": "user", "content": "hi"}]))):
-        with pytest.raises(GatewayError, match="cannot reach the gateway at http://127.0.0.1:"
-                                               r"\d+ .*is `lorastack serve` running"):
-            call()
-
-
-def test_classify_many_batches_and_reports_progress():
-    sizes = []
-
-    def answer(request):
-        body = json.loads(request.content)
-        sizes.append(len(body["input"]))
-        return httpx.Response(200, json={"data": [
-            {"label": "a", "probabilities": {"a": 0.6, "b": 0.4}} for _ in body["input"]]})
-
-    client = GatewayClient("http://gw", transport=httpx.MockTransport(answer))
-    progress = []
-    out = client.classify_many("m", [str(i) for i in range(7)], 3,
-                               on_batch=lambda d, t: progress.append((d, t)))
-    assert sizes == [3, 3, 1] and progress == [(3, 7), (6, 7), (7, 7)] and len(out) == 7
-
-
 def test_page_helpers():
     from lorastack.demo import app
 
-    cards = [{"id": "base", "task": "generation"}, {"id": "c", "task": "classification"}]
+    cards = [ModelCard("base", "generation"), ModelCard("c", "classification", "base")]
     assert app.model_choices(cards) == (["c"], ["base", "c"])
     assert app.keep(["c", "gone"], ["c"], []) == ["c"]
     assert app.keep(["gone"], ["c"], ["c"]) == ["c"]
@@ -187,8 +224,8 @@ def test_page_helpers():
         app.as_models([])
     md = app.prediction_markdown(["a", "b"], Classified(
         "pos", {"pos": 0.8, "neg": 0.2},
-        {"a": {"label": "pos", "probabilities": {"pos": 0.9, "neg": 0.1}},
-         "b": {"label": "neg", "probabilities": {"pos": 0.3, "neg": 0.7}}}))
+        {"a": Member("pos", {"pos": 0.9, "neg": 0.1}),
+         "b": Member("neg", {"pos": 0.3, "neg": 0.7})}))
     assert "Predicted: **pos** (80.0%)" in md and "ensemble" in md and "`b`: neg (70.0%)" in md
 
 
@@ -199,7 +236,7 @@ def test_handlers_turn_gateway_errors_into_gradio_errors():
 
     @shown
     def plain():
-        raise GatewayError("gateway error 404: <model> 'x' is not served here", 404)
+        raise GatewayError("<model> 'x' is not served here", 404)
 
     @shown
     def streaming():
@@ -218,7 +255,7 @@ def test_handlers_turn_gateway_errors_into_gradio_errors():
 def test_page_builds_against_a_dead_gateway_and_says_so():
     from lorastack.demo.app import build_page
 
-    page = build_page(GatewayClient(f"http://127.0.0.1:{_closed_port()}"))
+    page = build_page(Client(f"http://127.0.0.1:{_closed_port()}", api_key=""))
     status = next(b for b in page.blocks.values() if getattr(b, "elem_id", None) == "status")
     assert "cannot reach the gateway" in status.value
     tabs = [b.label for b in page.blocks.values() if type(b).__name__ == "Tab"]
@@ -236,30 +273,27 @@ def test_demo_command_is_registered_without_importing_gradio():
         assert flag in helped.stdout
 
 
-def test_classify_many_halves_batches_over_the_gateways_limit():
-    sizes = []
-
-    def answer(request):
-        n = len(json.loads(request.content)["input"])
-        sizes.append(n)
-        if n > 3:
-            return httpx.Response(400, json={"error": {
-                "message": f"{n} inputs is over the batch limit 3; split the request",
-                "code": "batch_too_large"}})
-        return httpx.Response(200, json={"data": [
-            {"label": "a", "probabilities": {"a": 1.0}} for _ in range(n)]})
-
-    client = GatewayClient("http://gw", transport=httpx.MockTransport(answer))
-    assert len(client.classify_many("m", [str(i) for i in range(9)], 16)) == 9
-    assert sizes == [9, 8, 4, 2, 2, 2, 2, 1]
-    with pytest.raises(GatewayError, match="over the batch limit 3") as info:
-        client.classify("m", ["x"] * 5)
-    assert info.value.code == "batch_too_large" and info.value.status == 400
-
-
 def test_adapter_examples_come_from_the_chosen_cards():
-    cards = [{"id": "base"}, {"id": "a", "examples": ["x", "y"]},
-             {"id": "b", "examples": ["y", "z"]}, {"id": "c", "examples": ["w"]}]
+    cards = [ModelCard.from_json(c) for c in (
+        {"id": "base"}, {"id": "a", "examples": ["x", "y", {"text": "r", "drug": "d"}]},
+        {"id": "b", "examples": ["y", "z"]}, {"id": "c", "examples": ["w"]})]
     assert feedback.adapter_examples(cards, ["a", "b"]) == ["x", "y", "z"]
     assert feedback.adapter_examples(cards, ["base"]) == []
     assert feedback.adapter_examples(cards, ["a", "b", "c"], n=2) == ["x", "y"]
+
+
+def test_screenshots_reach_the_tracked_figures_only_when_asked(tmp_path, monkeypatch):
+    from demo_helpers import FIGURES, OUTPUT, REPO, UPDATE_FIGURES, save_figure
+
+    if (REPO / ".git").exists():  # screenshots go where git does not look
+        ignored = subprocess.run(["git", "-C", str(REPO), "check-ignore", "-q",
+                                  str(OUTPUT / "demo-classify.png")], check=False)
+        assert ignored.returncode == 0, f"{OUTPUT} is not ignored by git"
+    assert FIGURES == REPO / "docs" / "figures"
+    shot = tmp_path / "shot.png"
+    shot.write_bytes(b"png")
+    figures = tmp_path / "figures"
+    monkeypatch.delenv(UPDATE_FIGURES, raising=False)
+    assert save_figure(shot, "demo-classify.png", figures) is None and not figures.exists()
+    monkeypatch.setenv(UPDATE_FIGURES, "1")
+    assert save_figure(shot, "demo-classify.png", figures).read_bytes() == b"png"

@@ -1,6 +1,7 @@
 """The page in a real browser: Debian's chromium (headless, driven by Playwright) against the page,
-which talks to the session's real gateway. Screenshots go to test-output/demo/; the classify
-one is the README's picture (docs/figures/demo-classify.png)."""
+which talks to the session's real gateway. Screenshots go to test-output/demo/ (ignored by git);
+the classify one is the README's picture, copied to docs/figures/demo-classify.png only when
+asked: `LORASTACK_UPDATE_FIGURES=1 .venv/bin/pytest tests/demo/test_page_browser.py`."""
 
 from __future__ import annotations
 
