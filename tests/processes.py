@@ -3,6 +3,7 @@ lorastack_serve`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -54,3 +55,10 @@ def lorastack_serve(root: Path, store: Path, *args: str, timeout_s: float = 600)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(10)
+
+
+def copy_adapter(src, name: str, dst, new_name: str):
+    """The same weights under another name, written to store `dst` as a new adapter."""
+    adapter = src.resolve(name)
+    return dst.write(new_name, adapter.path, dataclasses.replace(adapter.manifest,
+                                                                 name=new_name))

@@ -248,6 +248,15 @@ def test_errors_carry_status_code_and_the_gateways_message(gw, gateway):
             pytest.raises(GatewayError, match="403: .*admin key.*admin_key=") as info:
         user.unload("reviews-classify-2")
     assert info.value.code == "admin_key_required"
+    # the page's client says what to do with the page's flags
+    from lorastack.demo.app import page_client
+
+    with page_client(gateway) as anonymous, \
+            pytest.raises(GatewayError, match="401: missing API key.*--api-key"):
+        anonymous.models()
+    with page_client(gateway, api_key=KEY) as user, \
+            pytest.raises(GatewayError, match="403: .*admin key.*--admin-key"):
+        user.unload("reviews-classify-2")
 
 
 def test_adapters_unload_and_load(gw):

@@ -1,92 +1,31 @@
-"""The page's fixtures: ONE real gateway for the whole session (`lorastack serve` as a subprocess,
-real vLLM, the real default base model, a classification adapter trained here in seconds), the
-page itself (built by build_page, launched on a free port) and Debian's chromium via Playwright.
+"""The page's fixtures: the session's real gateway (`quickstart` in tests/conftest.py: `lorastack
+serve` as a subprocess, real vLLM, the real default base model, adapters trained there in
+seconds), the page itself (built by build_page, launched on a free port) and Debian's chromium
+via Playwright.
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import httpx
 import pytest
-from demo_helpers import OUTPUT, copy_adapter
+from demo_helpers import OUTPUT
 
 KEY, ADMIN = "demo-key", "demo-admin"
-LABELS = ["positive", "negative", "neutral"]
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update",
                  "--disable-sync"]
 
 
-def train_classifier(root: Path, name: str) -> None:
-    """A tiny sentiment adapter on the real base model (2 steps: it only has to be real)."""
-    from lorastack.train import train
-
-    train({"name": name, "base": "smollm2-135m", "store": str(root / "staging"),
-           "runs_dir": str(root / "runs"), "quantization": "none",
-           "task": {"type": "classification", "prompt": "{text}",
-                    "system": "Classify the sentiment.", "labels": LABELS},
-           "data": {"source": "drug-reviews", "limit_train": 16, "limit_eval": 8,
-                    "max_length": 160},
-           "lora": {"r": 8, "alpha": 16, "layers": [27, 28, 29]},
-           "training": {"max_steps": 2, "batch_size": 8, "eval_every": 2, "save_every": 2}})
-
-
 @pytest.fixture(scope="session")
-def gateway(tmp_path_factory, base_model):
-    from lorastack.adapters.store import AdapterStore
-    from lorastack.serve.vllm_proc import free_port
-
-    root = tmp_path_factory.mktemp("demo-gateway")
-    started = time.monotonic()
-    train_classifier(root, "sentiment")
-    staging, store = AdapterStore(root / "staging"), AdapterStore(root / "served")
-    copy_adapter(staging, "sentiment", store, "sentiment")
-    copy_adapter(staging, "sentiment", store, "sentiment-2")
-    print(f"\nadapter trained in {time.monotonic() - started:.0f} s")
-    port = free_port()
-    log = (root / "serve.log").open("w")
-    env = {**os.environ, "LORASTACK_POLL_INTERVAL_S": "0.25"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lorastack", "serve", "--store", str(store.root), "--port",
-         str(port), "--api-key", KEY, "--admin-key", ADMIN, "--work-dir", str(root / "work"),
-         "--max-batch", "8", "--max-tokens", "64", "--capacity", "4", "--max-loras", "2",
-         "--log-level", "warning"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"`lorastack serve` exited with {proc.returncode}:\n"
-                            f"{(root / 'serve.log').read_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail("the gateway was not healthy after 600 s:\n"
-                            f"{(root / 'serve.log').read_text()[-3000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        print(f"gateway healthy {time.monotonic() - started:.0f} s after the start")
-        yield SimpleNamespace(url=url, key=KEY, admin=ADMIN, labels=LABELS, store=store,
-                              staging=staging, log=root / "serve.log")
-    finally:
-        os.killpg(proc.pid, signal.SIGINT)  # its own session: the gateway and its vLLM child
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-        log.close()
+def gateway(quickstart):
+    """The session's real gateway (tests/conftest.py: `quickstart`), keyless as the quickstart
+    serves it; the keys below are sent and ignored (the keyed paths: tests/test_client.py)."""
+    return SimpleNamespace(url=quickstart.url, key=KEY, admin=ADMIN, labels=quickstart.labels,
+                           store=quickstart.store, staging=quickstart.staging,
+                           log=quickstart.log)
 
 
 @pytest.fixture(scope="session")

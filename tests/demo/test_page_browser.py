@@ -131,12 +131,12 @@ def test_compare_two_models_side_by_side(page):
     _tab(page, "Compare")
     page.locator("#cmp_text textarea").fill(REVIEW)
     page.locator("#cmp_btn").click()
-    # A is the base model (no labels: says so), B the first classification adapter
+    # A is the base model (no labels: says so), B the first classification adapter by name
     expect(page.locator("#cmp_out_a textarea")).to_have_value(
         re.compile(r"^smollm2-135m is not a classification adapter: it has no labels"),
         timeout=120_000)
     expect(page.locator("#cmp_out_b textarea")).to_have_value(
-        re.compile(r"^sentiment: (positive|negative|neutral) \("))
+        re.compile(r"^reviews-classify: (positive|negative|neutral) \("))
     page.screenshot(path=OUTPUT / "demo-compare.png", full_page=True)
 
 
