@@ -1,63 +1,87 @@
-"""`lorastack serve`: the gateway and its vLLM child. Imports nothing heavy until it runs."""
+"""`lorastack serve`: the gateway and its vLLM child. Imports nothing heavy until it runs.
+
+Its flags are ServeSettings' fields (serve/settings.py), one declaration: each field is a flag
+named after it (`max_loras` -> `--max-loras`), with the field's docstring as its help; lists
+are repeatable flags and booleans take `--x/--no-x`. A flag that is given wins over the
+field's LORASTACK_* environment variable.
+"""
 
 from __future__ import annotations
 
+import inspect
+import typing
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+# the flags whose names differ from their field's (as documented since the first release)
+FLAGS = {"api_keys": "--api-key", "start_timeout_s": "--start-timeout"}
+METAVARS = {int: "INT", float: "FLOAT", Path: "PATH", list[str]: "TEXT (repeatable)"}
 
-def serve_command(
-    base: Annotated[str | None, typer.Option(help="Base model: alias, hub id or directory "
-                                             "(env LORASTACK_BASE; default smollm2-135m)")] = None,
-    store: Annotated[Path | None, typer.Option(help="Adapter store directory "
-                                               "(env LORASTACK_STORE)")] = None,
-    host: Annotated[str | None, typer.Option(help="Address to bind (default 127.0.0.1); "
-                                             "beyond loopback, keys are required")] = None,
-    port: Annotated[int | None, typer.Option(help="Port to bind (default 8000; 0: any free "
-                                             "port, printed once bound)")] = None,
-    upstream: Annotated[list[str] | None, typer.Option(
-        help="URL of a vLLM server already running (repeatable); no child is started")] = None,
-    api_key: Annotated[list[str] | None, typer.Option(
-        help="API key for /v1 routes (repeatable; env LORASTACK_API_KEYS)")] = None,
-    admin_key: Annotated[str | None, typer.Option(
-        help="Key for /v1/adapters/load and /unload (env LORASTACK_ADMIN_KEY)")] = None,
-    capacity: Annotated[int | None, typer.Option(
-        help="Adapters kept loaded; beyond, least recently used are evicted (default 8)")] = None,
-    max_loras: Annotated[int | None, typer.Option(
-        help="Adapters in one vLLM batch (default 4)")] = None,
-    max_lora_rank: Annotated[int | None, typer.Option(help="Largest rank served (16)")] = None,
-    max_model_len: Annotated[int | None, typer.Option(help="vLLM context length (1024)")] = None,
-    max_prompt_tokens: Annotated[int | None, typer.Option(help="Prompt limit (768)")] = None,
-    max_tokens: Annotated[int | None, typer.Option(help="Completion limit (512)")] = None,
-    max_batch: Annotated[int | None, typer.Option(help="Prompts per request (32)")] = None,
-    max_body_bytes: Annotated[int | None, typer.Option(help="Body size limit (1000000)")] = None,
-    start_timeout: Annotated[float | None, typer.Option(
-        help="Seconds to wait for vLLM to become healthy (600)")] = None,
-    work_dir: Annotated[Path | None, typer.Option(
-        help="Where adapter snapshots and the vLLM log go (default: a temporary dir)")] = None,
-    log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
-) -> None:
+
+def _flag(name: str) -> str:
+    return FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def _cli_type(annotation: Any) -> type:
+    """The type typer parses a field's flag as (pydantic validates the value afterwards)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _cli_type(args[0])
+    if origin is list:
+        return list[str]
+    if origin is typing.Literal:
+        return str
+    if args and origin is not None:  # X | None
+        return _cli_type(args[0])
+    return annotation if annotation in (str, int, float, bool, Path) else str
+
+
+def _parameters() -> list[inspect.Parameter]:
+    from lorastack.serve.settings import ServeSettings
+
+    params = []
+    for name, field in ServeSettings.model_fields.items():
+        kind = _cli_type(field.annotation)
+        default = field.default if field.default not in (None, [], "") else None
+        help_text = f"{field.description or ''} (env LORASTACK_{name.upper()}" + (
+            f"; default {default})" if default is not None else ")")
+        flag = _flag(name)
+        if kind is bool:
+            flag = f"{flag}/--no-{flag[2:]}"
+        option = typer.Option(flag, help=help_text, show_default=False,
+                              metavar=None if kind is bool else METAVARS.get(kind, "TEXT"))
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                        annotation=Annotated[kind | None, option]))
+    params.append(inspect.Parameter("log_level", inspect.Parameter.KEYWORD_ONLY, default="info",
+                                    annotation=Annotated[str, typer.Option(
+                                        help="uvicorn log level")]))
+    return params
+
+
+def serve_command(**given: Any) -> None:
     """Serve the base model and every adapter in the store behind an OpenAI-compatible API
     (plus /v1/classify), hot-swapping adapters as they are written."""
     from pydantic import ValidationError
 
     from lorastack.serve.settings import ServeSettings, SettingsError
 
-    given = {"base": base, "store": store, "host": host, "port": port, "upstream": upstream,
-             "api_keys": api_key, "admin_key": admin_key, "capacity": capacity,
-             "max_loras": max_loras, "max_lora_rank": max_lora_rank,
-             "max_model_len": max_model_len, "max_prompt_tokens": max_prompt_tokens,
-             "max_tokens": max_tokens, "max_batch": max_batch, "max_body_bytes": max_body_bytes,
-             "start_timeout_s": start_timeout, "work_dir": work_dir}
+    log_level = given.pop("log_level", "info")
     try:
-        settings = ServeSettings(**{k: v for k, v in given.items() if v not in (None, "", [])})
+        settings = ServeSettings(**{k: v for k, v in given.items()
+                                    if v is not None and v != [] and v != ""})
         settings.check_exposure()
     except (ValidationError, SettingsError) as exc:
         typer.echo(f"lorastack serve: {exc}", err=True)
         raise typer.Exit(2) from None
     run(settings, log_level)
+
+
+serve_command.__signature__ = inspect.Signature(_parameters())  # type: ignore[attr-defined]
+serve_command.__annotations__ = {p.name: p.annotation
+                                 for p in serve_command.__signature__.parameters.values()}
 
 
 def run(settings, log_level: str = "info") -> None:

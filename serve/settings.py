@@ -25,7 +25,7 @@ class SettingsError(ValueError):
 
 class ServeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LORASTACK_", extra="ignore",
-                                      validate_default=True)
+                                      validate_default=True, use_attribute_docstrings=True)
 
     base: str = DEFAULT_BASE
     """Base model (catalog alias, hub id or directory); adapters trained on other weights are

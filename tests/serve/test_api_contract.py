@@ -126,3 +126,31 @@ def test_serve_cli_passes_every_port_on(monkeypatch, given, port):
     result = CliRunner().invoke(app, ["serve", *given, "--capacity", "6"])
     assert result.exit_code == 0, result.output
     assert seen["s"].port == port and seen["s"].capacity == 6
+
+
+def test_every_setting_is_a_flag_and_reaches_the_settings(monkeypatch):
+    """serve's flags are ServeSettings' fields (one declaration): each one reaches it."""
+    import lorastack.serve.cli as serve_cli
+    from lorastack.cli import app
+    from lorastack.serve.settings import ServeSettings
+
+    help_text = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "300"}).output
+    for name in ServeSettings.model_fields:
+        assert serve_cli._flag(name) in help_text, name
+        assert f"LORASTACK_{name.upper()}" in help_text, name
+    seen = {}
+    monkeypatch.setattr(serve_cli, "run", lambda settings, level: seen.update(s=settings,
+                                                                               level=level))
+    result = CliRunner().invoke(app, [
+        "serve", "--no-restart-vllm", "--kv-cache-gb", "1.5", "--vllm-threads", "vllm",
+        "--upstream", "http://a:1", "--upstream", "http://b:2", "--api-key", "k1",
+        "--api-key", "k2", "--start-timeout", "9", "--vllm-args=--enforce-eager",
+        "--log-level", "warning"])
+    assert result.exit_code == 0, result.output
+    s = seen["s"]
+    assert (s.restart_vllm, s.kv_cache_gb, s.vllm_threads) == (False, 1.5, "vllm")
+    assert s.upstream == ["http://a:1", "http://b:2"] and s.api_keys == ["k1", "k2"]
+    assert (s.start_timeout_s, s.vllm_args, seen["level"]) == (9, ["--enforce-eager"],
+                                                               "warning")
+    bad = CliRunner().invoke(app, ["serve", "--vllm-threads", "some"])
+    assert bad.exit_code == 2 and "vllm_threads" in bad.output
