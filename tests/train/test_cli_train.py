@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -54,6 +55,7 @@ def test_bad_config_exits_with_a_message(tmp_path):
     assert result.exit_code == 1
     assert "lora.r=99 is above the server's max rank 16" in " ".join(result.output.split())
     assert "Traceback" not in result.output
+    assert result.stderr.startswith("error: ") and not result.stdout  # as `adapters` says it
 
 
 def test_eval_unknown_adapter_lists_what_there_is(tmp_path):
@@ -97,7 +99,8 @@ def test_eval_of_an_imported_adapter(tiny_base, review_files, tmp_path):
                                  "--column", "label=sentiment", "--out", str(out)])
     assert result.exit_code == 0, result.output
     metrics = json.loads(out.read_text())
-    assert metrics["n"] == 12 and 0 <= metrics["accuracy"] <= 1
+    right = sum(row[i] for i, row in enumerate(metrics["confusion"]))
+    assert metrics["n"] == 12 and metrics["accuracy"] == pytest.approx(right / 12)
     assert metrics["evaluated_on"] == f"{review_files['test']} (all 12 rows)"
     bad = _failed_cleanly(runner.invoke(app, ["eval", "imported", "--store", store, "--data",
                                               str(review_files["test"]), "--column", "text"]))

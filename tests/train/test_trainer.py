@@ -103,7 +103,9 @@ def test_generation_run_scores_exact_match(tiny_config, review_files):
     cfg["data"]["columns"] = {}
     result = train(cfg)
     val = result.metrics["validation"]
-    assert set(val) >= {"exact_match", "token_f1", "loss"} and 0 <= val["exact_match"] <= 1
+    assert set(val) >= {"exact_match", "token_f1", "loss", "n"}
+    matched = val["exact_match"] * val["n"]  # a share of the validation answers
+    assert matched == pytest.approx(round(matched)) and val["token_f1"] >= val["exact_match"]
     manifest = AdapterStore(cfg["store"]).resolve("tiny-condition").manifest
     assert manifest.task == "generation" and manifest.labels == ()
 
