@@ -79,9 +79,9 @@ def serve_command(**given: Any) -> None:
     run(settings, log_level)
 
 
-serve_command.__signature__ = inspect.Signature(_parameters())  # type: ignore[attr-defined]
-serve_command.__annotations__ = {p.name: p.annotation
-                                 for p in serve_command.__signature__.parameters.values()}
+_signature = inspect.Signature(_parameters())
+serve_command.__signature__ = _signature  # type: ignore[attr-defined]
+serve_command.__annotations__ = {p.name: p.annotation for p in _signature.parameters.values()}
 
 
 def run(settings, log_level: str = "info") -> None:

@@ -50,6 +50,20 @@ class Gateway:
         self._tasks: list[asyncio.Task] = []
         self.startup_s = 0.0
 
+    @property
+    def reg(self) -> Registry:
+        """The registry, once start() has built it."""
+        if self.registry is None:
+            raise RuntimeError("the gateway has not started")
+        return self.registry
+
+    @property
+    def tok(self) -> Tokenizer:
+        """The base model's tokenizer, once start() has loaded it."""
+        if self.tokenizer is None:
+            raise RuntimeError("the gateway has not started")
+        return self.tokenizer
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -58,7 +72,8 @@ class Gateway:
         if self.base is None:
             say(f"resolving base model {s.base!r}")
             self.base = await asyncio.to_thread(resolve_base, s.base)
-        self.tokenizer = Tokenizer(self.base.path)
+        base = self.base
+        self.tokenizer = Tokenizer(base.path)
         if not self.engines:
             self.engines = await self._start_engines()
         for engine in self.engines:
@@ -68,14 +83,14 @@ class Gateway:
                 engine.base_id = await engine.served_base()
             self.metrics.vllm_up.labels(engine.url).set(int(engine.up))
         store = AdapterStore(s.store)
-        self.registry = Registry(store, self.base, self.engines, capacity=s.capacity,
+        self.registry = Registry(store, base, self.engines, capacity=s.capacity,
                                  limits=ServingLimits(max_rank=s.max_lora_rank),
                                  work_dir=self.work_dir, metrics=self.metrics)
-        await self.registry.refresh()
-        self.metrics.adapters_served.set(len(self.registry.current))
-        say(f"serving {self.base.name} and {len(self.registry.current)} adapter(s) from "
-            f"{store.root}" + (f"; refused: {', '.join(self.registry.problems)}"
-                               if self.registry.problems else ""))
+        reg = self.registry
+        await reg.refresh()
+        self.metrics.adapters_served.set(len(reg.current))
+        say(f"serving {base.name} and {len(reg.current)} adapter(s) from "
+            f"{store.root}" + (f"; refused: {', '.join(reg.problems)}" if reg.problems else ""))
         # tokenizer warm-up here, not on the first request
         await asyncio.to_thread(self.tokenizer.get)
         self._tasks = [asyncio.create_task(self._watch_store()),
@@ -104,6 +119,7 @@ class Gateway:
                 if not await engine.healthy():
                     say(f"upstream {url} does not answer /health yet; will keep checking")
             return engines
+        assert self.base is not None  # start() resolved it
         proc = VllmProcess(s, self.base.path, self.base.name, self.work_dir / "vllm.log")
         say(f"starting vLLM on 127.0.0.1:{proc.port} (log: {proc.log_file})")
         proc.start()
@@ -122,8 +138,8 @@ class Gateway:
         while True:
             await asyncio.sleep(self.settings.poll_interval_s)
             try:
-                await self.registry.refresh()
-                self.metrics.adapters_served.set(len(self.registry.current))
+                await self.reg.refresh()
+                self.metrics.adapters_served.set(len(self.reg.current))
             except Exception:  # keep watching whatever one pass hit
                 log.exception("store watcher")
 
@@ -154,7 +170,7 @@ class Gateway:
             previous = engine.generation
             engine.generation += 1
             engine.up, engine.reason = True, "ok"
-            await self.registry.restore(engine, previous)
+            await self.reg.restore(engine, previous)
         engine.up = healthy
         engine.reason = "ok" if healthy else "not answering /health"
         if healthy and engine.base_id is None:
@@ -184,5 +200,5 @@ class Gateway:
             await asyncio.sleep(5)
             return
         engine.up, engine.reason = True, "ok"
-        await self.registry.restore(engine, previous)
+        await self.reg.restore(engine, previous)
         say(f"vLLM restarted in {seconds:.0f} s; adapters reloaded")

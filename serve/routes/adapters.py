@@ -30,7 +30,7 @@ Action = Annotated[AdapterAction, json_body(AdapterAction, code="invalid_request
 
 @router.get("/v1/adapters", dependencies=[Depends(require_api_key)])
 async def list_adapters(gw: GatewayDep) -> AdapterList:
-    reg = gw.registry
+    reg = gw.reg
     return AdapterList(capacity=reg.capacity, data=[_status(reg.current[n]) for n in reg.names()],
                        draining=[s.identity for s in reg.draining],
                        unloaded=sorted(reg.disabled), refused=reg.problems)
@@ -40,12 +40,12 @@ async def list_adapters(gw: GatewayDep) -> AdapterList:
              openapi_extra=documented(AdapterAction))
 async def load(gw: GatewayDep, action: Action) -> AdapterLoaded:
     try:
-        served = await gw.registry.add(action.name, eager=True)
+        served = await gw.reg.add(action.name, eager=True)
     except AdapterNotFoundError as exc:
         raise ApiError(404, str(exc), "adapter_not_found", "name") from None
     except AdapterError as exc:
         raise ApiError(422, f"cannot serve it: {exc}", "adapter_not_servable", "name") from None
-    gw.metrics.adapters_served.set(len(gw.registry.current))
+    gw.metrics.adapters_served.set(len(gw.reg.current))
     return AdapterLoaded(**_status(served).model_dump())
 
 
@@ -53,10 +53,10 @@ async def load(gw: GatewayDep, action: Action) -> AdapterLoaded:
              openapi_extra=documented(AdapterAction))
 async def unload(gw: GatewayDep, action: Action) -> AdapterUnloaded:
     name = action.name
-    if not await gw.registry.remove(name, by_hand=True):
-        gw.registry.disabled.discard(name)
-        raise UnknownModelError(name, [gw.registry.base_name, *gw.registry.names()])
-    gw.metrics.adapters_served.set(len(gw.registry.current))
+    if not await gw.reg.remove(name, by_hand=True):
+        gw.reg.disabled.discard(name)
+        raise UnknownModelError(name, [gw.reg.base_name, *gw.reg.names()])
+    gw.metrics.adapters_served.set(len(gw.reg.current))
     return AdapterUnloaded(name=name, note="requests already running on it finish first; it "
                            "stays unloaded until loaded again or rewritten in the store")
 

@@ -13,7 +13,7 @@ import functools
 import json
 from contextlib import AsyncExitStack
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
@@ -37,14 +37,14 @@ router = APIRouter(dependencies=[Depends(require_api_key)])
 CompletionBody = Annotated[CompletionRequest, json_body(CompletionRequest, status=400)]
 ChatBody = Annotated[ChatRequest, json_body(ChatRequest, status=400)]
 # OpenAI's and vLLM's status for a request that does not validate is 400
-_ANSWERS = {200: {"model": CompletionResponse, "content": {"text/event-stream": {
+_ANSWERS: dict[int | str, dict[str, Any]] = {200: {"model": CompletionResponse, "content": {"text/event-stream": {
     "schema": {"type": "string", "description": "with stream: true, `data: {chunk}` lines, "
                "then `data: [DONE]`"}}}}}
 
 
 @router.get("/v1/models", response_model_exclude_unset=True)
 async def list_models(gw: GatewayDep) -> ModelList:
-    reg = gw.registry
+    reg = gw.reg
     # fields are given explicitly: the answer leaves out only what a card does not have
     # (labels for the base...), and keeps `parent: null` and the OpenAI fields
     card = functools.partial(ModelCard, object="model", owned_by="lorastack")
@@ -79,7 +79,7 @@ async def _forward(request: Request, gw: Gateway, path: str,
     model = req.model
     request.state.model = model
     await asyncio.to_thread(_check_limits, gw, req, body)
-    is_base = model == gw.registry.base_name
+    is_base = model == gw.reg.base_name
     shape = shape_of("chat" if path.endswith("chat/completions") else "completions", body,
                      adapter=not is_base)
     gw.guard.admit(shape)  # before an adapter is loaded for it
@@ -115,10 +115,10 @@ async def _forward(request: Request, gw: Gateway, path: str,
 
 async def _target(gw: Gateway, model: str, stack: AsyncExitStack):
     """The engine and the name to send: the base model's, or the adapter's held version."""
-    if model == gw.registry.base_name:
-        engine = gw.registry.pick_engine()
+    if model == gw.reg.base_name:
+        engine = gw.reg.pick_engine()
         return engine, engine.base_id or model
-    served, engine = await stack.enter_async_context(gw.registry.use(model))
+    served, engine = await stack.enter_async_context(gw.reg.use(model))
     gw.metrics.adapter_requests.labels(model).inc()
     return engine, served.identity
 
@@ -165,7 +165,7 @@ async def _relay(gw: Gateway, upstream, stack: AsyncExitStack, watch, identity: 
 def _check_limits(gw: Gateway, req: CompletionRequest | ChatRequest, body: dict) -> None:
     """Prompt length, batch and max_tokens limits, checked before vLLM sees the request (the
     types were checked by the request's model)."""
-    s, tok = gw.settings, gw.tokenizer
+    s, tok = gw.settings, gw.tok
     if isinstance(req, ChatRequest):
         try:
             lengths = [tok.chat_length([_plain(m) for m in body["messages"]])]
