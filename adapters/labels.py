@@ -3,11 +3,13 @@
 A classification adapter is a LoRA trained to answer one of its labels after a fixed prompt.
 It is scored, never sampled: for every label, the log-probability of its continuation (the label
 word followed by the end-of-turn token) given the prompt, summed over the continuation's tokens,
-then normalised over the label set with a softmax. The trainer's evaluation and the server's
-/v1/classify both compute per-label sums and call `probabilities` here, so the accuracy the
+then normalised over the label set with a softmax. The trainer's evaluation, the server's
+/v1/classify and the benchmarks' naive server all take their token ids from `prompt_ids` and
+`continuation_ids` here and their probabilities from `probabilities`, so the accuracy the
 trainer reports is the accuracy the server delivers.
 
-Pure Python: the engines (torch in train, vLLM in serve) produce the log-probabilities.
+Pure Python: a tokenizer (Hugging Face's call interface) is passed in, and the engines (torch in
+train, vLLM in serve) produce the log-probabilities.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import math
 import string
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 INPUT_SLOT = "{input}"
 
@@ -23,11 +26,6 @@ def label_words(labels: Sequence[str], words: Mapping[str, str] | None = None) -
     """The text the model answers for each label (the label itself unless mapped)."""
     words = dict(words or {})
     return {label: words.get(label, label) for label in labels}
-
-
-def continuation_text(word: str, end_of_turn: str) -> str:
-    """What follows the prompt for a label: its word, then the end-of-turn marker."""
-    return word + end_of_turn
 
 
 def render_prompt(chat_format: str, user_template: str, record: Mapping[str, object]) -> str:
@@ -39,6 +37,32 @@ def render_prompt(chat_format: str, user_template: str, record: Mapping[str, obj
     """
     user = user_template.format_map(_Fields(record))
     return chat_format.replace(INPUT_SLOT, user, 1)
+
+
+def token_ids(tokenizer: Any, text: str) -> list[int]:
+    """`text` tokenized on its own, without special tokens (the chat format holds them)."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def prompt_ids(tokenizer: Any, chat_format: str, prompt_template: str,
+               record: Mapping[str, object]) -> list[int]:
+    """The token ids of the prompt a label continuation is scored after (see render_prompt)."""
+    return token_ids(tokenizer, render_prompt(chat_format, prompt_template, record))
+
+
+def continuation_ids(tokenizer: Any, words: Mapping[str, str], end_of_turn: str,
+                     with_end: bool) -> dict[str, list[int]]:
+    """label -> the token ids scored after the prompt: its word (`words[label]`), then, when
+    `with_end`, the end-of-turn marker. Each piece is tokenized on its own, apart from the
+    prompt and from each other, so that every label's tokens are the same after any prompt."""
+    end = token_ids(tokenizer, end_of_turn) if with_end else []
+    return {label: token_ids(tokenizer, word) + end for label, word in words.items()}
+
+
+def label_continuations(tokenizer: Any, manifest: Any) -> dict[str, list[int]]:
+    """continuation_ids of a classification adapter's manifest, in its label order."""
+    words = {label: manifest.label_word(label) for label in manifest.labels}
+    return continuation_ids(tokenizer, words, manifest.end_of_turn, manifest.score_end_of_turn)
 
 
 def template_fields(user_template: str) -> list[str]:

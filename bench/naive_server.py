@@ -12,10 +12,9 @@ Routes, shaped as the gateway's so that one load generator drives both:
   OpenAI's text_completion answer with `usage`;
 - POST /v1/classify  {"model", "input": text | record | [...]}: label probabilities scored the
   straightforward way: one forward pass per label over prompt + label continuation, the sum of
-  the continuation's log-probabilities, softmax over the labels. Prompts are rendered as the
-  trainer and the gateway render them (the manifest's chat_format around its prompt_template,
-  lorastack.adapters.labels.render_prompt), tokenized without special tokens, so both servers
-  see the same tokens;
+  the continuation's log-probabilities, softmax over the labels. The token ids come from the
+  functions the trainer and the gateway take them from (lorastack.adapters.labels.prompt_ids
+  and label_continuations), so both servers see the same tokens;
 - GET /health.
 Weights are read from safetensors only (the base with use_safetensors=True; a store adapter
 with anything but adapter_model.safetensors is refused).
@@ -115,15 +114,11 @@ def build_app(store_root: Path, base: str = "smollm2-135m"):
         items = body.get("input")
         items = items if isinstance(items, list) else [items]
         records = [{"text": item} if isinstance(item, str) else item for item in items]
-        end = tok(m.end_of_turn, add_special_tokens=False)["input_ids"] \
-            if m.score_end_of_turn else []
-        conts = {lab: tok(m.label_word(lab), add_special_tokens=False)["input_ids"] + end
-                 for lab in m.labels}
+        conts = scoring.label_continuations(tok, m)  # re-tokenized per request: naive
         data, prompt_tokens = [], 0
         with lock, torch.inference_mode(), adapter_on(name):
             for i, record in enumerate(records):
-                text = scoring.render_prompt(m.chat_format, m.prompt_template, record)
-                prompt = tok(text, add_special_tokens=False)["input_ids"]
+                prompt = scoring.prompt_ids(tok, m.chat_format, m.prompt_template, record)
                 sums = {}
                 for label, cont in conts.items():  # one forward pass per label
                     ids = torch.tensor([prompt + cont])

@@ -59,6 +59,7 @@ class Served:
     inflight: int = 0
     retired: bool = False
     last_used: float = 0.0
+    continuations: dict[str, list[int]] | None = None  # label -> ids, set by serve/scoring.py
 
     @property
     def manifest(self):

@@ -1,12 +1,12 @@
 """Label scoring through vLLM, exactly as the trainer's evaluation scores (train/evaluate.py).
 
 For an input and a classification adapter:
-  prompt_ids = tokenizer(render_prompt(chat_format, prompt_template, record)), no special tokens
-  cont_ids[label] = tokenizer(label_word(label)) (+ the end-of-turn id if score_end_of_turn)
+  prompt_ids = labels.prompt_ids(tokenizer, chat_format, prompt_template, record)
+  cont_ids = labels.label_continuations(tokenizer, manifest)  (once per adapter version)
   score[label] = sum of log P(cont token | prompt, earlier cont tokens)
   probabilities = labels.probabilities(score)        (softmax over the label set)
-Prompts and continuations are tokenized separately, with the base model's own HF tokenizer, and
-sent to vLLM as token ids, so the tokens are the trainer's tokens.
+The trainer builds its ids with the same functions, from the base model's own HF tokenizer, and
+the ids are sent to vLLM as token ids, so the tokens are the trainer's tokens.
 
 One way for every label set: the label continuations form a trie, and every node of it with
 children is one query row, prompt + the node's prefix, asked for `max_tokens=1` with
@@ -28,8 +28,8 @@ from pathlib import Path
 import httpx
 
 from lorastack.adapters import labels as label_scoring
-from lorastack.adapters.manifest import AdapterManifest
 from lorastack.serve.protocol import ApiError
+from lorastack.serve.registry import Served
 
 
 class Tokenizer:
@@ -49,7 +49,7 @@ class Tokenizer:
             return self._tok
 
     def encode(self, text: str) -> list[int]:
-        return self.get()(text, add_special_tokens=False)["input_ids"]
+        return label_scoring.token_ids(self.get(), text)
 
     def chat_length(self, messages: list[dict]) -> int:
         ids = self.get().apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
@@ -80,24 +80,27 @@ class Rows:
             n * sum(map(len, self.prefixes()))
 
 
-def build_rows(tok: Tokenizer, manifest: AdapterManifest, records: Sequence[dict],
+class PromptTooLong(ValueError):
+    """An input's prompt, with the longest label continuation, is over max_prompt_tokens."""
+
+
+def build_rows(tok: Tokenizer, served: Served, records: Sequence[dict],
                max_prompt_tokens: int) -> Rows:
-    labels = list(manifest.labels)
-    conts = {}
-    end_ids = tok.encode(manifest.end_of_turn) if manifest.score_end_of_turn else []
-    for label in labels:
-        conts[label] = tok.encode(manifest.label_word(label)) + end_ids
+    """The adapter version's rows for `records`; raises PromptTooLong."""
+    manifest, hf = served.manifest, tok.get()
+    if served.continuations is None:  # tokenized once per adapter version (it is immutable)
+        served.continuations = label_scoring.label_continuations(hf, manifest)
+    conts = served.continuations
     longest = max(map(len, conts.values()))
     prompts = []
     for i, record in enumerate(records):
-        text = label_scoring.render_prompt(manifest.chat_format, manifest.prompt_template, record)
-        ids = tok.encode(text)
+        ids = label_scoring.prompt_ids(hf, manifest.chat_format, manifest.prompt_template, record)
         if len(ids) + longest > max_prompt_tokens:
-            raise ApiError(400, f"input {i} is {len(ids) + longest} tokens once put in adapter "
-                           f"{manifest.name!r}'s prompt (with the longest label); the limit is "
-                           f"{max_prompt_tokens}. Shorten the text.", "prompt_too_long", "input")
+            raise PromptTooLong(f"input {i} is {len(ids) + longest} tokens once put in adapter "
+                                f"{manifest.name!r}'s prompt (with the longest label); the limit "
+                                f"is {max_prompt_tokens}. Shorten the text.")
         prompts.append(ids)
-    return Rows(labels, prompts, conts)
+    return Rows(list(manifest.labels), prompts, conts)
 
 
 Send = Callable[[dict], Awaitable[httpx.Response]]  # one /v1/completions body to the engine
@@ -131,7 +134,7 @@ async def _query(send: Send, identity: str, prompts: list[list[int]],
         body = {"model": identity, "prompt": [prompts[i] + list(p) for i, p in keys],
                 "max_tokens": 1, "temperature": 0, "logprobs": 1, "logprob_token_ids": chunk,
                 "return_tokens_as_token_ids": True}
-        for key, choice in zip(keys, await _complete(send, body, len(keys))):
+        for key, choice in zip(keys, await _complete(send, body, len(keys)), strict=True):
             top = choice["logprobs"]["top_logprobs"][0]
             found = out.setdefault(key, {})
             for token in wanted[key[1]] & set(chunk):

@@ -82,11 +82,7 @@ def _evaluate(cfg: TrainConfig, base_path: Path, labels: list[str], data, split,
     tokenizer = load_tokenizer(base_path)
     fmt = PromptFormat(tokenizer, cfg, labels)
     if manifest is not None:  # the adapter's own record of its prompt wins, as in serving
-        fmt.chat_format = manifest.chat_format
-        if fmt.labels and manifest.score_end_of_turn != fmt.score_end:
-            fmt.score_end = manifest.score_end_of_turn
-            fmt.continuations = (fmt.targets if fmt.score_end else
-                                 {label: ids[:-1] for label, ids in fmt.targets.items()})
+        fmt.follow(manifest)
     examples = encode_records(fmt, records, split or "data").examples
     if not examples:  # generation: records without an answer are dropped
         raise DataError(f"no examples to evaluate in {where}: no record has an answer in "

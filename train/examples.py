@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from lorastack.adapters.labels import INPUT_SLOT, label_words, render_prompt
+from lorastack.adapters import labels as label_scoring
 from lorastack.train.config import TrainConfig
 from lorastack.train.data import DataError
 
@@ -46,20 +46,35 @@ class PromptFormat:
         self.cfg = cfg
         self.task = cfg.task
         self.labels = labels or []
-        self.words = label_words(self.labels, self.task.label_words)
+        self.words = label_scoring.label_words(self.labels, self.task.label_words)
         self.chat_format, self.end_of_turn = chat_format(tokenizer, self.task.system)
         self.end_id = _single_token(tokenizer, self.end_of_turn)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
             else self.end_id
-        words = {label: self.encode(word) for label, word in self.words.items()}
         # Trained: word + end-of-turn, so that generation stops. Scored: the word alone, unless
         # one label's tokens are a prefix of another's (then end-of-turn tells them apart).
-        self.targets = {label: ids + [self.end_id] for label, ids in words.items()}
-        self.score_end = _prefix_ambiguous(list(words.values()))
-        self.continuations = self.targets if self.score_end else words
+        self.targets = self.label_ids(with_end=True)
+        self.score_end = _prefix_ambiguous(list(self.label_ids(with_end=False).values()))
+        self.continuations = self.label_ids(self.score_end)
+
+    def label_ids(self, with_end: bool) -> dict[str, list[int]]:  # as the server builds them
+        return label_scoring.continuation_ids(self.tok, self.words, self.end_of_turn, with_end)
+
+    def follow(self, manifest) -> None:
+        """Score as the adapter's manifest says (as the server does)."""
+        self.chat_format = manifest.chat_format
+        if self.labels:
+            self.score_end = manifest.score_end_of_turn
+            self.continuations = self.label_ids(self.score_end)
 
     def encode(self, text: str) -> list[int]:
-        return self.tok(text, add_special_tokens=False)["input_ids"]
+        return label_scoring.token_ids(self.tok, text)
+
+    def prompt_ids(self, record: dict) -> list[int]:
+        """The prompt's token ids; a template task's as the server builds them (adapters/labels)."""
+        if self.task.messages_field:
+            return self.encode(self.prompt_text(record))
+        return label_scoring.prompt_ids(self.tok, self.chat_format, self.task.prompt, record)
 
     def prompt_text(self, record: dict) -> str:
         if self.task.messages_field:
@@ -68,7 +83,7 @@ class PromptFormat:
                 messages = [{"role": "system", "content": self.task.system}] + messages
             return self.tok.apply_chat_template(messages, tokenize=False,
                                                 add_generation_prompt=True)
-        return render_prompt(self.chat_format, self.task.prompt, record)
+        return label_scoring.render_prompt(self.chat_format, self.task.prompt, record)
 
     def answer_text(self, record: dict) -> str | None:
         if self.task.messages_field:
@@ -104,7 +119,7 @@ def chat_format(tokenizer: Any, system: str | None) -> tuple[str, str]:
         messages + [{"role": "assistant", "content": answer}], tokenize=False)
     tail = full.split(answer, 1)[1]
     end = tail.strip().split("\n")[0].strip() or tokenizer.eos_token
-    return prompt.replace(sentinel, INPUT_SLOT), end
+    return prompt.replace(sentinel, label_scoring.INPUT_SLOT), end
 
 
 def _prefix_ambiguous(seqs: list[list[int]]) -> bool:
@@ -112,7 +127,7 @@ def _prefix_ambiguous(seqs: list[list[int]]) -> bool:
 
 
 def _single_token(tokenizer: Any, text: str) -> int:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = label_scoring.token_ids(tokenizer, text)
     if len(ids) != 1:
         raise DataError(f"the chat template's end-of-turn {text!r} is not one token ({ids}); "
                         f"lorastack needs it to end every answer")
@@ -174,7 +189,7 @@ def _fit_prompt(fmt: PromptFormat, record: dict, target_len: int) -> tuple[list[
     """Prompt token ids, with the text field cut so that prompt + answer fit max_length."""
     limit = fmt.cfg.data.max_length - target_len
     field_name = fmt.cfg.data.text_field
-    ids = fmt.encode(fmt.prompt_text(record))
+    ids = fmt.prompt_ids(record)
     if len(ids) <= limit or field_name not in record or fmt.task.messages_field:
         return ids, int(len(ids) > limit)
     text_ids = fmt.encode(str(record[field_name] or ""))
@@ -184,7 +199,7 @@ def _fit_prompt(fmt: PromptFormat, record: dict, target_len: int) -> tuple[list[
             break
         text_ids = text_ids[:max(0, len(text_ids) - over - 2)]
         shorter = dict(record, **{field_name: fmt.tok.decode(text_ids) + " ..."})
-        ids = fmt.encode(fmt.prompt_text(shorter))
+        ids = fmt.prompt_ids(shorter)
     return ids, 1
 
 

@@ -19,7 +19,7 @@ from lorastack.serve.protocol import (
     MemberAnswer,
 )
 from lorastack.serve.routes.common import GatewayDep, documented, json_body, require_api_key
-from lorastack.serve.scoring import build_rows, score
+from lorastack.serve.scoring import PromptTooLong, build_rows, score
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 Body = Annotated[ClassifyRequest, json_body(ClassifyRequest, code="invalid_request")]
@@ -55,8 +55,11 @@ async def classify(request: Request, gw: GatewayDep, req: Body) -> ClassifyRespo
 
     async def one(name: str):
         async with reg.use(name) as (served, engine):  # this version's manifest and weights
-            rows = await asyncio.to_thread(build_rows, gw.tokenizer, served.manifest, req.input,
-                                           s.max_prompt_tokens)
+            try:
+                rows = await asyncio.to_thread(build_rows, gw.tokenizer, served, req.input,
+                                               s.max_prompt_tokens)
+            except PromptTooLong as exc:
+                raise ApiError(400, str(exc), "prompt_too_long", "input") from None
 
             async def send(body: dict):  # watched: a death is retried or answered (crashes.py)
                 return await gw.guard.post(engine, "/v1/completions", body,
@@ -76,7 +79,7 @@ async def classify(request: Request, gw: GatewayDep, req: Body) -> ClassifyRespo
     data = []
     for i in range(len(req.input)):
         per_member = {name: {lab: probs[i][lab] for lab in labels}
-                      for name, (_, probs) in zip(req.model, answers)}
+                      for name, (_, probs) in zip(req.model, answers, strict=True)}
         probs = label_scoring.ensemble(list(per_member.values()))
         ranked = sorted(labels, key=lambda lab: -probs[lab])[:req.top_k or len(labels)]
         data.append(Classification(

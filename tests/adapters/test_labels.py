@@ -36,3 +36,45 @@ def test_render_prompt_fills_template_inside_chat_format():
 
 def test_label_words_default_to_labels():
     assert labels.label_words(["pos", "neg"], {"pos": "good"}) == {"pos": "good", "neg": "neg"}
+
+
+class WordTokenizer:
+    """One id per whitespace-separated piece, as a Hugging Face tokenizer is called; special
+    tokens (a BOS id 0) only when asked for."""
+
+    def __init__(self) -> None:
+        self.vocab: dict[str, int] = {}
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        ids = [self.vocab.setdefault(w, len(self.vocab) + 1) for w in text.split()]
+        return {"input_ids": ([0] if add_special_tokens else []) + ids}
+
+
+def test_prompt_ids_tokenize_the_rendered_prompt_without_special_tokens():
+    tok = WordTokenizer()
+    ids = labels.prompt_ids(tok, "<u> {input} </u> <a>", "Review: {text}", {"text": "so good"})
+    assert ids == tok("<u> Review: so good </u> <a>", add_special_tokens=False)["input_ids"]
+    assert 0 not in ids and labels.token_ids(tok, "") == []
+
+
+def test_continuations_are_word_then_end_of_turn_each_tokenized_alone():
+    tok = WordTokenizer()
+    words = {"pos": "very good", "neg": "bad"}
+    with_end = labels.continuation_ids(tok, words, "<end>", with_end=True)
+    end = labels.token_ids(tok, "<end>")
+    assert with_end == {"pos": labels.token_ids(tok, "very good") + end,
+                        "neg": labels.token_ids(tok, "bad") + end}
+    assert list(with_end) == ["pos", "neg"]  # the label order is kept
+    assert labels.continuation_ids(tok, words, "<end>", with_end=False) == \
+        {label: ids[:-1] for label, ids in with_end.items()}
+
+
+def test_label_continuations_follow_the_manifest(fake):
+    tok = WordTokenizer()
+    manifest = fake.make_manifest("r", label_words={"positive": "good"}, end_of_turn="<end>")
+    assert labels.label_continuations(tok, manifest) == \
+        labels.continuation_ids(tok, {"negative": "negative", "positive": "good"}, "<end>", False)
+    scored_end = fake.make_manifest("r", end_of_turn="<end>", score_end_of_turn=True)
+    assert labels.label_continuations(tok, scored_end) == \
+        labels.continuation_ids(tok, {"negative": "negative", "positive": "positive"}, "<end>",
+                                True)
