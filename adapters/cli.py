@@ -13,6 +13,7 @@ from rich.table import Table
 from lorastack.adapters import models
 
 console = Console()
+err_console = Console(stderr=True)
 
 models_app = typer.Typer(help="Base models: the catalog, fetching and caching.",
                          no_args_is_help=True)
@@ -41,24 +42,24 @@ def models_pull(name: str = typer.Argument(models.DEFAULT_BASE,
     try:
         base = models.pull_base(name)
     except models.ModelError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from exc
+        raise fail(exc) from exc
     console.print(f"{base.name}: {base.path}  fingerprint {base.short_fingerprint}")
 
 
 # -- lorastack adapters ... ------------------------------------------------------------------
 
-err_console = Console(stderr=True)
 StoreOption = typer.Option(None, "--store", envvar="LORASTACK_STORE", show_default=False,
                            help="adapter store directory [default: $LORASTACK_HOME/adapters]")
 
 
-def _fail(exc: Exception) -> typer.Exit:
-    err_console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)  # one line
+def fail(exc: Exception) -> typer.Exit:
+    """Print `error: <exc>` on stderr, on one line, and return the exit to raise: how every
+    command of `lorastack` (adapters/, train/) reports an error the user can fix."""
+    err_console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
     return typer.Exit(1)
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -168,7 +169,7 @@ def adapters_show(name: str = typer.Argument(..., help="adapter name"),
     try:
         adapter = AdapterStore(store).resolve(name)
     except AdapterError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     console.print(f"[bold]{escape(adapter.name)}[/bold]  {escape(str(adapter.path))}  "
                   f"weights {_size(adapter.weights_bytes)}")
     console.print_json(adapter.manifest.to_json())
@@ -190,7 +191,7 @@ def adapters_rm(name: str = typer.Argument(..., help="adapter name"),
             raise typer.Exit(1)
         st.remove(name)
     except AdapterError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     console.print(f"removed {name}")
 
 
@@ -218,5 +219,5 @@ def adapters_import(
             src, name, task, labels=label_list, base=base,
             prompt_template=template.replace("\\n", "\n"), replace=replace)
     except AdapterError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     console.print(f"imported {adapter.name}: {adapter.path}")

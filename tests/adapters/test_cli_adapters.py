@@ -7,7 +7,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from lorastack.adapters.cli import adapters_app
+from lorastack.adapters.cli import adapters_app, models_app
 from lorastack.adapters.manifest import Metrics
 
 pytestmark = pytest.mark.usefixtures("store_env")
@@ -25,6 +25,15 @@ def failed_cleanly(result) -> bool:
     """Exit 1 with 'error: ...', no traceback."""
     return (result.exit_code == 1 and isinstance(result.exception, SystemExit)
             and "error:" in result.output and "Traceback" not in result.output)
+
+
+def test_errors_are_one_line_on_stderr():
+    shown = run("show", "nope")
+    pulled = runner.invoke(models_app, ["pull"], env={"LORASTACK_OFFLINE": "1"})
+    for result in (shown, pulled):
+        assert failed_cleanly(result) and result.stderr.startswith("error: ")
+        assert not result.stdout and result.stderr.count("\n") == 1
+    assert "lorastack models pull smollm2-135m" in pulled.stderr
 
 
 @pytest.fixture

