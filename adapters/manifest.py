@@ -3,25 +3,40 @@
 An adapter directory holds PEFT's two files unchanged plus `manifest.json`, which says what the
 adapter is for (task, prompt template, labels), what it was trained on (base model fingerprint,
 data fingerprint, training config) and how well it did (metrics). `AdapterManifest` is that file
-as a typed, validated dataclass; `FORMAT_VERSION` is bumped when a field changes meaning or a
-required field is added (readers ignore unknown extra fields, so adding an optional one does not).
+as a frozen pydantic model, checked when built; `FORMAT_VERSION` is bumped when a field changes
+meaning or a required field is added (readers ignore unknown extra fields, so adding an optional
+one does not). A bad field raises ManifestError naming it, never pydantic's ValidationError.
 
-Stdlib only: this module is imported by the CLI, the trainer and the server, and must stay fast.
+Light (stdlib and pydantic): this module is imported by the CLI, the trainer and the server.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
 import string
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal, Self
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    model_validator,
+)
+
+from lorastack.adapters.validation import explain_errors
 
 FORMAT_VERSION = 1
-TASKS = ("classification", "generation")
 NAME_MAX_LEN = 64
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _FINGERPRINT = re.compile(r"sha256:[0-9a-f]{64}")
@@ -113,74 +128,86 @@ def check_name(name: str) -> str:
     return name
 
 
+AdapterName = Annotated[str, AfterValidator(check_name)]  # the name rule as a field's type
+
+
 # -- the manifest ------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class LoraSettings:
+def _rule(test: Callable[[Any], Any], words: str, before: bool = False) -> Any:
+    """A field check: where `test(value)` is false or raises, the error reads "<field>: <words>
+    (got <value>)" (see _manifest_error); `before`: on the raw value, before pydantic's own."""
+    def check(value: Any) -> Any:
+        with contextlib.suppress(TypeError, ValueError):
+            if test(value):
+                return value
+        raise ValueError(words)
+    return BeforeValidator(check) if before else AfterValidator(check)
+
+
+Number = Annotated[float, Field(strict=True),  # strict: not a bool, not "1"
+                   _rule(lambda v: not math.isinf(v), "must be a finite number")]
+
+
+class _Part(BaseModel):
+    """A frozen, checked part of manifest.json; unknown keys (a newer writer's) are ignored."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore", use_attribute_docstrings=True)
+    _where: ClassVar[tuple[str, ...]] = ()  # how its fields are named in errors: lora.rank
+
+    def __init__(self, /, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise _manifest_error(exc, self._where) from None
+
+    def replace(self, **changes: Any) -> Self:
+        """A copy with `changes`, checked like a new one (pydantic's model_copy checks nothing)."""
+        return type(self)(**{**dict(self), **changes})
+
+
+class LoraSettings(_Part):
     """The LoRA hyperparameters, copied from adapter_config.json for display and checks."""
 
-    rank: int
+    _where = ("lora",)
+    rank: Annotated[int, Field(strict=True, gt=0)]
     """r: width of the low-rank update; vLLM's default max_lora_rank is 16."""
-    alpha: float
+    alpha: Annotated[Number, Field(gt=0)]
     """lora_alpha: the update is scaled by alpha / rank (alpha / sqrt(rank) with rsLoRA)."""
-    target_modules: tuple[str, ...]
+    target_modules: Annotated[tuple[str, ...], _rule(lambda names: names and all(names),
+                                                     "must be a non-empty list of module names")]
     """Module names (suffixes) that carry a LoRA update, e.g. ("q_proj", "v_proj")."""
-    dropout: float = 0.0
+    dropout: Annotated[Number, Field(ge=0, lt=1)] = 0.0
     """lora_dropout used in training (no effect at inference), in [0, 1)."""
-    use_dora: bool = False
+    use_dora: StrictBool = False
     """DoRA (weight-decomposed LoRA). vLLM cannot serve it; kept so the check can refuse it."""
-    use_rslora: bool = False
+    use_rslora: StrictBool = False
     """rsLoRA scaling alpha / sqrt(rank); vLLM applies it too."""
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "target_modules", tuple(self.target_modules))
-        if not _is_int(self.rank) or self.rank <= 0:
-            raise ManifestError(f"lora.rank must be a positive integer, got {self.rank!r}")
-        if not _is_number(self.alpha) or self.alpha <= 0:
-            raise ManifestError(f"lora.alpha must be a positive number, got {self.alpha!r}")
-        if not _is_number(self.dropout) or not 0 <= self.dropout < 1:
-            raise ManifestError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
-        if not self.target_modules or not all(
-                isinstance(m, str) and m for m in self.target_modules):
-            raise ManifestError(f"lora.target_modules must be a non-empty list of module names, "
-                                f"got {list(self.target_modules)!r}")
-        for flag in ("use_dora", "use_rslora"):
-            if not isinstance(getattr(self, flag), bool):
-                raise ManifestError(f"lora.{flag} must be true or false")
 
-
-@dataclass(frozen=True)
-class Metrics:
+class Metrics(_Part):
     """Evaluation results by split; names as the trainer reports them (accuracy, macro_f1, ...)."""
 
-    validation: dict[str, float] = field(default_factory=dict)
+    _where = ("metrics",)
+    validation: dict[str, Number] = Field(default_factory=dict)
     """Metrics on the validation split (the one used to pick the checkpoint)."""
-    test: dict[str, float] = field(default_factory=dict)
+    test: dict[str, Number] = Field(default_factory=dict)
     """Metrics on the held-out test split, when there is one."""
-
-    def __post_init__(self) -> None:
-        for split in ("validation", "test"):
-            values = getattr(self, split)
-            if not isinstance(values, dict) or not all(
-                    isinstance(k, str) and _is_number(v) for k, v in values.items()):
-                raise ManifestError(f"metrics.{split} must map metric names to numbers, "
-                                    f"got {values!r}")
 
 
 KEY_METRICS = ("accuracy", "macro_f1", "f1", "exact_match", "token_f1", "loss")
 
 
-@dataclass(frozen=True)
-class AdapterManifest:
+class AdapterManifest(_Part):
     """manifest.json: what an adapter is for, what it was trained on and how well it does."""
 
-    name: str
+    name: AdapterName
     """The adapter's name in the store; equal to its directory name (see check_name)."""
-    task: str
+    task: Literal["classification", "generation"]
     """"classification" (answers one of `labels`, scored not sampled) or "generation"."""
-    base_model: str
+    base_model: Annotated[str, Field(min_length=1)]
     """The base model as named when training: a catalog alias, hub id or directory."""
-    base_fingerprint: str
+    base_fingerprint: Annotated[str, _rule(_FINGERPRINT.fullmatch,
+                                           "must be 'sha256:' and 64 hex digits")]
     """"sha256:<hex>" over the base weights; the server refuses an adapter whose base differs."""
     lora: LoraSettings
     """LoRA hyperparameters (mirrors adapter_config.json)."""
@@ -189,77 +216,54 @@ class AdapterManifest:
     "Review: {text}\\nSentiment:". Classification scores each label as its continuation."""
     labels: tuple[str, ...] = ()
     """Classification: the label set, in a fixed order (at least two). Generation: empty."""
-    label_words: dict[str, str] = field(default_factory=dict)
+    label_words: dict[str, str] = Field(default_factory=dict)
     """Optional label -> the text the model emits for it (default: the label itself)."""
-    examples: tuple[str, ...] = ()
+    examples: Annotated[tuple[str, ...], _rule(lambda v: all(isinstance(e, str) for e in v),
+                                               "must be a list of strings", before=True)] = ()
     """A few inputs from the validation data (their text field), to try the adapter with: the
     server lists them on its model card, the page offers them one click away."""
-    chat_format: str = "{input}"
+    chat_format: Annotated[str, _rule(lambda f: f.count("{input}") == 1,
+                                      "must contain the slot {input} exactly once")] = "{input}"
     """The base model's chat template rendered around the slot `{input}` (system message
     included): the full prompt is this text with `{input}` replaced by the filled
     prompt_template. It lets the server rebuild the trainer's exact prompt without a tokenizer
     or a template engine. "{input}" alone means a raw prompt."""
     end_of_turn: str = ""
     """Text that ends an answer (the chat template's end-of-turn token, e.g. <|im_end|>)."""
-    score_end_of_turn: bool = False
+    score_end_of_turn: StrictBool = False
     """Classification: whether a label's scored continuation is its word plus end_of_turn
     (needed when one label word's tokens are a prefix of another's), or the word alone."""
-    metrics: Metrics = field(default_factory=Metrics)
+    metrics: Metrics = Field(default_factory=Metrics)
     """Evaluation results (validation and test)."""
-    training: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = Field(default_factory=dict)
     """The training configuration as run (JSON-able), to reproduce or compare runs."""
-    data_fingerprint: str = ""
+    data_fingerprint: Annotated[str, _rule(lambda v: not v or _FINGERPRINT.fullmatch(v),
+                                           "must be '' or 'sha256:' and 64 hex digits")] = ""
     """"sha256:<hex>" over the training records, or "" when unknown (imported adapters)."""
-    versions: dict[str, str] = field(default_factory=dict)
+    versions: dict[str, str] = Field(default_factory=dict)
     """Library versions at training time (lorastack, torch, transformers, peft, ...)."""
-    created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(
-        timespec="seconds"))
+    created_at: Annotated[str, _rule(datetime.fromisoformat, "must be an ISO 8601 time")] = Field(
+        default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     """When the adapter was written, ISO 8601 with a UTC offset."""
     format_version: int = FORMAT_VERSION
     """Version of this file's format; readers refuse versions they do not know."""
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "labels", tuple(self.labels))
-        object.__setattr__(self, "examples", tuple(self.examples))
-        if not all(isinstance(e, str) for e in self.examples):
-            raise ManifestError("examples must be a list of strings")
-        check_name(self.name)
-        if self.format_version != FORMAT_VERSION:
+    @model_validator(mode="before")
+    @classmethod
+    def _known_format(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            raise ManifestError(f"the manifest must be a JSON object, got {type(data).__name__}")
+        version = data.get("format_version", FORMAT_VERSION)
+        if version != FORMAT_VERSION:
+            newer = isinstance(version, int) and version > FORMAT_VERSION
             raise UnknownFormatVersionError(
-                f"format_version {self.format_version!r} is not one this lorastack reads "
-                f"({FORMAT_VERSION})",
-                fix="upgrade lorastack to the version that wrote the adapter, or re-export it")
-        if self.task not in TASKS:
-            raise ManifestError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
-        if not isinstance(self.base_model, str) or not self.base_model:
-            raise ManifestError("base_model is empty")
-        if not _FINGERPRINT.fullmatch(str(self.base_fingerprint)):
-            raise ManifestError(f"base_fingerprint must be 'sha256:' and 64 hex digits, got "
-                                f"{self.base_fingerprint!r}")
-        if self.data_fingerprint and not _FINGERPRINT.fullmatch(str(self.data_fingerprint)):
-            raise ManifestError(f"data_fingerprint must be '' or 'sha256:' and 64 hex digits, "
-                                f"got {self.data_fingerprint!r}")
-        if not isinstance(self.lora, LoraSettings) or not isinstance(self.metrics, Metrics):
-            raise ManifestError("lora and metrics must be LoraSettings and Metrics")
-        self._check_template()
-        self._check_labels()
-        for key in ("training", "versions"):
-            if not isinstance(getattr(self, key), dict):
-                raise ManifestError(f"{key} must be a JSON object")
-        try:
-            datetime.fromisoformat(self.created_at)
-        except (TypeError, ValueError):
-            raise ManifestError(f"created_at must be an ISO 8601 time, got "
-                                f"{self.created_at!r}") from None
+                f"format_version {version!r} is unknown (this lorastack reads {FORMAT_VERSION})",
+                fix="upgrade lorastack (the adapter was written by a newer one)" if newer else
+                "re-export the adapter with `lorastack adapters import` or retrain it")
+        return data
 
-    def _check_template(self) -> None:
-        if not isinstance(self.prompt_template, str):
-            raise ManifestError("prompt_template must be a string")
-        if not isinstance(self.chat_format, str) or self.chat_format.count("{input}") != 1:
-            raise ManifestError(f"chat_format must contain the slot {{input}} exactly once, got "
-                                f"{self.chat_format!r}")
-        if not isinstance(self.end_of_turn, str) or not isinstance(self.score_end_of_turn, bool):
-            raise ManifestError("end_of_turn must be a string and score_end_of_turn a boolean")
+    @model_validator(mode="after")
+    def _fits_task(self) -> AdapterManifest:
         try:
             fields_used = [f for _, f, _, _ in string.Formatter().parse(self.prompt_template)
                            if f is not None]
@@ -270,26 +274,24 @@ class AdapterManifest:
         if self.task == "classification" and not any(fields_used):
             raise ManifestError(f"a classification prompt_template must use a record field "
                                 f"such as {{text}}, got {self.prompt_template!r}")
-
-    def _check_labels(self) -> None:
         labels = self.labels
         if self.task == "generation":
             if labels or self.label_words:
                 raise ManifestError("a generation adapter has no labels or label_words")
-            return
-        if len(labels) < 2 or not all(isinstance(lab, str) and lab for lab in labels):
+            return self
+        if len(labels) < 2 or not all(labels):
             raise ManifestError(f"a classification adapter needs at least two non-empty "
                                 f"labels, got {list(labels)!r}")
         if len(set(labels)) != len(labels):
             raise ManifestError(f"labels repeat: {list(labels)!r}")
-        words = self.label_words
-        if not isinstance(words, dict) or set(words) - set(labels):
+        if set(self.label_words) - set(labels):
             raise ManifestError(f"label_words keys must be labels ({list(labels)!r}), got "
-                                f"{words!r}")
+                                f"{self.label_words!r}")
         emitted = [self.label_word(lab) for lab in labels]
-        if not all(isinstance(w, str) and w for w in emitted) or len(set(emitted)) != len(labels):
+        if not all(emitted) or len(set(emitted)) != len(labels):
             raise ManifestError(f"label words must be non-empty and distinct (they are what "
                                 f"gets scored), got {emitted!r}")
+        return self
 
     def label_word(self, label: str) -> str:
         """The text the model emits for `label`."""
@@ -297,51 +299,30 @@ class AdapterManifest:
 
     def key_metric(self) -> tuple[str, str, float] | None:
         """(split, metric, value) worth showing in a listing: test before validation."""
-        for split, values in (("test", self.metrics.test), ("validation",
-                                                             self.metrics.validation)):
-            for name in KEY_METRICS:
-                if name in values:
-                    return split, name, values[name]
-            if values:
-                name = min(values)
+        for split in ("test", "validation"):
+            values = getattr(self.metrics, split)
+            name = next((n for n in KEY_METRICS if n in values), min(values, default=None))
+            if name is not None:
                 return split, name, values[name]
         return None
 
     # -- (de)serialisation -----------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["labels"] = list(self.labels)
-        data["examples"] = list(self.examples)
-        data["lora"]["target_modules"] = list(self.lora.target_modules)
-        return data
+        return self.model_dump(mode="json")
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
     @classmethod
     def from_dict(cls, data: Any) -> AdapterManifest:
-        """Build from parsed JSON; raises ManifestError naming the bad field."""
-        if not isinstance(data, dict):
-            raise ManifestError(f"the manifest must be a JSON object, got {type(data).__name__}")
-        version = data.get("format_version")
-        if version != FORMAT_VERSION:
-            newer = _is_int(version) and version > FORMAT_VERSION
-            raise UnknownFormatVersionError(
-                f"format_version {version!r} is unknown (this lorastack reads {FORMAT_VERSION})",
-                fix="upgrade lorastack (the adapter was written by a newer one)" if newer else
-                "re-export the adapter with `lorastack adapters import` or retrain it")
-        missing = [k for k in ("name", "task", "base_model", "base_fingerprint", "lora")
-                   if k not in data]
-        if missing:
-            raise ManifestError(f"missing field(s) {', '.join(missing)}")
+        """Build from parsed JSON (format_version required); a bad field raises ManifestError."""
+        if isinstance(data, dict):
+            data = {"format_version": None, **data}
         try:
-            lora = LoraSettings(**_known(data["lora"], LoraSettings, "lora"))
-            metrics = Metrics(**_known(data.get("metrics", {}), Metrics, "metrics"))
-            top = _known(data, cls, "manifest")
-            return cls(**{**top, "lora": lora, "metrics": metrics})
-        except TypeError as exc:  # a missing nested field, e.g. lora.rank
-            raise ManifestError(f"a field is missing or misnamed: {exc}") from None
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise _manifest_error(exc, ()) from None
 
     @classmethod
     def from_json(cls, text: str) -> AdapterManifest:
@@ -352,21 +333,18 @@ class AdapterManifest:
         return cls.from_dict(data)
 
 
-def _known(data: Any, cls: type, where: str) -> dict[str, Any]:
-    """The keys of `data` that are fields of `cls` (unknown keys come from newer writers)."""
-    if not isinstance(data, dict):
-        raise ManifestError(f"{where} must be a JSON object, got {type(data).__name__}")
-    names = cls.__dataclass_fields__
-    return {k: v for k, v in data.items() if k in names}
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and not (isinstance(value, float) and math.isinf(value)))
+def _manifest_error(exc: ValidationError, where: tuple[str, ...]) -> AdapterError:
+    """pydantic's errors as one ManifestError, `field: what is wrong; ...` as the trainer's
+    config and the gateway word theirs; where one of ours was raised, that one itself."""
+    errors: list[dict[str, Any]] = [{**e, "loc": (*where, *e["loc"])} for e in exc.errors()]
+    causes = [(err.get("ctx") or {}).get("error") for err in errors]
+    ours = [cause for cause in causes if isinstance(cause, AdapterError)]  # nested parts' too
+    if len(errors) == 1 and ours:
+        return ours[0]  # with its own fix and type (InvalidNameError, ...)
+    theirs = [err for err, cause in zip(errors, causes) if not isinstance(cause, AdapterError)]
+    problems = [c.problem for c in ours] + [explain_errors(theirs, AdapterManifest)] * bool(theirs)
+    return ManifestError("; ".join(problems),
+                         fix="; ".join(dict.fromkeys(c.fix for c in ours if c.fix)) or None)
 
 
 # -- what the serving engine can load ------------------------------------------------------
@@ -401,9 +379,23 @@ class ServingLimits:
     """
 
     max_rank: int = 16
-    """The server's max LoRA rank (vLLM --max-lora-rank)."""
+    """The server's max LoRA rank (vLLM --max-lora-rank; 16 is vLLM's default)."""
     target_modules: frozenset[str] = LLAMA_TARGET_MODULES
     """Module suffixes the engine can carry LoRA on for the served base model."""
+
+
+def unservable_lora(rank: int, target_modules: Iterable[str], use_dora: bool,
+                    limits: ServingLimits | None = None) -> dict[str, Any]:
+    """{setting: what is wrong} for the LoRA settings the engine cannot serve: "rank" (the
+    rank), "target_modules" (the suffixes it lacks, sorted), "use_dora" (True). The one rule:
+    check_servable applies it to adapters, TrainConfig to settings before training."""
+    limits = limits or ServingLimits()
+    # peft writes full paths (model.layers.3.self_attn.q_proj) when layers are chosen; vLLM
+    # matches module suffixes, so compare those.
+    unknown = sorted({t.rsplit(".", 1)[-1] for t in target_modules} - limits.target_modules)
+    found = {"rank": rank > limits.max_rank and rank, "target_modules": unknown,
+             "use_dora": bool(use_dora)}
+    return {setting: value for setting, value in found.items() if value}
 
 
 def check_servable(adapter: Any, limits: ServingLimits | None = None,
@@ -423,25 +415,21 @@ def check_servable(adapter: Any, limits: ServingLimits | None = None,
     config = config or {}
     reasons: list[tuple[str, str]] = []  # (problem, fix)
 
-    ranks = [manifest.lora.rank, config.get("r") or 0,
-             *(v for v in (config.get("rank_pattern") or {}).values() if _is_int(v))]
-    rank = max(r for r in ranks if _is_int(r))
-    if rank > limits.max_rank:
-        reasons.append((f"rank {rank} is above the server's limit {limits.max_rank}",
-                        (f"retrain with rank <= {limits.max_rank}, or serve with a max LoRA "
-                         f"rank of at least {rank}")))
+    ranks = [manifest.lora.rank, config.get("r"), *(config.get("rank_pattern") or {}).values()]
     targets = set(manifest.lora.target_modules)
     if isinstance(config.get("target_modules"), list):
         targets |= set(config["target_modules"])
-    # peft writes full paths (model.layers.3.self_attn.q_proj) when layers are chosen; vLLM
-    # matches module suffixes, so compare those.
-    targets = {t.rsplit(".", 1)[-1] for t in targets}
-    unknown = sorted(targets - limits.target_modules)
-    if unknown:
-        reasons.append(((f"target modules {unknown} cannot be served (the engine supports "
-                         f"{sorted(limits.target_modules)})"),
+    bad = unservable_lora(max(r for r in ranks if type(r) is int), targets,  # not bool
+                          manifest.lora.use_dora or bool(config.get("use_dora")), limits)
+    if "rank" in bad:
+        reasons.append((f"rank {bad['rank']} is above the server's limit {limits.max_rank}",
+                        (f"retrain with rank <= {limits.max_rank}, or serve with a max LoRA "
+                         f"rank of at least {bad['rank']}")))
+    if "target_modules" in bad:
+        reasons.append(((f"target modules {bad['target_modules']} cannot be served (the engine "
+                         f"supports {sorted(limits.target_modules)})"),
                         "retrain with target_modules among those"))
-    if manifest.lora.use_dora or config.get("use_dora"):
+    if "use_dora" in bad:
         reasons.append(("it is a DoRA adapter (use_dora), which vLLM cannot serve",
                         "retrain with use_dora off"))
     if config.get("modules_to_save"):

@@ -12,6 +12,8 @@ $LORASTACK_HOME/adapters.
 
 from __future__ import annotations
 
+import builtins
+import contextlib
 import os
 import shutil
 import time
@@ -49,6 +51,8 @@ from lorastack.adapters.manifest import (
 from lorastack.adapters.models import DEFAULT_BASE, BaseModel, ModelError, resolve_base
 
 STORE_ENV = "LORASTACK_STORE"
+# Hidden entries of writes (files.py): in progress, or left by a crash when this old.
+LEFTOVERS, LEFTOVER_AGE_S = (".partial", ".replaced", ".removed"), 3600.0
 
 # name -> (inode, mtime_ns, size) of its manifest.json. Every write makes a new manifest file,
 # so a replaced adapter changes inode even when the bytes and mtime happen to match.
@@ -117,7 +121,7 @@ class AdapterStore:
         """
         return self.scan()[0]
 
-    def problems(self) -> list[AdapterProblem]:
+    def problems(self) -> builtins.list[AdapterProblem]:
         """Entries that are not valid adapters, each with the error that says what to fix."""
         return self.scan()[1]
 
@@ -127,11 +131,7 @@ class AdapterStore:
         path = self.path(name)
         adapter = _read_settled(path, base_fingerprint=base_fingerprint)
         if adapter is None:
-            available = ", ".join(a.name for a in self.list()) or "none"
-            raise AdapterNotFoundError(
-                f"no adapter of this name in the store (available: {available})", name,
-                self.root, "check the name with `lorastack adapters list`, or pass the right "
-                "store (--store / LORASTACK_STORE)")
+            raise self._not_found(name, [a.name for a in self.list()])
         return adapter
 
     def exists(self, name: str) -> bool:
@@ -141,8 +141,19 @@ class AdapterStore:
 
     def write(self, name: str, source: Any, manifest: AdapterManifest,
               replace: bool = False) -> Adapter:
-        """Write an adapter atomically (see files.write_adapter)."""
+        """Write an adapter atomically (see files.write_adapter). Every write first deletes the
+        leftovers of crashed writes, if any is old enough (see clean_leftovers)."""
+        with contextlib.suppress(OSError):  # tidying up never stops a write
+            self.clean_leftovers()
         return write_adapter(self, name, source, manifest, replace=replace)
+
+    def copy(self, name: str, new_name: str, into: AdapterStore | None = None,
+             replace: bool = False) -> Adapter:
+        """Adapter `name`'s weights as a new adapter `new_name`, in this store or `into`
+        another: the same files, the manifest renamed; checked like any write."""
+        adapter = self.resolve(name)
+        return (into or self).write(new_name, adapter.path,
+                                    adapter.manifest.replace(name=new_name), replace=replace)
 
     def remove(self, name: str) -> None:
         """Delete adapter `name`: renamed aside under the lock (so it vanishes at once), then
@@ -150,10 +161,7 @@ class AdapterStore:
         path = self.path(name)
         with store_lock(self.root):
             if not os.path.lexists(path):
-                raise AdapterNotFoundError(
-                    f"no adapter of this name in the store (available: "
-                    f"{', '.join(self.names()) or 'none'})", name, self.root,
-                    "check the name with `lorastack adapters list`")
+                raise self._not_found(name, self.names())
             aside = move_aside(path, "removed")
         shutil.rmtree(aside, ignore_errors=True)
 
@@ -182,10 +190,9 @@ class AdapterStore:
                 name=name, task=task, base_model=base_model.name,
                 base_fingerprint=base_model.fingerprint,
                 lora=LoraSettings(rank=config["r"], alpha=config.get("lora_alpha", 8),
-                                  target_modules=tuple(targets),
-                                  dropout=config.get("lora_dropout", 0.0) or 0.0,
-                                  use_dora=bool(config.get("use_dora", False)),
-                                  use_rslora=bool(config.get("use_rslora", False))),
+                                  target_modules=targets, dropout=config.get("lora_dropout") or 0.0,
+                                  use_dora=bool(config.get("use_dora")),
+                                  use_rslora=bool(config.get("use_rslora"))),
                 prompt_template=prompt_template, labels=tuple(labels),
                 label_words=dict(label_words or {}), metrics=metrics or Metrics(),
                 training={"imported_from": str(src.resolve()),
@@ -196,8 +203,8 @@ class AdapterStore:
         except ManifestError as exc:
             raise exc.located(name, src / CONFIG_FILE if "lora." in exc.problem else None,
                               "check the import options (--task, --labels, --template)") from None
-        return write_adapter(self, name, {CONFIG_FILE: config_src, WEIGHTS_FILE: weights_src},
-                             manifest, replace=replace)
+        return self.write(name, {CONFIG_FILE: config_src, WEIGHTS_FILE: weights_src},
+                          manifest, replace=replace)
 
     # -- noticing changes ------------------------------------------------------------------
 
@@ -205,16 +212,16 @@ class AdapterStore:
         """name -> manifest stamp, for every entry with a manifest: one stat per adapter."""
         snap: StoreSnapshot = {}
         for name in self._entries():
-            if not _is_plain(name):
-                continue  # scan() reports it as a problem; nothing could serve it
             try:
+                check_name(name)
                 st = os.stat(self.root / name / MANIFEST_FILE)
-            except OSError:
-                continue  # not an adapter (yet): no manifest
+            except (AdapterError, OSError):  # not plain (scan() reports it; nothing serves it)
+                continue  # or not an adapter (yet): no manifest
             snap[name] = (st.st_ino, st.st_mtime_ns, st.st_size)
         return snap
 
-    def changes(self, since: StoreSnapshot | None = None) -> tuple[list[Change], StoreSnapshot]:
+    def changes(self, since: StoreSnapshot | None = None
+                ) -> tuple[builtins.list[Change], StoreSnapshot]:
         """What changed since the snapshot `since` (None: the empty store), and the new snapshot.
 
         Poll it: `events, token = store.changes(token)`. Events are sorted by name; an event says
@@ -231,29 +238,37 @@ class AdapterStore:
         events.sort(key=lambda c: (c.name, c.event))
         return events, now
 
-    def clean_leftovers(self, min_age_s: float = 3600.0) -> list[Path]:
-        """Delete hidden leftovers of crashed writes older than `min_age_s` (young ones may
-        belong to a write in progress); return what was deleted."""
-        removed = []
+    def clean_leftovers(self, min_age_s: float = LEFTOVER_AGE_S) -> builtins.list[Path]:
+        """Delete the hidden leftovers of crashed writes (write() calls it) older than
+        `min_age_s`, and return them. Younger ones may be a write's in progress; a rename makes
+        one young (ctime), so a write can still put back the copy it moved aside."""
+        removed: builtins.list[Path] = []
         cutoff = time.time() - min_age_s
-        if not self.root.is_dir():
-            return removed
-        for entry in os.scandir(self.root):
-            if (entry.name.startswith(".") and entry.name.endswith((".partial", ".replaced",
-                                                                    ".removed"))
-                    and entry.is_dir(follow_symlinks=False)
-                    and entry.stat(follow_symlinks=False).st_mtime < cutoff):
-                shutil.rmtree(entry.path, ignore_errors=True)
-                removed.append(Path(entry.path))
+        for entry in self._scan():
+            if entry.name.startswith(".") and entry.name.endswith(LEFTOVERS) and entry.is_dir(
+                    follow_symlinks=False):
+                with contextlib.suppress(FileNotFoundError):  # deleted meanwhile by its writer
+                    st = entry.stat(follow_symlinks=False)
+                    if max(st.st_mtime, st.st_ctime) < cutoff:
+                        shutil.rmtree(entry.path, ignore_errors=True)
+                        removed.append(Path(entry.path))
         return removed
+
+    def _not_found(self, name: str, available: Iterable[str]) -> AdapterNotFoundError:
+        return AdapterNotFoundError(
+            f"no adapter of this name in the store (available: {', '.join(available) or 'none'})",
+            name, self.root, "check the name with `lorastack adapters list`, or pass the right "
+            "store (--store / LORASTACK_STORE)")
 
     def _entries(self) -> Iterable[str]:
         """Names of visible subdirectories; hidden ones are writes in progress or leftovers."""
+        return [e.name for e in self._scan() if not e.name.startswith(".") and e.is_dir()]
+
+    def _scan(self) -> builtins.list[os.DirEntry[str]]:
         try:
-            entries = list(os.scandir(self.root))
+            return list(os.scandir(self.root))
         except FileNotFoundError:
             return []
-        return [e.name for e in entries if not e.name.startswith(".") and e.is_dir()]
 
 
 def _read_settled(path: Path, **kwargs: Any) -> Adapter | None:
@@ -277,14 +292,6 @@ def _read_settled(path: Path, **kwargs: Any) -> Adapter | None:
             if settled:
                 raise
     return read_adapter(path, **kwargs)
-
-
-def _is_plain(name: str) -> bool:
-    try:
-        check_name(name)
-    except AdapterError:
-        return False
-    return True
 
 
 def _resolve_base(base: str, name: str) -> BaseModel:

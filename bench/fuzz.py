@@ -15,7 +15,6 @@ that killed vLLM 0.32's CPU engine before lorastack's plugin), echo, stop, sampl
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import random
 import shutil
 from collections import Counter
@@ -56,11 +55,9 @@ def build(src: AdapterStore, root) -> AdapterStore:
     store = AdapterStore(root)
     cls = src.resolve(CLS)
     for name, (words, end) in LABEL_SETS.items():
-        manifest = dataclasses.replace(cls.manifest, name=name, label_words=words,
-                                       score_end_of_turn=end)
+        manifest = cls.manifest.replace(name=name, label_words=words, score_end_of_turn=end)
         store.write(name, cls.path, manifest)
-    gen = src.resolve(GEN)
-    store.write("gen", gen.path, dataclasses.replace(gen.manifest, name="gen"))
+    src.copy(GEN, "gen", into=store)
     return store
 
 

@@ -38,7 +38,6 @@ from bench.serving_setup import (
     SteadyLoad,
     base_name,
     build_store,
-    copy_adapter,
     gateway_metric,
     served_adapters,
     source_store,
@@ -126,7 +125,7 @@ def main() -> None:
         for i in range(trials):
             name, source = f"hot-{i}", (GEN, CLS)[i % 2]
             t = time.perf_counter()
-            copy_adapter(src, source, store, name)
+            src.copy(source, name, into=store)
             write_s = time.perf_counter() - t
             seconds, probes, odd = first_answer(url, name, client)
             store.remove(name)
@@ -163,7 +162,7 @@ def main() -> None:
                 row = {"cycle": i}
                 name, source = f"cycle-{i}", (GEN, CLS)[i % 2]
                 marks.append(("load", time.perf_counter() - load.run.t0))
-                copy_adapter(src, source, store, name)
+                src.copy(source, name, into=store)
                 row["load_s"], row["load_probes"], row["load_unexpected"] = \
                     first_answer(url, name, client)
                 victim = (classifiers or generators)[0] if i % 2 == 0 else \

@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lorastack import __version__
 from lorastack.adapters.manifest import AdapterError
+from lorastack.adapters.validation import explain_errors
 from lorastack.serve.engine import EngineError
 from lorastack.serve.gateway import Gateway
 from lorastack.serve.protocol import ApiError, ErrorResponse, error_body
@@ -108,8 +109,8 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError):
-        parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
-        return _json_error(422, "invalid request: " + "; ".join(parts), "invalid_request")
+        return _json_error(422, "invalid request: " + explain_errors(exc.errors()),
+                           "invalid_request")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException):

@@ -14,7 +14,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
-from processes import copy_adapter, lorastack_serve
+from processes import lorastack_serve
 
 QUICKSTART = ("reviews-classify", "reviews-condition")
 TINY = ["quantization=none", "data.limit_train=16", "data.limit_eval=8",
@@ -51,10 +51,10 @@ def quickstart(tmp_path_factory, base_model):
     started = time.monotonic()
     for name in QUICKSTART:
         train(load_config(name, [*TINY, f"store={staging.root}", f"runs_dir={root / 'runs'}"]))
-        copy_adapter(staging, name, store, name)
-    copy_adapter(staging, "reviews-classify", staging, "sentiment")
+        staging.copy(name, name, into=store)
+    staging.copy("reviews-classify", "sentiment")
     for name in ("sentiment", "sentiment-2"):
-        copy_adapter(staging, "sentiment", store, name)
+        staging.copy("sentiment", name, into=store)
     print(f"\nquickstart adapters trained in {time.monotonic() - started:.0f} s")
     # limits low enough for the tests to reach them (the page's batches, max_tokens)
     with lorastack_serve(root, store.root, "--max-batch", "8", "--max-tokens", "64",

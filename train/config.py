@@ -23,10 +23,15 @@ from pydantic import (
     model_validator,
 )
 
+from lorastack.adapters.manifest import (
+    LLAMA_TARGET_MODULES,
+    AdapterName,
+    ServingLimits,
+    unservable_lora,
+)
+from lorastack.adapters.validation import explain_errors
+
 CONFIGS_DIR = Path(__file__).parent / "configs"
-# What vLLM's LoRA path serves for Llama-style models (vllm/lora: packed qkv and gate_up).
-SERVABLE_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-DEFAULT_MAX_SERVING_RANK = 16
 # What each task's validation evaluation reports (train/evaluate.py), the first its default:
 # the metrics training.early_stopping_metric may select on.
 SELECTION_METRICS = {"classification": ("macro_f1", "accuracy", "loss"),
@@ -113,7 +118,7 @@ class LoraConfig(_Section):
     """Rank-stabilised scaling alpha/sqrt(r), better for high ranks."""
     for_serving: bool = True
     """Refuse settings the serving layer cannot load (rank, modules, DoRA)."""
-    serving_rank: int = Field(DEFAULT_MAX_SERVING_RANK, ge=1)
+    serving_rank: int = Field(ServingLimits.max_rank, ge=1)
     """The server's max LoRA rank (vLLM --max-lora-rank) that r must not exceed."""
 
     @field_validator("layers")
@@ -166,8 +171,8 @@ class TrainingConfig(_Section):
 
 
 class TrainConfig(_Section):
-    name: str = Field("adapter", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-    """Adapter name in the store (letters, digits, . _ -; at most 64)."""
+    name: AdapterName = "adapter"
+    """Adapter name in the store (letters, digits, . _ -; at most 64; see check_name)."""
     base: str = "smollm2-135m"
     """Base model: catalog alias, hub id or local directory."""
     quantization: Literal["none", "8bit", "4bit"] = "none"
@@ -190,17 +195,18 @@ class TrainConfig(_Section):
         lora = self.lora
         if not lora.for_serving:
             return self
+        targets = [] if lora.target_modules == "all-linear" else lora.target_modules
+        bad = unservable_lora(lora.r, targets, lora.use_dora,  # the rule the server applies
+                              ServingLimits(max_rank=lora.serving_rank))
         problems = []
-        if lora.r > lora.serving_rank:
+        if "rank" in bad:
             problems.append(f"lora.r={lora.r} is above the server's max rank "
                             f"{lora.serving_rank} (lora.serving_rank)")
-        if lora.use_dora:
+        if "use_dora" in bad:
             problems.append("lora.use_dora=true: vLLM cannot serve DoRA adapters")
-        if lora.target_modules != "all-linear":
-            bad = [m for m in lora.target_modules if m not in SERVABLE_MODULES]
-            if bad:
-                problems.append(f"lora.target_modules {bad} are not servable by vLLM "
-                                f"(servable: {', '.join(SERVABLE_MODULES)})")
+        if "target_modules" in bad:
+            problems.append(f"lora.target_modules {bad['target_modules']} are not servable by "
+                            f"vLLM (servable: {', '.join(sorted(LLAMA_TARGET_MODULES))})")
         if problems:
             raise ValueError("; ".join(problems) + ". Fix them, or set lora.for_serving=false "
                              "for an adapter not meant for serving.")
@@ -356,21 +362,5 @@ def _apply_override(raw: dict, item: str) -> None:
 
 
 def _explain(exc: ValidationError) -> str:
-    lines = []
-    for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "(config)"
-        msg = err["msg"]
-        if err["type"] == "value_error":  # our validators' own sentences
-            msg = str(err.get("ctx", {}).get("error", msg))
-            if not err["loc"]:
-                lines.append(msg)
-                continue
-        elif err["type"] == "literal_error":
-            allowed = err.get("ctx", {}).get("expected", "")
-            msg = f"must be one of {allowed}"
-        elif err["type"] == "extra_forbidden":
-            msg = "unknown setting (check the spelling; see train/config.py)"
-        got = err.get("input")
-        shown = "" if err["type"] in ("missing",) or isinstance(got, dict) else f" (got {got!r})"
-        lines.append(f"{field}: {msg}{shown}")
-    return "; ".join(lines)
+    return explain_errors(exc.errors(), TrainConfig,
+                          unknown="unknown setting (check the spelling; see train/config.py)")

@@ -10,6 +10,7 @@ from typing import Annotated, Any, TypeVar
 from fastapi import Depends, Request
 from pydantic import BaseModel, ValidationError
 
+from lorastack.adapters.validation import explain_errors
 from lorastack.serve.gateway import Gateway
 from lorastack.serve.protocol import ApiError
 
@@ -129,30 +130,5 @@ def documented(model: type[BaseModel]) -> dict:
 
 
 def validation_message(exc: ValidationError, model: type[BaseModel] | None = None) -> str:
-    """Every error of `exc`, as `field: what is wrong`; a missing field says what it is. A field
-    that takes several forms (a text or a list...) gets one line, not one per form."""
-    parts: list[str] = []
-    for err in exc.errors():
-        loc = [str(p) for p in err["loc"]]
-        forms = next((i for i, p in enumerate(loc) if _is_form(p)), None)
-        info = model.model_fields.get(loc[0]) if model and loc else None
-        description = info.description if info is not None else None
-        if forms is not None:
-            where = ".".join(loc[:forms]) or "body"
-            message = "not one of the forms it takes" + (f" ({description})" if description
-                                                        and forms == 1 else "")
-        else:
-            where = ".".join(loc) or "body"
-            message = err["msg"]
-            if err["type"] == "missing" and description and len(loc) == 1:
-                message = f"required: {description}"
-        part = f"{where}: {message}"
-        if part not in parts:
-            parts.append(part)
-    more = f"; and {len(parts) - 5} more" if len(parts) > 5 else ""
-    return "invalid request: " + "; ".join(parts[:5]) + more
-
-
-def _is_form(loc: str) -> bool:
-    """pydantic names the member of a union in an error's location: `str`, `list[str]`..."""
-    return loc in {"str", "int", "float", "bool", "dict", "list", "none"} or "[" in loc
+    """Every error of `exc`, as `field: what is wrong` (lorastack.adapters.validation)."""
+    return "invalid request: " + explain_errors(exc.errors(), model)

@@ -21,6 +21,7 @@ from lorastack.adapters.manifest import (
     UnknownFormatVersionError,
     check_name,
     check_servable,
+    unservable_lora,
 )
 
 pytestmark = pytest.mark.usefixtures("store_env")
@@ -50,16 +51,19 @@ def test_key_metric_prefers_test_accuracy(fake):
 
 
 @pytest.mark.parametrize("change, words", [
-    ({"task": "regression"}, "task must be one of"),
+    ({"task": "regression"}, "task: must be one of 'classification' or 'generation'"),
     ({"labels": ("only",)}, "at least two"),
     ({"labels": ("a", "a")}, "labels repeat"),
     ({"label_words": {"other": "x"}}, "label_words keys"),
     ({"label_words": {"negative": "yes", "positive": "yes"}}, "distinct"),
     ({"prompt_template": "no field here"}, "must use a record field"),
     ({"prompt_template": "broken {text"}, "not a valid str.format"),
-    ({"base_fingerprint": "abc"}, "base_fingerprint"),
-    ({"data_fingerprint": "md5:1"}, "data_fingerprint"),
-    ({"created_at": "yesterday"}, "created_at"),
+    ({"base_fingerprint": "abc"}, "base_fingerprint: must be 'sha256:' and 64 hex digits"),
+    ({"data_fingerprint": "md5:1"}, "data_fingerprint: must be '' or 'sha256:'"),
+    ({"created_at": "yesterday"}, "created_at: must be an ISO 8601 time"),
+    ({"chat_format": "no slot"}, "chat_format: must contain the slot {input} exactly once"),
+    ({"score_end_of_turn": "yes"}, "score_end_of_turn: Input should be a valid boolean"),
+    ({"versions": {"torch": 2}}, r"versions.torch: Input should be a valid string \(got 2\)"),
 ])
 def test_bad_fields_are_refused_with_the_field_named(fake, change, words):
     with pytest.raises(AdapterError, match=words):
@@ -78,9 +82,12 @@ def test_generation_has_no_labels(fake):
 
 
 @pytest.mark.parametrize("kwargs, words", [
-    ({"rank": 0}, "lora.rank"), ({"alpha": -1}, "lora.alpha"),
-    ({"dropout": 1.0}, "lora.dropout"), ({"target_modules": ()}, "target_modules"),
-    ({"use_dora": "yes"}, "use_dora"),
+    ({"rank": 0}, "lora.rank: Input should be greater than 0"), ({"rank": True}, "lora.rank"),
+    ({"rank": "8"}, "lora.rank"), ({"alpha": -1}, "lora.alpha"), ({"alpha": "16"}, "lora.alpha"),
+    ({"alpha": float("inf")}, "lora.alpha: must be a finite number"),
+    ({"dropout": 1.0}, "lora.dropout"), ({"target_modules": ()}, "lora.target_modules"),
+    ({"target_modules": ("q_proj", "")}, "lora.target_modules"),
+    ({"use_dora": "yes"}, "lora.use_dora"),
 ])
 def test_lora_settings_are_checked(kwargs, words):
     values = {"rank": 8, "alpha": 16, "target_modules": ("q_proj",)} | kwargs
@@ -97,7 +104,7 @@ def test_unknown_format_version_says_to_upgrade(fake):
 
 @pytest.mark.parametrize("text, words", [
     ("{not json", "not valid JSON"), ("[1, 2]", "JSON object"),
-    (json.dumps({"format_version": 1, "name": "a"}), "missing field"),
+    (json.dumps({"format_version": 1, "name": "a"}), "task: required.*; base_model: required"),
 ])
 def test_unparseable_manifests(text, words):
     with pytest.raises(ManifestError, match=words):
@@ -107,7 +114,7 @@ def test_unparseable_manifests(text, words):
 def test_missing_nested_field_is_a_manifest_error(fake):
     data = fake.make_manifest("a").to_dict()
     del data["lora"]["rank"]
-    with pytest.raises(ManifestError, match="missing or misnamed"):
+    with pytest.raises(ManifestError, match="lora.rank: required"):
         AdapterManifest.from_dict(data)
 
 
@@ -191,9 +198,50 @@ def test_importing_the_store_stays_light():
 
 
 def test_examples_round_trip_and_must_be_strings(fake):
-    import dataclasses
-
     manifest = fake.make_manifest("reviews", examples=("good stuff", "awful"))
     assert AdapterManifest.from_json(manifest.to_json()).examples == ("good stuff", "awful")
-    with pytest.raises(ManifestError, match="examples must be a list of strings"):
-        dataclasses.replace(manifest, examples=(1, 2))
+    with pytest.raises(ManifestError, match="examples: must be a list of strings"):
+        manifest.replace(examples=(1, 2))
+
+
+# manifest.json as lorastack wrote it when the manifest was a dataclass (format_version 1)
+WRITTEN_BEFORE = {
+    "base_fingerprint": "sha256:" + "ab" * 32, "base_model": "smollm2-135m",
+    "chat_format": "<|user|>{input}<|assistant|>", "created_at": "2026-12-01T17:47:18+00:00",
+    "data_fingerprint": "", "end_of_turn": "<|end|>", "examples": ["great"],
+    "format_version": 1, "label_words": {"positive": " good"}, "labels": ["negative", "positive"],
+    "lora": {"alpha": 16.0, "dropout": 0.05, "rank": 8, "target_modules": ["q_proj", "v_proj"],
+             "use_dora": False, "use_rslora": False},
+    "metrics": {"test": {"n": 3.0}, "validation": {"accuracy": 0.8}}, "name": "reviews",
+    "prompt_template": "Review: {text}", "score_end_of_turn": False, "task": "classification",
+    "training": {"lora": {"r": 8}}, "versions": {"peft": "0.21.2"}}
+
+
+def test_a_manifest_written_before_reads_and_is_written_back_byte_for_byte():
+    text = json.dumps(WRITTEN_BEFORE, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    manifest = AdapterManifest.from_json(text)
+    assert manifest.lora.target_modules == ("q_proj", "v_proj") and manifest.examples == ("great",)
+    assert manifest.label_word("positive") == " good" and manifest.metrics.test == {"n": 3.0}
+    assert manifest.to_json() == text
+
+
+def test_the_manifest_is_frozen_and_replace_checks_the_change(fake):
+    manifest = fake.make_manifest("a")
+    with pytest.raises(ValueError, match="frozen"):
+        manifest.name = "b"
+    renamed = manifest.replace(name="b")
+    assert renamed.name == "b" and renamed.created_at == manifest.created_at
+    assert renamed.replace(name="a") == manifest and renamed.lora is manifest.lora
+    with pytest.raises(InvalidNameError):
+        manifest.replace(name="../b")
+    with pytest.raises(ManifestError, match="lora.rank"):
+        manifest.lora.replace(rank=0)
+    with pytest.raises(ManifestError, match="at least two"):
+        manifest.replace(labels=("one",))
+
+
+def test_one_servability_rule_for_settings_and_adapters():
+    assert unservable_lora(16, ["model.layers.0.self_attn.q_proj", "v_proj"], False) == {}
+    assert unservable_lora(32, ["q_proj", "lm_head", "fc1"], True, ServingLimits(max_rank=16)) \
+        == {"rank": 32, "target_modules": ["fc1", "lm_head"], "use_dora": True}
+    assert unservable_lora(32, [], False, ServingLimits(max_rank=32)) == {}

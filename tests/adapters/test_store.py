@@ -10,6 +10,7 @@ import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import pytest
 
@@ -170,7 +171,7 @@ def test_manifest_with_a_bad_field_or_another_name(store, add_adapter):
     path = store.root / "a" / "manifest.json"
     data = json.loads(path.read_text())
     path.write_text(json.dumps(data | {"task": "regression"}))
-    with pytest.raises(ManifestError, match="task must be one of") as info:
+    with pytest.raises(ManifestError, match="task: must be one of") as info:
         store.resolve("a")
     explains(info.value, "a", "a/manifest.json", "correct the field")
     path.write_text(json.dumps(data | {"name": "b"}))
@@ -371,6 +372,44 @@ def test_a_process_killed_mid_write_leaves_no_listed_adapter(store, tmp_path, fa
     store.write("killed", src, fake.make_manifest("killed"))  # the name is free
     assert [a.name for a in store.list()] == ["killed"]
 
+
+
+def test_a_write_deletes_old_leftovers_and_keeps_young_ones(store, add_adapter, monkeypatch):
+    from lorastack.adapters import store as store_module
+
+    add_adapter("a")
+    leftovers = [store.root / n for n in (".x.1a2b3c4d.partial", ".a.5e6f7a8b.replaced",
+                                          ".b.9c0d1e2f.removed")]
+    for path in leftovers:
+        (path / "sub").mkdir(parents=True)
+    past = time.time() - 7200  # an old mtime, but a fresh ctime: just moved aside, maybe
+    os.utime(leftovers[1], (past, past))  # by a write that may still put it back
+    add_adapter("b")
+    assert all(p.is_dir() for p in leftovers)  # young: maybe a write in progress
+    later = time.time() + 2 * store_module.LEFTOVER_AGE_S
+    monkeypatch.setattr(store_module, "time", SimpleNamespace(time=lambda: later))
+    add_adapter("c")
+    assert not any(os.path.lexists(p) for p in leftovers)
+    assert [a.name for a in store.list()] == ["a", "b", "c"]
+    assert sorted(os.listdir(store.root)) == [".lock", "a", "b", "c"]
+
+
+def test_copy_is_the_same_weights_under_another_name(store, add_adapter, tmp_path):
+    original = add_adapter("a", examples=("great",))
+    copied = store.copy("a", "b")
+    assert copied.manifest == original.manifest.replace(name="b") == store.resolve("b").manifest
+    for file in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (copied.path / file).read_bytes() == (original.path / file).read_bytes()
+    elsewhere = AdapterStore(tmp_path / "elsewhere")
+    assert store.copy("a", "a", into=elsewhere).path == elsewhere.root / "a"
+    assert [a.name for a in elsewhere.list()] == ["a"] and store.names() == ["a", "b"]
+    with pytest.raises(AdapterExistsError):
+        store.copy("b", "a")
+    assert store.copy("b", "a", replace=True).manifest.name == "a"
+    with pytest.raises(InvalidNameError):
+        store.copy("a", "../c")
+    with pytest.raises(AdapterNotFoundError, match="available: a, b"):
+        store.copy("nope", "c")
 
 # -- a big store and the change feed ---------------------------------------------------------
 

@@ -3,7 +3,6 @@ unique name (a bare `conftest` import resolves to whichever conftest.py was impo
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -12,13 +11,6 @@ REPO = Path(__file__).resolve().parents[2]
 OUTPUT = REPO / "test-output" / "demo"  # screenshots and downloads; ignored by git
 FIGURES = REPO / "docs" / "figures"  # tracked: the README's pictures
 UPDATE_FIGURES = "LORASTACK_UPDATE_FIGURES"
-
-
-def copy_adapter(src, name: str, dst, new_name: str):
-    """The same weights under another name (an ensemble member, or a 'new' adapter)."""
-    adapter = src.resolve(name)
-    return dst.write(new_name, adapter.path, dataclasses.replace(adapter.manifest,
-                                                                 name=new_name))
 
 
 def save_figure(screenshot: Path, name: str, figures: Path = FIGURES) -> Path | None:

@@ -10,7 +10,7 @@ import re
 import time
 
 import pytest
-from demo_helpers import OUTPUT, copy_adapter, save_figure
+from demo_helpers import OUTPUT, save_figure
 from playwright.sync_api import expect
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -145,7 +145,7 @@ def test_new_adapters_appear_without_reloading(page, gateway):
     table = page.locator("#ad_table")
     expect(table).to_contain_text("sentiment")
     expect(table).not_to_contain_text("sentiment-fresh")
-    copy_adapter(gateway.staging, "sentiment", gateway.store, "sentiment-fresh")
+    gateway.staging.copy("sentiment", "sentiment-fresh", into=gateway.store)
     expect(table).to_contain_text("sentiment-fresh", timeout=60_000)  # timer, no reload
     _tab(page, "Classify")
     page.locator("#cls_model input").click()

@@ -79,7 +79,7 @@ def test_curl_and_python_examples_run_against_the_quickstart(quickstart, tmp_pat
     ran = 0
     for block in served:
         if block.needs and block.needs not in quickstart.store.names():
-            _copy(quickstart.store, "reviews-classify", block.needs)
+            quickstart.store.copy("reviews-classify", block.needs)
             _wait_served(quickstart.url, block.needs)
         if block.lang == "bash":
             for command in block.commands():
@@ -139,11 +139,6 @@ def test_lorastack_commands_exist_with_the_flags_shown():
                                             f"`lorastack {' '.join(verbs)} --help`"
             checked += 1
     assert checked >= 10
-
-
-def _copy(store, name: str, new_name: str) -> None:
-    adapter = store.resolve(name)
-    store.write(new_name, adapter.path, dataclasses.replace(adapter.manifest, name=new_name))
 
 
 def _wait_served(url: str, name: str, timeout: float = 30) -> None:

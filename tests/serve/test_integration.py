@@ -6,7 +6,6 @@ one kills vLLM and waits for the gateway to bring it back.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import threading
@@ -47,13 +46,6 @@ def _train(root: Path, name: str, task: dict, data: dict = DATA, **training):
                                "save_every": 2, **training}})
 
 
-def copy_adapter(src: AdapterStore, name: str, dst: AdapterStore, new_name: str,
-                 replace: bool = False):
-    adapter = src.resolve(name)
-    manifest = dataclasses.replace(adapter.manifest, name=new_name)
-    return dst.write(new_name, adapter.path, manifest, replace=replace)
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, base_model):
     import uvicorn
@@ -71,7 +63,7 @@ def server(tmp_path_factory, base_model):
            data={**DATA, "limit_eval": 3}, lr=5e-3, max_steps=3, eval_every=3, save_every=3)
     staging, store = AdapterStore(root / "staging"), AdapterStore(root / "served")
     for name in ("cls-a", "cls-b", "cls-multi", "gen"):
-        copy_adapter(staging, name, store, name)
+        staging.copy(name, name, into=store)
     port = free_port()
     settings = ServeSettings(store=store.root, port=port, capacity=2, max_loras=2,
                              api_keys=[KEY], admin_key=ADMIN, work_dir=root / "work",
@@ -242,7 +234,7 @@ def test_multi_token_labels_match_the_trainer_and_the_engine_lives(server):
 def test_hot_load_while_requests_run(server):
     with Load(server, ["cls-a", "gen"]) as load:
         time.sleep(1)
-        copy_adapter(server.staging, "cls-b", server.store, "hot")
+        server.staging.copy("cls-b", "hot", into=server.store)
         written = time.monotonic()
         listed = lambda: "hot" in {m["id"] for m in server.client.get("/v1/models").json()["data"]}
         assert wait_for(listed, timeout=30)
@@ -261,7 +253,7 @@ def test_replace_serves_the_new_weights(server):
     old = identity()
     with Load(server, ["cls-a", "cls-a"]) as load:
         time.sleep(1)
-        copy_adapter(server.staging, "cls-b", server.store, "cls-a", replace=True)
+        server.staging.copy("cls-b", "cls-a", into=server.store, replace=True)
         assert wait_for(lambda: identity() != old, timeout=30)
         time.sleep(1)
     assert load.codes and not load.failures

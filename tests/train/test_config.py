@@ -57,7 +57,8 @@ def test_overrides_are_parsed_as_yaml():
     ({"lora": {"r": 64}}, "lora.r=64 is above the server's max rank 16"),
     ({"lora": {"use_dora": True}}, "vLLM cannot serve DoRA"),
     ({"lora": {"target_modules": ["q_proj", "lm_head"]}}, "['lm_head'] are not servable"),
-    ({"name": "../evil"}, "name: String should match pattern"),
+    ({"name": "../evil"}, "name: adapter '../evil': the name is not plain"),
+    ({"name": "a..b"}, "name: adapter 'a..b': the name is not plain"),  # the store's rule
     ({"task": {"labels": ["only"]}}, "at least two distinct labels"),
     ({"task": {"type": "generation"}, "data": {"augment": "word_dropout"}},
      "data.augment is for classification tasks only"),
