@@ -18,10 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
-import os
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -36,6 +32,7 @@ import httpx
 
 from bench.common import REPO, log, percentile, spread
 from lorastack.adapters.store import AdapterStore
+from lorastack.serve.vllm_proc import ChildProcess, free_port
 
 CLS, GEN = "reviews-classify", "reviews-condition"  # the quickstart's adapters
 SOURCES = (CLS, GEN)
@@ -106,18 +103,11 @@ def source_store(args, work: Path) -> AdapterStore:
     return store
 
 
-def copy_adapter(src: AdapterStore, name: str, dst: AdapterStore, new_name: str,
-                 replace: bool = False):
-    adapter = src.resolve(name)
-    manifest = dataclasses.replace(adapter.manifest, name=new_name)
-    return dst.write(new_name, adapter.path, manifest, replace=replace)
-
-
 def build_store(src: AdapterStore, root: Path, names: dict[str, str]) -> AdapterStore:
     """A fresh store holding `names` ({new name: source name}) copied from `src`."""
     store = AdapterStore(root)
     for new_name, source in names.items():
-        copy_adapter(src, source, store, new_name)
+        src.copy(source, new_name, into=store)
     return store
 
 
@@ -134,8 +124,7 @@ def write_variant(src: AdapterStore, name: str, dst: AdapterStore, new_name: str
     save_file(scaled, str(folder / "adapter_model.safetensors"))
     source = {"adapter_config.json": adapter.path / "adapter_config.json",
               "adapter_model.safetensors": folder / "adapter_model.safetensors"}
-    manifest = dataclasses.replace(adapter.manifest, name=new_name)
-    written = dst.write(new_name, source, manifest, replace=True)
+    written = dst.write(new_name, source, adapter.manifest.replace(name=new_name), replace=True)
     return written, folder
 
 
@@ -199,74 +188,30 @@ class Reviews:
 
 # -- server processes ---------------------------------------------------------------------------
 
-def free_port() -> int:
-    from lorastack.serve.vllm_proc import free_port as _free
+class ServerProcess(ChildProcess):
+    """A server started as a process of its own, its output in a log file, ready on /health
+    (the gateway's own supervision of its vLLM child, serve/vllm_proc.py)."""
 
-    return _free()
-
-
-class ServerProcess:
-    """A server started as a process of its own (its output in a log file), ready on /health."""
-
-    def __init__(self, name: str, command: list[str], port: int, log_file: Path,
-                 env: dict[str, str] | None = None) -> None:
-        self.name, self.command, self.port, self.log_file = name, command, port, log_file
-        self.env = {**os.environ, **(env or {})}
-        self.proc: subprocess.Popen | None = None
-        self.url = f"http://127.0.0.1:{port}"
-
-    def start(self) -> ServerProcess:
-        self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_file, "ab") as fh:
-            self.proc = subprocess.Popen(self.command, stdout=fh, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=self.env, cwd=REPO,
-                                         start_new_session=True)
-        log(f"starting the {self.name} (pid {self.proc.pid}, log {self.log_file})")
+    def start(self) -> Self:
+        super().start()
+        log(f"starting {self.name} (pid {self.pid}, log {self.log_file})")
         return self
 
     def wait_ready(self, timeout_s: float = 900) -> float:
-        start = time.monotonic()
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the {self.name} exited with code {self.proc.returncode} "
-                                   f"while starting.\n{self.tail()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
-                    seconds = time.monotonic() - start
-                    log(f"the {self.name} is ready at {self.url} ({seconds:.0f} s)")
-                    return seconds
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() - start > timeout_s:
-                raise RuntimeError(f"the {self.name} was not ready within {timeout_s:.0f} s.\n"
-                                   f"{self.tail()}")
-            time.sleep(0.5)
-
-    def tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_file.read_text(errors="replace").splitlines()[-lines:]
-        except OSError:
-            text = []
-        return f"last lines of {self.log_file}:\n" + "\n".join("  | " + t for t in text)
+        seconds = asyncio.run(self.wait_healthy(timeout_s))
+        log(f"{self.name} is ready at {self.url} ({seconds:.0f} s)")
+        return seconds
 
     def stop(self, grace_s: float = 60) -> None:
-        """SIGTERM (the gateway then stops its vLLM child), then SIGKILL what is left of this
-        process and the processes it started (found before signalling)."""
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
+        """SIGTERM (the gateway then stops its vLLM child), then SIGKILL what is left of its
+        process group and of the processes it started in sessions of their own (its vLLM)."""
         import psutil
 
         try:
-            family = psutil.Process(proc.pid).children(recursive=True)
+            family = psutil.Process(self.pid).children(recursive=True) if self.pid else []
         except psutil.Error:
             family = []
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        super().stop(grace_s)
         for child in family:
             try:
                 child.wait(10)
@@ -289,16 +234,16 @@ def start_gateway(store: AdapterStore, work: Path, *, capacity: int = 8, max_lor
     command = [sys.executable, "-m", "lorastack", "serve", "--store", str(store.root),
                "--port", str(port), "--capacity", str(capacity), "--max-loras", str(max_loras),
                "--work-dir", str(work / "gateway"), "--log-level", "warning"]
-    return ServerProcess("gateway (lorastack serve)", command, port,
-                         work / "gateway.log", env).start()
+    return ServerProcess("the gateway (lorastack serve)", port, work / "gateway.log", command,
+                         env=env, cwd=REPO).start()
 
 
 def start_naive(store: AdapterStore, work: Path) -> ServerProcess:
     port = free_port()
     command = [sys.executable, "-m", "bench.naive_server", "--store", str(store.root),
                "--port", str(port)]
-    return ServerProcess("naive server (transformers + peft)", command, port,
-                         work / "naive.log").start()
+    return ServerProcess("the naive server (transformers + peft)", port, work / "naive.log",
+                         command, cwd=REPO).start()
 
 
 def served_adapters(gateway_url: str) -> dict[str, dict]:

@@ -1,13 +1,22 @@
-"""The vLLM child's start-up failure path: a clear error carrying vLLM's own last log lines."""
+"""The vLLM child's start-up failure path: a clear error carrying vLLM's own last log lines;
+the child-process supervision under it."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 
 import pytest
 
 from lorastack.serve.settings import ServeSettings
-from lorastack.serve.vllm_proc import VllmProcess, VllmStartError
+from lorastack.serve.vllm_proc import (
+    ChildProcess,
+    StartError,
+    VllmProcess,
+    VllmStartError,
+    free_port,
+)
 
 
 def test_command_keeps_vllm_private_and_lora_enabled(tmp_path):
@@ -34,3 +43,40 @@ def test_failed_start_reports_the_last_log_lines(tmp_path):
     message = str(err.value)
     assert "exited with code" in message and "Last lines of" in message
     assert "no-such-model" in message  # vLLM's own words about what is wrong
+
+
+# -- ChildProcess: the supervision the gateway, the benchmarks and the tests share -------------
+
+def _child(tmp_path, code: str, *args: str, hint: str = "") -> ChildProcess:
+    """`python -c code PORT *args` as a child on a free port."""
+    port = free_port()
+    return ChildProcess("the child", port, tmp_path / "child.log",
+                        [sys.executable, "-c", code, str(port), *args], slow_hint=hint)
+
+
+def test_a_child_is_healthy_then_stopped_with_its_group(tmp_path):
+    (tmp_path / "health").write_text("ok")
+    serve = ("import http.server, os, sys; os.chdir(sys.argv[2]); http.server.test("
+             "http.server.SimpleHTTPRequestHandler, port=int(sys.argv[1]), bind='127.0.0.1')")
+    child = _child(tmp_path, serve, str(tmp_path)).start()
+    try:
+        assert asyncio.run(child.wait_healthy(60)) < 60 and child.exit_code() is None
+        pid = child.pid
+    finally:
+        child.stop()
+    assert child.pid is None and child.exit_code() == -1
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)  # nothing of its session is left
+    assert "=== lorastack: starting the child:" in (tmp_path / "child.log").read_text()
+
+
+def test_a_child_that_dies_or_hangs_says_so_with_its_log(tmp_path):
+    dead = _child(tmp_path, "import sys; print('no such model here'); sys.exit(3)").start()
+    with pytest.raises(StartError) as died:
+        asyncio.run(dead.wait_healthy(60))
+    assert "the child exited with code 3 while starting" in str(died.value)
+    assert "Last lines of" in str(died.value) and "  | no such model here" in str(died.value)
+    hung = _child(tmp_path, "import time; time.sleep(60)", hint=" (wait longer)").start()
+    with pytest.raises(StartError, match=r"not become healthy within 1 s \(wait longer\)"):
+        asyncio.run(hung.wait_healthy(1))
+    assert hung.proc is None  # stopped when it timed out
