@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -21,6 +22,7 @@ from lorastack.serve.gateway import Gateway
 from lorastack.serve.protocol import ApiError, ErrorResponse, error_body
 from lorastack.serve.registry import UnknownModelError
 from lorastack.serve.routes import adapters, classify, openai, ops
+from lorastack.serve.routes.common import BODIES
 from lorastack.serve.settings import ServeSettings
 
 log = logging.getLogger("lorastack.serve")
@@ -40,13 +42,14 @@ def create_app(settings: ServeSettings | None = None, gateway: Gateway | None = 
     app = FastAPI(title="lorastack gateway", version=__version__, lifespan=lifespan,
                   docs_url="/docs", redoc_url=None)
     app.state.gateway = gw
-    errors = {code: {"model": ErrorResponse, "description": what} for code, what in (
+    errors: dict[int | str, dict[str, Any]] = {
+        code: {"model": ErrorResponse, "description": what} for code, what in (
         ("4XX", "the request was refused: `error.message` says why and what to do"),
         ("5XX", "the engine failed or is restarting (503 comes with Retry-After)"))}
     for module in (openai, classify, adapters, ops):
         app.include_router(module.router, responses=errors)
     _install_error_handlers(app)
-    app.openapi = lambda: _openapi(app)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):
@@ -73,7 +76,7 @@ def _openapi(app: FastAPI) -> dict:
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     for route in app.routes:
         for dep in getattr(getattr(route, "dependant", None), "dependencies", []):
-            model = getattr(dep.call, "__lorastack_model__", None)
+            model = BODIES.get(dep.call) if dep.call is not None else None
             if model is not None:
                 schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 schemas.update(schema.pop("$defs", {}))

@@ -6,7 +6,7 @@ clients raise their usual exceptions with our message in them.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
@@ -168,6 +168,16 @@ class ClassifyRequest(_Strict):
         if not items:
             raise ValueError("input must be a string or a non-empty list")
         return [{"text": item} if isinstance(item, str) else item for item in items]
+
+    @property
+    def models(self) -> list[str]:
+        """`model` as the validator left it: a list of names."""
+        return cast(list[str], self.model)
+
+    @property
+    def records(self) -> list[dict[str, str]]:
+        """`input` as the validator left it: one record per input."""
+        return cast(list[dict[str, str]], self.input)
 
 
 class LabelScore(BaseModel):

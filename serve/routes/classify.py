@@ -28,24 +28,24 @@ Body = Annotated[ClassifyRequest, json_body(ClassifyRequest, code="invalid_reque
 @router.post("/v1/classify", response_model=ClassifyResponse, response_model_exclude_none=True,
              openapi_extra=documented(ClassifyRequest))
 async def classify(request: Request, gw: GatewayDep, req: Body) -> ClassifyResponse:
-    request.state.model = ",".join(req.model)
-    s, reg = gw.settings, gw.registry
-    if len(req.input) > s.max_batch:
-        raise ApiError(400, f"{len(req.input)} inputs is over the batch limit {s.max_batch}; "
+    request.state.model = ",".join(req.models)
+    s, reg = gw.settings, gw.reg
+    if len(req.records) > s.max_batch:
+        raise ApiError(400, f"{len(req.records)} inputs is over the batch limit {s.max_batch}; "
                        f"split the request", "batch_too_large", "input")
-    for name in req.model:
-        if name == gw.base.name:  # served, but it has no label set to score
+    for name in req.models:
+        if name == reg.base_name:  # served, but it has no label set to score
             raise ApiError(400, f"{name!r} is the base model, which has no labels; /v1/classify "
                            f"needs a classification adapter (GET /v1/models lists them)",
                            "not_a_classifier", "model")
-    members = [reg.get(name) for name in req.model]  # 404 with the available names
+    members = [reg.get(name) for name in req.models]  # 404 with the available names
     for served in members:
         if served.manifest.task != "classification":
             raise ApiError(400, f"{served.name!r} is a {served.manifest.task} adapter; "
                            f"/v1/classify needs classification adapters (use /v1/completions "
                            f"for generation)", "not_a_classifier", "model")
     for served in members:
-        _check_fields(served, req.input)
+        _check_fields(served, req.records)
     labels = list(members[0].manifest.labels)
     for served in members[1:]:
         if set(served.manifest.labels) != set(labels):
@@ -56,7 +56,7 @@ async def classify(request: Request, gw: GatewayDep, req: Body) -> ClassifyRespo
     async def one(name: str):
         async with reg.use(name) as (served, engine):  # this version's manifest and weights
             try:
-                rows = await asyncio.to_thread(build_rows, gw.tokenizer, served, req.input,
+                rows = await asyncio.to_thread(build_rows, gw.tok, served, req.records,
                                                s.max_prompt_tokens)
             except PromptTooLong as exc:
                 raise ApiError(400, str(exc), "prompt_too_long", "input") from None
@@ -73,20 +73,20 @@ async def classify(request: Request, gw: GatewayDep, req: Body) -> ClassifyRespo
         gw.metrics.adapter_requests.labels(name).inc()
         return answer
 
-    answers = await asyncio.gather(*(replayable(name) for name in req.model))
+    answers = await asyncio.gather(*(replayable(name) for name in req.models))
     tokens = sum(t for t, _ in answers)
     gw.metrics.tokens.labels(request.state.model, "prompt").inc(tokens)
     data = []
-    for i in range(len(req.input)):
+    for i in range(len(req.records)):
         per_member = {name: {lab: probs[i][lab] for lab in labels}
-                      for name, (_, probs) in zip(req.model, answers, strict=True)}
+                      for name, (_, probs) in zip(req.models, answers, strict=True)}
         probs = label_scoring.ensemble(list(per_member.values()))
         ranked = sorted(labels, key=lambda lab: -probs[lab])[:req.top_k or len(labels)]
         data.append(Classification(
             index=i, label=label_scoring.predict(probs), probabilities=probs,
             top=[LabelScore(label=lab, probability=probs[lab]) for lab in ranked],
             members={name: MemberAnswer(label=label_scoring.predict(p), probabilities=p)
-                     for name, p in per_member.items()} if len(req.model) > 1 else None))
+                     for name, p in per_member.items()} if len(req.models) > 1 else None))
     return ClassifyResponse(model=request.state.model, labels=labels, data=data,
                             usage=ClassifyUsage(prompt_tokens=tokens, total_tokens=tokens))
 

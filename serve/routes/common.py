@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
@@ -15,6 +16,7 @@ from lorastack.serve.gateway import Gateway
 from lorastack.serve.protocol import ApiError
 
 M = TypeVar("M", bound=BaseModel)
+BODIES: dict[Callable[..., Any], type[BaseModel]] = {}  # json_body's readers -> their models
 
 
 def gateway(request: Request) -> Gateway:
@@ -119,7 +121,7 @@ def json_body(model: type[M], *, status: int = 422, code: str | None = None) -> 
             raise ApiError(400, "the request body is nested too deeply to validate",
                            "invalid_json") from None
 
-    body.__lorastack_model__ = model  # the schema /openapi.json shows (serve/app.py)
+    BODIES[body] = model  # the schema /openapi.json shows (serve/app.py)
     return Depends(body)
 
 
