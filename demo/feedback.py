@@ -1,5 +1,5 @@
-"""The page's logic apart from Gradio and HTTP: reading a pile of reviews, turning answers into
-tables, flagging the least confident rows, writing the results. Plain functions, tested alone."""
+"""Feedback analysis without Gradio: reading a pile of reviews (a CSV or pasted lines), turning
+the answers into a table, flagging the least confident rows, summing up, writing the results."""
 
 from __future__ import annotations
 
@@ -13,16 +13,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from lorastack.client import Adapters, ModelCard
+from lorastack.demo.inputs import InputError
 
 TEXT_COLUMN_NAMES = ("text", "review", "comment", "feedback", "body", "content", "message")
 LABEL_COLUMN_NAMES = ("label", "labels", "true_label", "true label", "gold", "target", "class",
                       "category", "sentiment")
 MAX_ROWS = 5000  # a page is not a batch job: beyond this, use the HTTP API directly
-
-
-class InputError(ValueError):
-    """What the person gave the page cannot be used; the message says why and what to do."""
+NO_TRUTH = "(none)"  # the true-label column's choice for a file without true labels
 
 
 def read_csv(path: str | Path) -> pd.DataFrame:
@@ -35,8 +32,7 @@ def read_csv(path: str | Path) -> pd.DataFrame:
     if not text.strip():
         raise InputError(f"{Path(path).name} is empty")
     try:
-        dialect = csv.Sniffer().sniff(text[:4096], delimiters=",;\t")
-        sep = dialect.delimiter
+        sep = csv.Sniffer().sniff(text[:4096], delimiters=",;\t").delimiter
     except csv.Error:
         sep = ","
     try:
@@ -80,7 +76,7 @@ def labelled_from_csv(frame: pd.DataFrame, column: str, truth_column: str | None
     texts = [str(t) for t in frame[column]]
     if truth_column is None:
         return _checked(texts), None
-    kept = [(t, str(y).strip()) for t, y in zip(texts, frame[truth_column])
+    kept = [(t, str(y).strip()) for t, y in zip(texts, frame[truth_column], strict=True)
             if t and t.strip()]
     checked = _checked([t for t, _ in kept])  # the same rows: kept texts are not blank
     return checked, [y for _, y in kept]
@@ -89,6 +85,16 @@ def labelled_from_csv(frame: pd.DataFrame, column: str, truth_column: str | None
 def texts_from_lines(pasted: str) -> list[str]:
     """One text per non-empty line."""
     return _checked([line for line in (pasted or "").splitlines()])
+
+
+def reviews(path: str | None, column: str | None, truth_column: str | None, pasted: str | None
+            ) -> tuple[list[str], list[str] | None]:
+    """The texts to classify and their true labels (None without a true-label column): from
+    the CSV at `path` when there is one, else one per pasted line."""
+    if not path:
+        return texts_from_lines(pasted), None
+    truth = None if truth_column in (None, "", NO_TRUTH) else truth_column
+    return labelled_from_csv(read_csv(path), column or "", truth)
 
 
 def _checked(texts: list[str]) -> list[str]:
@@ -132,7 +138,7 @@ def results_table(texts: Sequence[str], results: Sequence, labels: Sequence[str]
     if truth is not None:
         table["true_label"] = [str(t).strip() for t in truth]
         table["wrong"] = [bool(t) and t.lower() != r.label.lower()
-                          for t, r in zip(table["true_label"], results)]
+                          for t, r in zip(table["true_label"], results, strict=True)]
     table["confidence"] = [round(c, 4) for c in confidences]
     table["check"] = least_confident(confidences, flag_fraction)
     for label in labels:
@@ -172,59 +178,3 @@ def write_results(table: pd.DataFrame, folder: str | Path | None = None) -> Path
     path = folder / f"classified-{stamp}.csv"
     table.to_csv(path, index=False)
     return path
-
-
-def models_table(cards: Sequence[ModelCard], status: Adapters | None = None) -> pd.DataFrame:
-    """GET /v1/models cards (plus GET /v1/adapters' load state) as the Adapters tab's table."""
-    loaded = {a.name: a for a in status.data} if status else {}
-    unloaded = set(status.unloaded) if status else set()
-    rows = []
-    for card in cards:
-        name = card.id
-        state = ("base model" if card.is_base else
-                 "unloaded by hand" if name in unloaded else
-                 f"loaded ({len(loaded[name].loaded_on)} engine(s), "
-                 f"{loaded[name].inflight} in flight)"
-                 if name in loaded and loaded[name].loaded_on else "served (lazy)")
-        rows.append({"name": name, "state": state, "task": card.task,
-                     "base": card.parent or "", "labels": ", ".join(card.labels),
-                     "validation": format_metrics(card.metrics.get("validation")),
-                     "test": format_metrics(card.metrics.get("test")),
-                     "created": _date(card.created)})
-    listed = {card.id for card in cards}
-    for name in sorted(unloaded - listed):  # not served, but the admin may load it again
-        rows.append({"name": name, "task": "", "base": "", "labels": "", "validation": "",
-                     "test": "", "created": "", "state": "unloaded by hand"})
-    return pd.DataFrame(rows, columns=["name", "state", "task", "base", "labels", "validation",
-                                       "test", "created"])
-
-
-def format_metrics(metrics: dict | None) -> str:
-    if not metrics:
-        return ""
-    return ", ".join(f"{k} {_number(v)}" for k, v in metrics.items()
-                     if not isinstance(v, (dict, list)))
-
-
-def _number(value) -> str:
-    if isinstance(value, float) and not value.is_integer():
-        return f"{value:.3f}"
-    return str(int(value)) if isinstance(value, float) else str(value)
-
-
-def _date(epoch) -> str:
-    if not isinstance(epoch, (int, float)) or epoch <= 0:
-        return ""
-    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M UTC")
-
-
-def adapter_examples(cards: Sequence[ModelCard], models: list[str], n: int = 6) -> list[str]:
-    """Validation inputs the gateway lists for the chosen adapters (model cards' `examples`),
-    in order, without repeats (texts only: the page has one text box)."""
-    out: list[str] = []
-    for card in cards:
-        if card.id in models:
-            for text in card.examples:
-                if isinstance(text, str) and text not in out:
-                    out.append(text)
-    return out[:n]

@@ -143,7 +143,7 @@ def test_the_async_client(gateway):
 
 
 def test_compare_streams_two_models_at_once(page_client):
-    from lorastack.demo.app import stream_pair
+    from lorastack.demo.answers import stream_pair
 
     base = page_client.models()[0].id
     steps = list(stream_pair(page_client, (base, "sentiment"), "Name a colour.",

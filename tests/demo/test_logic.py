@@ -14,7 +14,8 @@ import httpx
 import pytest
 
 from lorastack.client import Adapters, Classified, Client, GatewayError, Member, ModelCard
-from lorastack.demo import feedback
+from lorastack.demo import answers, feedback, inputs, models
+from lorastack.demo.inputs import InputError
 
 
 def _csv(tmp_path, text: str, name="reviews.csv"):
@@ -39,22 +40,22 @@ def test_csv_semicolon_and_guess_by_length(tmp_path):
 
 
 def test_csv_errors_are_readable(tmp_path):
-    with pytest.raises(feedback.InputError, match="empty"):
+    with pytest.raises(InputError, match="empty"):
         feedback.read_csv(_csv(tmp_path, "  \n"))
-    with pytest.raises(feedback.InputError, match="no rows"):
+    with pytest.raises(InputError, match="no rows"):
         feedback.read_csv(_csv(tmp_path, "text,stars\n", "header.csv"))
     frame = feedback.read_csv(_csv(tmp_path, "text,stars\n  ,1\n,2\n", "blank.csv"))
-    with pytest.raises(feedback.InputError, match="no column 'review'.*text"):
+    with pytest.raises(InputError, match="no column 'review'.*text"):
         feedback.texts_from_csv(frame, "review")
-    with pytest.raises(feedback.InputError, match="no text to classify"):
+    with pytest.raises(InputError, match="no text to classify"):
         feedback.texts_from_csv(frame, "text")
 
 
 def test_pasted_lines_skip_blanks_and_cap_the_size():
     assert feedback.texts_from_lines("a\n\n  b  \n\n") == ["a", "b"]
-    with pytest.raises(feedback.InputError, match="no text"):
+    with pytest.raises(InputError, match="no text"):
         feedback.texts_from_lines("\n \n")
-    with pytest.raises(feedback.InputError, match="more than this page handles"):
+    with pytest.raises(InputError, match="more than this page handles"):
         feedback.texts_from_lines("x\n" * (feedback.MAX_ROWS + 1))
 
 
@@ -114,7 +115,7 @@ def test_labelled_csv_keeps_texts_and_true_labels_aligned(tmp_path):
     assert feedback.labelled_from_csv(frame, "review", "Sentiment") == (
         ["Good", "Bad"], ["positive", "negative"])
     assert feedback.labelled_from_csv(frame, "review") == (["Good", "Bad"], None)
-    with pytest.raises(feedback.InputError, match="no column 'gold'"):
+    with pytest.raises(InputError, match="no column 'gold'"):
         feedback.labelled_from_csv(frame, "review", "gold")
 
 
@@ -145,7 +146,8 @@ def _handler(page, name: str):
 def test_the_feedback_tables_the_page_shows_put_label_and_confidence_first(tmp_path):
     """What the page hands its two tables (least confident, every row), in the order shown:
     label and confidence in view on a normal screen, the long text after them, row last."""
-    from lorastack.demo.app import NO_TRUTH, build_page
+    from lorastack.demo.app import build_page
+    from lorastack.demo.feedback import NO_TRUTH
 
     page = build_page(Client("http://gw", transport=httpx.MockTransport(_fake_gateway)))
     classify_all = _handler(page, "classify_all")
@@ -179,7 +181,7 @@ def test_models_table_reads_cards_and_load_state():
         {"id": "g", "task": "generation", "parent": "base", "created": 1_700_000_000})]
     status = Adapters.from_json({"data": [{"name": "s", "loaded_on": ["http://x"],
                                            "inflight": 2}], "unloaded": ["g", "h"]})
-    rows = feedback.models_table(cards, status).to_dict("records")
+    rows = models.models_table(cards, status).to_dict("records")
     assert rows[0]["state"] == "base model" and rows[0]["created"] == ""
     assert rows[1]["labels"] == "a, b" and rows[1]["validation"] == "accuracy 0.750, n 8"
     assert rows[1]["test"] == "f1 1" and list(rows[0])[:2] == ["name", "state"]
@@ -187,8 +189,8 @@ def test_models_table_reads_cards_and_load_state():
     assert rows[1]["created"] == "2023-11-14 22:13 UTC"
     assert rows[2]["state"] == "unloaded by hand"
     assert rows[3]["name"] == "h" and rows[3]["state"] == "unloaded by hand" and len(rows) == 4
-    assert feedback.models_table(cards)["state"].tolist() == ["base model", "served (lazy)",
-                                                               "served (lazy)"]
+    assert models.models_table(cards)["state"].tolist() == ["base model", "served (lazy)",
+                                                             "served (lazy)"]
 
 
 def test_the_pages_errors_name_the_pages_flags():
@@ -213,26 +215,73 @@ def _closed_port() -> int:
 
 
 def test_page_helpers():
-    from lorastack.demo import app
-
     cards = [ModelCard("base", "generation"), ModelCard("c", "classification", "base")]
-    assert app.model_choices(cards) == (["c"], ["base", "c"])
-    assert app.keep(["c", "gone"], ["c"], []) == ["c"]
-    assert app.keep(["gone"], ["c"], ["c"]) == ["c"]
-    assert app.keep("gone", ["base"], "base") == "base"
-    with pytest.raises(feedback.InputError, match="pick a classification adapter"):
-        app.as_models([])
-    md = app.prediction_markdown(["a", "b"], Classified(
+    assert models.model_choices(cards) == (["c"], ["base", "c"])
+    assert models.keep(["c", "gone"], ["c"], []) == ["c"]
+    assert models.keep(["gone"], ["c"], ["c"]) == ["c"]
+    assert models.keep("gone", ["base"], "base") == "base"
+    with pytest.raises(InputError, match="pick a classification adapter"):
+        inputs.chosen_models([])
+    md = answers.prediction_markdown(["a", "b"], Classified(
         "pos", {"pos": 0.8, "neg": 0.2},
         {"a": Member("pos", {"pos": 0.9, "neg": 0.1}),
          "b": Member("neg", {"pos": 0.3, "neg": 0.7})}))
     assert "Predicted: **pos** (80.0%)" in md and "ensemble" in md and "`b`: neg (70.0%)" in md
 
 
+def test_what_a_person_gives_is_checked_and_turned_into_requests(tmp_path):
+    assert inputs.chosen_models("c") == ["c"] and inputs.chosen_models(("a", "b")) == ["a", "b"]
+    assert inputs.required("  hi \n", "say something") == "hi"
+    with pytest.raises(InputError, match="say something"):
+        inputs.required(None, "say something")
+    history = [{"role": "user", "content": [{"type": "text", "text": "a"}, "b"]},
+               {"role": "assistant", "content": {"text": "c"}}, {"role": "user", "content": 1}]
+    assert inputs.chat_messages(history) == [{"role": "user", "content": "ab"},
+                                             {"role": "assistant", "content": "c"},
+                                             {"role": "user", "content": "1"}]
+    src = _csv(tmp_path, "review,label\nGood,positive\nBad,negative\n")
+    assert feedback.reviews(None, None, None, "x\n\ny") == (["x", "y"], None)
+    assert feedback.reviews(str(src), "review", "label", "ignored") == (
+        ["Good", "Bad"], ["positive", "negative"])
+    assert feedback.reviews(str(src), "review", feedback.NO_TRUTH, "") == (["Good", "Bad"], None)
+
+
+def test_model_dropdowns_start_and_refresh_by_one_rule():
+    def values(*args):
+        return [value for _, value in models.model_dropdowns(*args)]
+
+    assert values(["c", "d"], ["base", "c", "d"]) == [["c"], ["c"], "base", "base", "c"]
+    assert values([], ["base"]) == [[], [], "base", "base", "base"]
+    assert values([], []) == [[], [], None, None, None]
+    kept = models.model_dropdowns(["c", "d"], ["base", "c", "d"],
+                                  [["c", "gone"], ["gone"], "gone", "d", None])
+    assert [value for _, value in kept] == [["c"], ["c"], "base", "d", "c"]
+    assert [choices for choices, _ in kept] == [["c", "d"]] * 2 + [["base", "c", "d"]] * 3
+    assert models.refused_markdown({}) == ""
+    assert models.refused_markdown({"x": "rank 999 is over 64"}) == (
+        "**Refused by the gateway:**\n- `x`: rank 999 is over 64")
+
+
+def test_a_compare_side_without_labels_or_served_model_says_so():
+    def gateway(request: httpx.Request) -> httpx.Response:
+        if b'"gone"' in request.content:
+            return httpx.Response(404, json={"error": {"message": "model 'gone' is not served"}})
+        return _fake_gateway(request)
+
+    client = Client("http://gw", transport=httpx.MockTransport(gateway))
+    assert answers.classify_side(client, "c", "fine", ["c"]) == (
+        {"positive": 0.7, "negative": 0.3}, "c: positive (70.0%)")
+    probs, text = answers.classify_side(client, "base", "x", ["c"])
+    assert probs is None and text.startswith("base is not a classification adapter")
+    assert text.endswith("Pick one of: c")
+    assert answers.classify_side(client, "gone", "x", ["c", "gone"]) == (
+        None, "gone: gateway error 404: model 'gone' is not served")
+
+
 def test_handlers_turn_gateway_errors_into_gradio_errors():
     import gradio as gr
 
-    from lorastack.demo.app import shown
+    from lorastack.demo.tabs import shown
 
     @shown
     def plain():
@@ -241,7 +290,7 @@ def test_handlers_turn_gateway_errors_into_gradio_errors():
     @shown
     def streaming():
         yield 1
-        raise feedback.InputError("type a text")
+        raise InputError("type a text")
 
     with pytest.raises(gr.Error) as info:
         plain()
@@ -277,9 +326,9 @@ def test_adapter_examples_come_from_the_chosen_cards():
     cards = [ModelCard.from_json(c) for c in (
         {"id": "base"}, {"id": "a", "examples": ["x", "y", {"text": "r", "drug": "d"}]},
         {"id": "b", "examples": ["y", "z"]}, {"id": "c", "examples": ["w"]})]
-    assert feedback.adapter_examples(cards, ["a", "b"]) == ["x", "y", "z"]
-    assert feedback.adapter_examples(cards, ["base"]) == []
-    assert feedback.adapter_examples(cards, ["a", "b", "c"], n=2) == ["x", "y"]
+    assert models.adapter_examples(cards, ["a", "b"]) == ["x", "y", "z"]
+    assert models.adapter_examples(cards, ["base"]) == []
+    assert models.adapter_examples(cards, ["a", "b", "c"], n=2) == ["x", "y"]
 
 
 def test_screenshots_reach_the_tracked_figures_only_when_asked(tmp_path, monkeypatch):
