@@ -3,6 +3,9 @@ with the models the routes validate with; odd bodies get 4xx answers that name t
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 from conftest import write_fake_adapter
 from typer.testing import CliRunner
@@ -126,6 +129,30 @@ def test_serve_cli_passes_every_port_on(monkeypatch, given, port):
     result = CliRunner().invoke(app, ["serve", *given, "--capacity", "6"])
     assert result.exit_code == 0, result.output
     assert seen["s"].port == port and seen["s"].capacity == 6
+
+
+def test_serve_holds_its_port_before_vllm_starts_and_says_when_it_is_taken():
+    """The port is bound before the lifespan starts vLLM (whose random internal ports could
+    otherwise take it during the minute vLLM needs), and a taken port is a one-line error."""
+    import socket
+
+    from lorastack.serve.cli import _bind
+
+    sock = _bind("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    try:
+        other = socket.socket()
+        with pytest.raises(OSError):
+            other.bind(("127.0.0.1", port))
+        other.close()
+        proc = subprocess.run([sys.executable, "-m", "lorastack", "serve", "--port", str(port),
+                               "--upstream", "http://127.0.0.1:9"], capture_output=True,
+                              text=True, timeout=120, check=False)
+    finally:
+        sock.close()
+    assert proc.returncode == 1, proc.stderr
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_every_setting_is_a_flag_and_reaches_the_settings(monkeypatch):
