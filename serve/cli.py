@@ -95,8 +95,7 @@ def run(settings, log_level: str = "info") -> None:
     logging.basicConfig(level=logging.INFO, format="lorastack serve: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per vLLM call is noise
     app = create_app(settings)
-    # Hold the port from the start: uvicorn binds only after the lifespan has started vLLM
-    # (a minute), and vLLM's own random internal ports could take a free port meanwhile.
+    # held from the start: see listening_socket
     sock = _bind(settings.host, settings.port)
     config = uvicorn.Config(app, host=settings.host, port=sock.getsockname()[1],
                             log_level=log_level, timeout_graceful_shutdown=30)
@@ -108,20 +107,12 @@ def run(settings, log_level: str = "info") -> None:
 
 
 def _bind(host: str, port: int):
-    """A socket listening on host:port, or a one-line error and exit 1. Listening (not only
-    bound) is what keeps the port ours: a bound socket with SO_REUSEADDR can share it. A client
-    that connects before the gateway is up waits in the backlog and is answered once it is."""
-    import socket
+    """The gateway's listening socket, or a one-line error and exit 1."""
+    from lorastack.serve.vllm_proc import listening_socket
 
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((host, port))
-        sock.listen(2048)
+        return listening_socket(host, port)
     except OSError as exc:
-        sock.close()
         typer.echo(f"lorastack serve: cannot listen on {host}:{port}: {exc.strerror}; "
                    "stop what uses it or choose another --port (0: any free port)", err=True)
         raise typer.Exit(1) from None
-    sock.set_inheritable(True)
-    return sock

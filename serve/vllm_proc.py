@@ -43,6 +43,24 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def listening_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+    """A socket listening on host:port (0: any free port), for uvicorn.Server.run(sockets=).
+    A server that starts vLLM in its lifespan must hold its port from the start: uvicorn binds
+    only after the lifespan, and vLLM's random internal ports can take a port chosen earlier.
+    Listening, not only bound: a bound socket with SO_REUSEADDR can share its port. A client
+    that connects early waits in the backlog and is answered once the server is up."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
 class ChildProcess:
     """A server as a child process (restartable): in a session of its own, so that stopping it
     reaches the processes it spawns; its output appended to `log_file`; healthy once GET

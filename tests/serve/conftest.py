@@ -148,13 +148,14 @@ def serve_in_thread(store: AdapterStore, work: Path, **settings):
 
     from lorastack.serve.app import create_app
     from lorastack.serve.settings import ServeSettings
-    from lorastack.serve.vllm_proc import free_port
+    from lorastack.serve.vllm_proc import listening_socket
 
-    port = free_port()
+    sock = listening_socket()
+    port = sock.getsockname()[1]
     app = create_app(ServeSettings(store=store.root, port=port, work_dir=work / "work",
                                    **settings))
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
+    thread = threading.Thread(target=uv.run, args=([sock],), daemon=True)
     thread.start()
     while not uv.started:
         assert thread.is_alive(), "the gateway failed to start (see the output above)"

@@ -52,7 +52,7 @@ def server(tmp_path_factory, base_model):
 
     from lorastack.serve.app import create_app
     from lorastack.serve.settings import ServeSettings
-    from lorastack.serve.vllm_proc import free_port
+    from lorastack.serve.vllm_proc import listening_socket
 
     root = tmp_path_factory.mktemp("serving")
     _train(root, "cls-a", CLS_TASK)
@@ -64,13 +64,14 @@ def server(tmp_path_factory, base_model):
     staging, store = AdapterStore(root / "staging"), AdapterStore(root / "served")
     for name in ("cls-a", "cls-b", "cls-multi", "gen"):
         staging.copy(name, name, into=store)
-    port = free_port()
+    sock = listening_socket()
+    port = sock.getsockname()[1]
     settings = ServeSettings(store=store.root, port=port, capacity=2, max_loras=2,
                              api_keys=[KEY], admin_key=ADMIN, work_dir=root / "work",
                              poll_interval_s=0.25, max_batch=8, max_tokens=64)
     app = create_app(settings)
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
+    thread = threading.Thread(target=uv.run, args=([sock],), daemon=True)
     started = time.monotonic()
     thread.start()
     while not uv.started:
@@ -324,14 +325,15 @@ def test_upstream_mode_on_a_running_vllm(server, tmp_path):
 
     from lorastack.serve.app import create_app
     from lorastack.serve.settings import ServeSettings
-    from lorastack.serve.vllm_proc import free_port
+    from lorastack.serve.vllm_proc import listening_socket
 
-    port = free_port()
+    sock = listening_socket()
+    port = sock.getsockname()[1]
     app = create_app(ServeSettings(store=server.store.root, port=port, capacity=2,
                                    upstream=[server.gw.engines[0].url],
                                    work_dir=tmp_path / "work"))
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
+    thread = threading.Thread(target=uv.run, args=([sock],), daemon=True)
     thread.start()
     try:
         assert wait_for(lambda: uv.started or not thread.is_alive(), timeout=120)
