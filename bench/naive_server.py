@@ -153,8 +153,12 @@ def main() -> None:
     args = parser.parse_args()
     import uvicorn
 
-    app = build_app(Path(args.store), args.base)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    from lorastack.serve.vllm_proc import listening_socket
+
+    sock = listening_socket(args.host, args.port)  # held while the model loads (a vLLM
+    app = build_app(Path(args.store), args.base)   # starting beside it picks random ports)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 if __name__ == "__main__":
