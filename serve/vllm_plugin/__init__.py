@@ -47,7 +47,7 @@ def install() -> str:
         return "active (already installed): grouped CPU LoRA ops"
     if current != CPU_WRAPPER:
         return f"standing aside: the platform's punica wrapper is {current}, not {CPU_WRAPPER}"
-    platform.get_punica_wrapper = classmethod(  # type: ignore[method-assign,assignment]
+    platform.get_punica_wrapper = classmethod(
         lambda cls: GROUPED_WRAPPER)
     return "active: grouped CPU LoRA ops (one matmul per adapter; no-LoRA rows untouched)"
 

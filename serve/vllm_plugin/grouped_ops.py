@@ -15,10 +15,11 @@ Pure torch, no vLLM import: tests compare these ops with a float64 per-token ref
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeAlias
 
 import torch
 
-Rows = slice | torch.Tensor  # a run of rows, or the (sorted) row numbers of several runs
+Rows: TypeAlias = slice | torch.Tensor  # a run of rows, or the (sorted) row numbers of several runs
 
 
 @dataclass(frozen=True)
