@@ -23,6 +23,7 @@ from lorastack.serve.protocol import ApiError, ErrorResponse, error_body
 from lorastack.serve.registry import UnknownModelError
 from lorastack.serve.routes import adapters, classify, openai, ops
 from lorastack.serve.routes.common import BODIES
+from lorastack.serve.scoring import PromptTooLong
 from lorastack.serve.settings import ServeSettings
 
 log = logging.getLogger("lorastack.serve")
@@ -105,6 +106,10 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _json_error(exc.status, str(exc), "engine_unavailable" if exc.status == 503
                            else "engine_error", headers={"Retry-After": "5"}
                            if exc.status == 503 else None)
+
+    @app.exception_handler(PromptTooLong)
+    async def prompt_too_long(_: Request, exc: PromptTooLong):
+        return _json_error(400, str(exc), "prompt_too_long", "input")
 
     @app.exception_handler(AdapterError)
     async def adapter_error(_: Request, exc: AdapterError):

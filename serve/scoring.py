@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 
 from lorastack.adapters import labels as label_scoring
-from lorastack.serve.protocol import ApiError
+from lorastack.serve.engine import EngineError
 from lorastack.serve.registry import Served
 
 
@@ -145,18 +145,16 @@ async def _query(send: Send, identity: str, prompts: list[list[int]],
 async def _complete(send: Send, body: dict, expected: int) -> list[dict]:
     response = await send(body)
     if response.status_code != 200:
-        raise ApiError(502, f"vLLM could not score the labels: {response.text[:500]}",
-                       "engine_error")
+        raise EngineError(f"vLLM could not score the labels: {response.text[:500]}", 502)
     choices = sorted(response.json()["choices"], key=lambda c: c["index"])
     if len(choices) != expected:
-        raise ApiError(502, f"vLLM answered {len(choices)} rows for {expected}", "engine_error")
+        raise EngineError(f"vLLM answered {len(choices)} rows for {expected}", 502)
     return choices
 
 
 def _lookup(entry: dict, key: str) -> float:
     value = entry.get(key)
     if value is None:
-        raise ApiError(502, f"vLLM's answer lacks the log-probability of token {key}",
-                       "engine_error")
+        raise EngineError(f"vLLM's answer lacks the log-probability of token {key}", 502)
     return value["logprob"] if isinstance(value, dict) else float(value)
 

@@ -19,7 +19,7 @@ from lorastack.serve.protocol import (
     MemberAnswer,
 )
 from lorastack.serve.routes.common import GatewayDep, documented, json_body, require_api_key
-from lorastack.serve.scoring import PromptTooLong, build_rows, score
+from lorastack.serve.scoring import build_rows, score
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 Body = Annotated[ClassifyRequest, json_body(ClassifyRequest, code="invalid_request")]
@@ -55,11 +55,8 @@ async def classify(request: Request, gw: GatewayDep, req: Body) -> ClassifyRespo
 
     async def one(name: str):
         async with reg.use(name) as (served, engine):  # this version's manifest and weights
-            try:
-                rows = await asyncio.to_thread(build_rows, gw.tok, served, req.records,
-                                               s.max_prompt_tokens)
-            except PromptTooLong as exc:
-                raise ApiError(400, str(exc), "prompt_too_long", "input") from None
+            rows = await asyncio.to_thread(build_rows, gw.tok, served, req.records,
+                                           s.max_prompt_tokens)  # PromptTooLong: app.py
 
             async def send(body: dict):  # watched: a death is retried or answered (crashes.py)
                 return await gw.guard.post(engine, "/v1/completions", body,
