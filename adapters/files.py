@@ -42,6 +42,8 @@ from lorastack.adapters.manifest import (
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 MANIFEST_FILE = "manifest.json"
+# beside a model merged by `lorastack export --merged`: what went in, its manifest, the parity
+EXPORT_FILE = "lorastack-export.json"
 LOCK_FILE = ".lock"
 # Weight files that are (or may be) Python pickles: loading one can run arbitrary code.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")

@@ -150,7 +150,7 @@ def _fetch_and_convert(entry: CatalogEntry, target: Path) -> None:
         print(f"converting {gguf_name} to float32 safetensors (once) ...", file=sys.stderr,
               flush=True)
         _convert_gguf(gguf.parent, gguf_name, out)
-        return {"alias": entry.alias, "fingerprint": _hash_safetensors(out),
+        return {"alias": entry.alias, "fingerprint": hash_safetensors(out),
                 "source": asdict(entry)}
 
     try:  # the GGUF file is not kept: the safetensors copy is what we keep
@@ -239,13 +239,13 @@ def _cached_fingerprint(path: Path) -> str:
     cached = index.get(str(path))
     if cached and cached.get("stamp") == stamp:
         return cached["fingerprint"]
-    fingerprint = _hash_safetensors(path)
+    fingerprint = hash_safetensors(path)
     index[str(path)] = {"stamp": stamp, "fingerprint": fingerprint}
     atomic_write_json(index_file, index)
     return fingerprint
 
 
-def _hash_safetensors(path: Path) -> str:
+def hash_safetensors(path: Path) -> str:
     digest = hashlib.sha256()
     for file in sorted(path.glob("*.safetensors")):
         digest.update(file.name.encode())

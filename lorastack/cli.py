@@ -13,6 +13,7 @@ from lorastack.adapters.cli import adapters_app, models_app
 from lorastack.demo.cli import demo_command
 from lorastack.serve.cli import serve_command
 from lorastack.train.cli import data_app, eval_command, train_command
+from lorastack.train.export import export_command
 
 app = typer.Typer(
     name="lorastack",
@@ -25,6 +26,7 @@ app.add_typer(data_app, name="data")
 app.add_typer(adapters_app, name="adapters")
 app.command("train")(train_command)
 app.command("eval")(eval_command)
+app.command("export")(export_command)
 app.command("serve")(serve_command)
 app.command("demo")(demo_command)
 

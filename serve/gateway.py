@@ -85,7 +85,7 @@ class Gateway:
         store = AdapterStore(s.store)
         self.registry = Registry(store, base, self.engines, capacity=s.capacity,
                                  limits=ServingLimits(max_rank=s.max_lora_rank),
-                                 work_dir=self.work_dir, metrics=self.metrics)
+                                 work_dir=self.work_dir, metrics=self.metrics, lora=s.lora)
         reg = self.registry
         await reg.refresh()
         self.metrics.adapters_served.set(len(reg.current))

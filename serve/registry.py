@@ -29,8 +29,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorastack.adapters.files import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, Adapter, read_adapter
-from lorastack.adapters.manifest import AdapterError, ServingLimits, check_servable
+from lorastack.adapters.files import (
+    CONFIG_FILE,
+    EXPORT_FILE,
+    MANIFEST_FILE,
+    WEIGHTS_FILE,
+    Adapter,
+    read_adapter,
+)
+from lorastack.adapters.manifest import (
+    AdapterError,
+    AdapterManifest,
+    ServingLimits,
+    check_servable,
+)
 from lorastack.adapters.models import BaseModel
 from lorastack.adapters.store import AdapterStore, StoreSnapshot
 from lorastack.serve.engine import Engine, EngineError
@@ -45,6 +57,31 @@ class UnknownModelError(LookupError):
         self.name, self.available = name, available
         super().__init__(f"model {name!r} is not served here{hint}. Available: "
                          f"{', '.join(available) or 'none'} (GET /v1/models lists them)")
+
+
+@dataclass(eq=False)
+class MergedBase:
+    """The base model when it is an adapter merged into its base (`lorastack export --merged`):
+    /v1/classify scores it as the adapter was trained, from the manifest the export recorded."""
+
+    name: str
+    manifest: AdapterManifest
+    identity: str  # vLLM's name for it: the base model's
+    continuations: dict[str, list[int]] | None = None  # label -> ids, set by serve/scoring.py
+
+
+def merged_classifier(base: BaseModel) -> MergedBase | None:
+    """A MergedBase when the base directory holds a classification adapter's export record."""
+    import json
+
+    record = Path(base.path) / EXPORT_FILE
+    try:
+        manifest = AdapterManifest.model_validate(json.loads(record.read_text())["manifest"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # not an export, or one without a usable manifest: a plain base
+    if manifest.task != "classification":
+        return None
+    return MergedBase(base.name, manifest, base.name)
 
 
 @dataclass(eq=False)
@@ -72,8 +109,9 @@ class Served:
 class Registry:
     def __init__(self, store: AdapterStore, base: BaseModel, engines: list[Engine], *,
                  capacity: int, limits: ServingLimits, work_dir: Path,
-                 metrics: Any = None) -> None:
-        self.store, self.base, self.engines = store, base, engines
+                 metrics: Any = None, lora: bool = True) -> None:
+        self.store, self.base, self.engines, self.lora = store, base, engines, lora
+        self.merged = merged_classifier(base)  # the base, when it is a merged classifier
         self.capacity, self.limits, self.metrics = capacity, limits, metrics
         self.snapshots = work_dir / "snapshots"
         self.current: dict[str, Served] = {}
@@ -149,6 +187,9 @@ class Registry:
         first request. Raises AdapterError when the store's copy cannot be served.
         """
         self.disabled.discard(name)
+        if not self.lora:
+            raise AdapterError("this gateway serves the base model alone (--no-lora): restart "
+                               "it without --no-lora to serve adapters")
         fresh = await asyncio.to_thread(self._prepare, name)
         self.problems.pop(name, None)
         async with self._lock:
@@ -186,7 +227,11 @@ class Registry:
 
     @asynccontextmanager
     async def use(self, name: str):
-        """Hold the current version of `name`, loaded on some engine, for one request."""
+        """Hold the current version of `name`, loaded on some engine, for one request (the
+        base model, when it is a merged classifier: on any engine, nothing to load)."""
+        if name == self.base_name and self.merged is not None:
+            yield self.merged, self.pick_engine()
+            return
         async with self._lock:
             served = self.get(name)
             engine = await self._load_somewhere(served)

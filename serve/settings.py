@@ -45,6 +45,9 @@ class ServeSettings(BaseSettings):
     admin_key: str | None = None
     """Key for /v1/adapters/load and /unload (also accepted on /v1 routes)."""
 
+    lora: bool = True
+    """Serve LoRA adapters (vLLM --enable-lora). --no-lora serves the base model alone, without
+    LoRA's per-token cost: a model merged by `lorastack export --merged`, for instance."""
     max_loras: int = Field(4, ge=1, le=64)
     """Adapters vLLM runs in one batch (vLLM --max-loras)."""
     capacity: int = Field(8, ge=1, le=1024)

@@ -174,8 +174,9 @@ class VllmProcess(ChildProcess):
             sys.executable, "-m", "vllm.entrypoints.openai.api_server",
             "--model", str(model_dir), "--served-model-name", served_name,
             "--host", "127.0.0.1", "--port", str(port),
-            "--enable-lora", "--max-lora-rank", str(s.max_lora_rank),
-            "--max-loras", str(s.max_loras), "--max-cpu-loras", str(s.capacity),
+            *(["--enable-lora", "--max-lora-rank", str(s.max_lora_rank),
+               "--max-loras", str(s.max_loras), "--max-cpu-loras", str(s.capacity)]
+              if s.lora else []),
             "--dtype", s.dtype, "--max-model-len", str(s.max_model_len),
             "--disable-uvicorn-access-log", *s.vllm_args],
             slow_hint=" (raise --start-timeout on a slow machine)")

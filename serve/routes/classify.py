@@ -34,11 +34,13 @@ async def classify(request: Request, gw: GatewayDep, req: Body) -> ClassifyRespo
         raise ApiError(400, f"{len(req.records)} inputs is over the batch limit {s.max_batch}; "
                        f"split the request", "batch_too_large", "input")
     for name in req.models:
-        if name == reg.base_name:  # served, but it has no label set to score
+        if name == reg.base_name and reg.merged is None:  # served, but it has no label set
             raise ApiError(400, f"{name!r} is the base model, which has no labels; /v1/classify "
                            f"needs a classification adapter (GET /v1/models lists them)",
                            "not_a_classifier", "model")
-    members = [reg.get(name) for name in req.models]  # 404 with the available names
+    # 404 with the available names; the base when it is a merged classifier (lorastack export)
+    members = [reg.merged if name == reg.base_name and reg.merged else reg.get(name)
+               for name in req.models]
     for served in members:
         if served.manifest.task != "classification":
             raise ApiError(400, f"{served.name!r} is a {served.manifest.task} adapter; "

@@ -50,6 +50,13 @@ async def list_models(gw: GatewayDep) -> ModelList:
     card = functools.partial(ModelCard, object="model", owned_by="lorastack")
     cards = [card(id=reg.base_name, created=gw.started_at, root=reg.base_name, parent=None,
                   task="generation", max_model_len=gw.settings.max_model_len)]
+    if (merged := reg.merged) is not None:  # a merged classifier: it generates and classifies
+        cards[0] = card(id=reg.base_name, created=gw.started_at, root=reg.base_name,
+                        parent=None, task="classification", labels=list(merged.manifest.labels),
+                        examples=list(merged.manifest.examples),
+                        max_model_len=gw.settings.max_model_len,
+                        metrics={"validation": merged.manifest.metrics.validation,
+                                 "test": merged.manifest.metrics.test})
     for name in reg.names():
         m = reg.current[name].manifest
         cards.append(card(
