@@ -52,25 +52,63 @@ def train_command(
                                 "checkpoint"),
     if_missing: bool = typer.Option(False, "--if-missing", help="do nothing when the store "
                                     "already has this adapter trained with this same config"),
+    nproc: int = typer.Option(None, "--nproc", help="train in N processes, data parallel "
+                              "(torchrun; gloo on CPU, nccl with one GPU per process). "
+                              "training.batch_size stays the global batch, split over the N "
+                              "processes, so N processes train what 1 process does (same steps, "
+                              "same checkpoints, resumable with another N); only process 0 "
+                              "evaluates and writes the run directory and the store. At most "
+                              "one process per CPU core (per GPU with CUDA)."),
 ) -> None:
     """Train a LoRA/QLoRA adapter and write it into the adapter store."""
     from lorastack.adapters.manifest import AdapterError
     from lorastack.adapters.models import ModelError
+    from lorastack.train import distributed
     from lorastack.train.config import ConfigError, load_config
 
+    dist = distributed.from_env()  # a worker that torchrun started, or this very process
     try:
+        if nproc is not None and dist.active and nproc != dist.world:
+            raise distributed.LaunchError(f"--nproc {nproc}, but torchrun started "
+                                          f"{dist.world} processes: drop --nproc under torchrun")
+        if nproc is not None and not dist.active:
+            distributed.check_nproc(nproc)
         cfg = load_config(config, set_)  # validated before anything heavy loads
-        if if_missing and _already_trained(cfg):
+        if nproc is not None and isinstance(cfg.training.batch_size, int) \
+                and cfg.training.batch_size < nproc:
+            raise ConfigError(f"training.batch_size={cfg.training.batch_size} is the global "
+                              f"batch, split over the processes: --nproc {nproc} needs it to be "
+                              f"at least {nproc}")
+        if if_missing and dist.is_main and _already_trained(cfg):
             console.print(f"adapter [bold]{cfg.name}[/bold] is already in the store, trained "
                           f"with this config: skipping (drop --if-missing to retrain)")
+            return
+        if nproc is not None and nproc > 1 and not dist.active:
+            _launch(nproc, config, set_, resume)
             return
         from lorastack.train.run import train
 
         result = train(cfg, resume=resume)
-    except (ConfigError, data.DataError, AdapterError, ModelError) as exc:
-        raise fail(exc) from exc
+    except (ConfigError, data.DataError, AdapterError, ModelError,
+            distributed.LaunchError) as exc:
+        shown = RuntimeError(f"process {dist.rank} of {dist.world}: {exc}") if dist.active else exc
+        raise fail(shown) from exc
+    if not dist.is_main:
+        return
     console.print(f"adapter [bold]{result.name}[/bold] written to {result.adapter_dir}; run "
                   f"directory {result.run_dir} (training.png, metrics.jsonl, tensorboard/)")
+
+
+def _launch(nproc: int, config: str, set_: list[str], resume: bool) -> None:
+    """`lorastack train` again, in `nproc` processes under torchrun; exit as they did."""
+    from lorastack.train import distributed
+
+    target = ["-m", "lorastack", "train", config,
+              *[arg for item in set_ for arg in ("--set", item)],
+              *(["--resume"] if resume else [])]
+    status = distributed.launch(nproc, target)
+    if status != 0:  # the launcher said which process failed, after that process's message
+        raise typer.Exit(status)
 
 
 def eval_command(

@@ -4,6 +4,11 @@ Checkpoints hold everything needed to continue bit-for-bit: LoRA weights, optimi
 scheduler position, RNG state and the loop counters. All tensors are safetensors and everything
 else JSON: nothing is ever pickled. A checkpoint is written to a temporary directory and renamed
 into place, so a crash while saving leaves the previous checkpoint intact.
+
+In a run of several processes (train/distributed.py) every process runs this loop on its
+shard of each global batch, the LoRA gradients are summed over the processes before each
+optimizer step, and rank 0 alone evaluates and writes; the loop state, weights and optimizer
+moments stay the same on every process, so checkpoints do not depend on the process count.
 """
 
 from __future__ import annotations
@@ -22,9 +27,11 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from lorastack.adapters.fsutil import atomic_write_json, staging_dir
+from lorastack.train import distributed
 from lorastack.train.batching import class_weights, collate, epoch_batches
 from lorastack.train.config import TrainConfig
-from lorastack.train.examples import Example
+from lorastack.train.distributed import SINGLE, Dist
+from lorastack.train.examples import IGNORE, Example
 from lorastack.train.model import answer_loss
 
 LOWER_IS_BETTER = {"loss"}
@@ -50,8 +57,8 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, model, examples: list[Example], n_labels: int,
                  pad_id: int, evaluate: Callable[[], dict], run_dir: Path, logger,
-                 on_step: Callable[[LoopState], None] | None = None):
-        self.cfg, self.t = cfg, cfg.training
+                 on_step: Callable[[LoopState], None] | None = None, dist: Dist = SINGLE):
+        self.cfg, self.t, self.dist = cfg, cfg.training, dist
         self.model, self.examples, self.pad_id = model, examples, pad_id
         self.evaluate, self.run_dir, self.log, self.on_step = evaluate, run_dir, logger, on_step
         self.metric = cfg.selection_metric
@@ -60,6 +67,11 @@ class Trainer:
         self.weights = (class_weights(examples, n_labels, cfg.task.class_weight_power)
                         if balance == "weights" else None)
         self.params = [p for p in model.parameters() if p.requires_grad]
+        # each example's share of a batch's loss normaliser (answer tokens x class weight):
+        # how a process scales its shard's loss so that the summed gradients are one batch's
+        self.loss_weight = [sum(1 for t in ex.labels[1:] if t != IGNORE)
+                            * (self.weights[ex.label] if self.weights is not None
+                               and ex.label >= 0 else 1.0) for ex in examples]
         self.optimizer = torch.optim.AdamW(self.params, lr=self.t.lr,
                                            weight_decay=self.t.weight_decay)
         self.batches_per_epoch = math.ceil(len(examples) / self.t.batch_size)
@@ -79,11 +91,17 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------
 
     def fit(self, resume: bool = False) -> LoopState:
-        if resume:
-            self._resume()
-        st, device = self.state, next(self.model.parameters()).device
+        rank_rng = self._resume() if resume else None
+        st, device, dist = self.state, next(self.model.parameters()).device, self.dist
+        if dist.active:
+            distributed.broadcast_parameters(dist, self.params)  # one start on every process
+            if dist.rank > 0:  # its own dropout stream (rank 0 keeps the 1-process one)
+                if rank_rng is not None:
+                    torch.set_rng_state(rank_rng)
+                else:
+                    torch.manual_seed(hash((self.t.seed, dist.rank, st.step)) % 2**63)
         bar = tqdm(total=self.total_steps, initial=st.step, desc="training", unit="step",
-                   dynamic_ncols=True)
+                   dynamic_ncols=True, disable=not dist.is_main)
         started = time.monotonic() - st.train_seconds
         window_tokens, window_t0 = 0, time.monotonic()
         while st.step < self.total_steps and not st.stopped_early:
@@ -93,17 +111,28 @@ class Trainer:
             while st.batch_in_epoch < len(batches) and st.step < self.total_steps:
                 self.model.train()
                 group = batches[st.batch_in_epoch:st.batch_in_epoch + self.t.grad_accum]
-                loss_sum = 0.0
+                loss_sum, step_tokens, step_answer = 0.0, 0, 0
                 for idx in group:
-                    batch = collate([self.examples[i] for i in idx], self.pad_id, self.weights)
+                    mine = dist.shard(idx)
+                    if not mine:  # a short last batch: nothing for this process
+                        continue
+                    batch = collate([self.examples[i] for i in mine], self.pad_id, self.weights)
                     batch = {k: v.to(device) for k, v in batch.items()}
                     loss, n_answer = answer_loss(self.model, batch)
+                    if dist.active:  # this shard's share of the global batch's mean loss
+                        loss = loss * (sum(self.loss_weight[i] for i in mine)
+                                       / max(sum(self.loss_weight[i] for i in idx), 1e-12))
                     (loss / len(group)).backward()
                     loss_sum += loss.item() / len(group)
-                    real = int(batch["attention_mask"].sum())
-                    st.tokens += real
-                    st.answer_tokens += n_answer
-                    window_tokens += real
+                    step_tokens += int(batch["attention_mask"].sum())
+                    step_answer += n_answer
+                if dist.active:
+                    loss_sum, step_tokens, step_answer = distributed.all_reduce_gradients(
+                        dist, self.params, [loss_sum, step_tokens, step_answer])
+                    step_tokens, step_answer = round(step_tokens), round(step_answer)
+                st.tokens += step_tokens
+                st.answer_tokens += step_answer
+                window_tokens += step_tokens
                 if self.t.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(self.params, self.t.max_grad_norm)
                 self.optimizer.step()
@@ -136,7 +165,34 @@ class Trainer:
             self._evaluate_and_select()
         return st
 
+    def _say(self, message: str) -> None:
+        if self.dist.is_main:
+            tqdm.write(message)
+
     def _evaluate_and_select(self) -> None:
+        """Rank 0 evaluates, selects and early-stops; the others receive its decisions."""
+        if self.dist.is_main:
+            self._evaluate_on_main()
+        if self.dist.active:
+            self._share_decisions()
+
+    def _share_decisions(self) -> None:
+        st, dist = self.state, self.dist
+        device = next(self.model.parameters()).device
+        evaluated = bool(st.history) and st.history[-1]["step"] == st.step
+        best = float("nan") if st.best_metric is None else st.best_metric
+        sent = dist.broadcast(torch.tensor(
+            [float(evaluated), best, st.best_step, st.evals_without_improvement,
+             float(st.stopped_early)], dtype=torch.float64, device=device)).tolist()
+        if dist.is_main:
+            return
+        if sent[0] and not (st.history and st.history[-1]["step"] == st.step):
+            st.history.append({"step": st.step})  # the metrics themselves live on rank 0
+        st.best_metric = None if math.isnan(sent[1]) else sent[1]
+        st.best_step, st.evals_without_improvement = int(sent[2]), int(sent[3])
+        st.stopped_early = bool(sent[4])
+
+    def _evaluate_on_main(self) -> None:
         st = self.state
         if st.history and st.history[-1]["step"] == st.step:
             return
@@ -158,11 +214,11 @@ class Trainer:
             patience = self.t.early_stopping_patience
             if patience is not None and st.evals_without_improvement >= patience:
                 st.stopped_early = True
-                tqdm.write(f"early stop at step {st.step}: validation {self.metric} has not "
-                           f"improved for {patience} evaluation(s) (best {st.best_metric:.4f} "
-                           f"at step {st.best_step})")
-        tqdm.write(f"step {st.step}: validation {self.metric}={value:.4f}"
-                   f" (best {st.best_metric:.4f} @ {st.best_step})")
+                self._say(f"early stop at step {st.step}: validation {self.metric} has not "
+                          f"improved for {patience} evaluation(s) (best {st.best_metric:.4f} "
+                          f"at step {st.best_step})")
+        self._say(f"step {st.step}: validation {self.metric}={value:.4f}"
+                  f" (best {st.best_metric:.4f} @ {st.best_step})")
 
     # -- checkpoints ------------------------------------------------------------------------
 
@@ -196,12 +252,18 @@ class Trainer:
         return self.state.best_step
 
     def _save_checkpoint(self) -> None:
-        st = self.state
+        st, dist = self.state, self.dist
+        rng_states = [torch.get_rng_state()]
+        if dist.active:  # every process's dropout stream, so that N processes resume exactly
+            device = next(self.model.parameters()).device
+            rng_states = [r.cpu() for r in dist.all_gather(rng_states[0].to(device))]
         target = self.ckpt_dir / f"step-{st.step:07d}"
-        if target.exists():
+        if not dist.is_main or target.exists():
             return
         tensors, groups = _flatten_optimizer(self.optimizer.state_dict())
-        tensors["rng.torch"] = torch.get_rng_state()
+        tensors["rng.torch"] = rng_states[0]
+        for rank, state in enumerate(rng_states[1:], start=1):
+            tensors[f"rng.torch.rank{rank}"] = state
         with staging_dir(target) as tmp:
             save_file(self.adapter_state(), tmp / "adapter.safetensors")
             save_file(tensors, tmp / "optimizer.safetensors")
@@ -216,11 +278,13 @@ class Trainer:
         for old in sorted(self.ckpt_dir.glob("step-*"))[:-self.t.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def _resume(self) -> None:
+    def _resume(self) -> torch.Tensor | None:
+        """Load the last checkpoint (every process reads it); return this process's own random
+        state when the checkpoint has one for its rank (rank > 0 of a multi-process run)."""
         ckpts = sorted(self.ckpt_dir.glob("step-*"))
         if not ckpts:
-            tqdm.write(f"--resume: no checkpoint in {self.ckpt_dir}; starting from scratch")
-            return
+            self._say(f"--resume: no checkpoint in {self.ckpt_dir}; starting from scratch")
+            return None
         last = ckpts[-1]
         meta = json.loads((last / "state.json").read_text())
         if _essential(meta["config"]) != _essential(self.cfg.model_dump(mode="json")):
@@ -231,12 +295,16 @@ class Trainer:
         self.load_adapter_state(load_file(last / "adapter.safetensors"))
         tensors = load_file(last / "optimizer.safetensors")
         torch.set_rng_state(tensors.pop("rng.torch"))
+        rank_rng = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith("rng.")]}
         self.optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["param_groups"]))
         sched = self.scheduler.state_dict()
         sched.update(meta["scheduler"])
         self.scheduler.load_state_dict(sched)
         random.setstate(_tuple_rng(meta["python_rng"]))
         self.state = LoopState(**meta["loop"])
+        own_rng = rank_rng.get(f"rng.torch.rank{self.dist.rank}")
+        if not self.dist.is_main:  # rank 0 alone keeps the run directory
+            return own_rng
         if (last / "best.safetensors").is_file():  # a later best (after this checkpoint) is void
             if self.best_dir.exists():
                 shutil.rmtree(self.best_dir)
@@ -247,7 +315,9 @@ class Trainer:
                                                       "value": self.state.best_metric})
         self.log.truncate_after(self.state.step)
         tqdm.write(f"resumed from {last.name}: step {self.state.step}/{self.total_steps}, "
-                   f"epoch {self.state.epoch}")
+                   f"epoch {self.state.epoch}"
+                   + (f", in {self.dist.world} processes" if self.dist.active else ""))
+        return own_rng
 
 
 def _essential(config: dict) -> dict:

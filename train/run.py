@@ -1,6 +1,8 @@
 """train(cfg): base model -> data -> LoRA -> training loop -> evaluation -> adapter in the store.
 
-Read top to bottom: this is the whole run. The pieces live beside it (config, data, examples,
+Read top to bottom: this is the whole run. Under torchrun (`lorastack train --nproc N`, see
+train/distributed.py) every process runs it: all of them train, rank 0 alone evaluates and
+writes the run directory and the store. The pieces live beside it (config, data, examples,
 model, loop, evaluate, report); the adapter is written through lorastack.adapters, the contract
 the server reads.
 """
@@ -16,7 +18,13 @@ from typing import Any
 
 from lorastack.adapters.models import resolve_base
 from lorastack.adapters.provenance import describe_machine, library_versions
-from lorastack.train.config import TrainConfig, build_config, check_against_base, load_config
+from lorastack.train.config import (
+    ConfigError,
+    TrainConfig,
+    build_config,
+    check_against_base,
+    load_config,
+)
 from lorastack.train.data import fingerprint_records, load_splits
 
 
@@ -36,21 +44,11 @@ def train(cfg: TrainConfig | str | Path | dict, *, resume: bool = False,
     `cfg` is a TrainConfig, a dict of settings, a YAML path or a shipped config name.
     `resume` continues from the run directory's last checkpoint. `on_step(state)` is called
     after every optimizer step (progress hooks, tests).
-    """
-    import torch
 
-    from lorastack.train import evaluate as ev
-    from lorastack.train.batching import epoch_batches, padding_fraction
-    from lorastack.train.examples import PromptFormat, encode_records, infer_labels
-    from lorastack.train.loop import Trainer
-    from lorastack.train.model import (
-        attach_lora,
-        load_base,
-        load_tokenizer,
-        pick_device,
-        trainable_parameters,
-    )
-    from lorastack.train.report import RunLogger, peak_memory_mb, plot_curves, print_summary
+    Launched by torchrun (RANK, WORLD_SIZE in the environment), this process trains its shard of
+    every global batch; on ranks other than 0 the result has no metrics and nothing is written.
+    """
+    from lorastack.train import distributed
 
     cfg = _as_config(cfg)
     t_start = time.monotonic()
@@ -58,10 +56,42 @@ def train(cfg: TrainConfig | str | Path | dict, *, resume: bool = False,
     # (seconds), before the run directory is touched or anything else loads.
     base = resolve_base(cfg.base)
     check_against_base(cfg, base.path)
+    dist = distributed.from_env()
+    if dist.active and isinstance(cfg.training.batch_size, int) \
+            and cfg.training.batch_size < dist.world:
+        raise ConfigError(f"training.batch_size={cfg.training.batch_size} is the global batch, "
+                         f"split over the {dist.world} processes: it must be at least the "
+                         f"number of processes")
+    device = distributed.init(dist)
+    try:
+        return _train(cfg, base, dist, device, t_start, resume, on_step)
+    finally:
+        distributed.close(dist)
+
+
+def _train(cfg: TrainConfig, base, dist, device, t_start: float, resume: bool,
+           on_step: Callable | None) -> TrainResult:
+    import torch
+
+    from lorastack.train import evaluate as ev
+    from lorastack.train.batching import epoch_batches, padding_fraction
+    from lorastack.train.examples import PromptFormat, encode_records, infer_labels
+    from lorastack.train.loop import Trainer
+    from lorastack.train.model import attach_lora, load_base, load_tokenizer, trainable_parameters
+    from lorastack.train.report import RunLogger, peak_memory_mb, plot_curves, print_summary
+
+    global _quiet
+    _quiet = not dist.is_main  # one voice: rank 0's
+    if _quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # the weight-loading bars of the other processes
     run_dir = Path(cfg.runs_dir) / cfg.name
-    if run_dir.exists() and not resume:
-        _clear_run(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        if run_dir.exists() and not resume:
+            _clear_run(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    dist.barrier()  # the others read checkpoints (--resume) only once rank 0 is done clearing
     if cfg.training.threads:
         torch.set_num_threads(cfg.training.threads)
     torch.manual_seed(cfg.training.seed)
@@ -96,11 +126,14 @@ def train(cfg: TrainConfig | str | Path | dict, *, resume: bool = False,
         _say("labels: " + ", ".join(f"{lb} ({train_set.label_counts[lb]})" for lb in labels))
 
     # 2. the model: frozen base (quantized as configured) + a fresh LoRA
-    device = pick_device()
     model = attach_lora(cfg, load_base(cfg, base.path, device))
     trainable, total = trainable_parameters(model)
     _say(f"model: {cfg.base} ({cfg.quantization}) on {device}; LoRA r={cfg.lora.r} trains "
          f"{trainable:,} of {total:,} parameters ({trainable / total:.2%})")
+    if dist.active:
+        per = -(-cfg.training.batch_size // dist.world)
+        _say(f"data parallel: {dist.world} processes, each up to {per} of every global batch "
+             f"of {cfg.training.batch_size} (x grad_accum {cfg.training.grad_accum})")
 
     def evaluate_split(examples, progress=False, with_loss=True) -> dict:
         if cfg.task.type == "classification":
@@ -109,10 +142,13 @@ def train(cfg: TrainConfig | str | Path | dict, *, resume: bool = False,
                                       progress=progress, with_loss=with_loss)[0]
 
     # 3. train, evaluating on validation, keeping the best
-    logger = RunLogger(run_dir)
+    logger = RunLogger(run_dir) if dist.is_main else _NoLog()
     trainer = Trainer(cfg, model, train_set.examples, len(labels or []), fmt.pad_id,
-                      lambda: evaluate_split(val_set.examples), run_dir, logger, on_step)
+                      lambda: evaluate_split(val_set.examples), run_dir, logger, on_step, dist)
     state = trainer.fit(resume=resume)
+    if not dist.is_main:  # done: rank 0 evaluates the best weights and writes the adapter
+        return TrainResult(cfg.name, Path(cfg.store or ""), run_dir, {},
+                           {"rank": dist.rank, "steps": state.step})
     best_step = trainer.restore_best()
     trainer_best = trainer.best_metrics  # full validation metrics of the restored weights
     logger.close()
@@ -147,6 +183,7 @@ def train(cfg: TrainConfig | str | Path | dict, *, resume: bool = False,
         "tokens": state.tokens, "answer_tokens": state.answer_tokens,
         "tokens_per_second": state.tokens / max(state.train_seconds, 1e-9),
         "peak_memory_mb": round(peak_memory_mb()), "device": str(device),
+        "processes": dist.world,
         "machine": describe_machine(),
     }
     from lorastack.adapters.fsutil import atomic_write_json
@@ -231,7 +268,24 @@ def _clear_run(run_dir: Path) -> None:
         (run_dir / f).unlink(missing_ok=True)
 
 
+_quiet = False  # set on ranks other than 0 of a multi-process run
+
+
+class _NoLog:
+    """The run logger of ranks other than 0: they write nothing."""
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        pass
+
+    def truncate_after(self, step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _say(message: str) -> None:
     from tqdm.auto import tqdm
 
-    tqdm.write(message)
+    if not _quiet:
+        tqdm.write(message)
