@@ -42,6 +42,7 @@ bench: setup
 	$(BIN)/lorastack train reviews-condition --if-missing
 	$(BIN)/python -m bench.training
 	$(BIN)/python -m bench.memory
+	$(BIN)/python -m bench.memory_plan
 	$(BIN)/python -m bench.serving
 	$(BIN)/python -m bench.hotswap
 	$(BIN)/python -m bench.classify

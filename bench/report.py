@@ -19,7 +19,7 @@ from bench import common
 from lorastack.adapters.provenance import describe_machine
 
 SECTIONS = {
-    "performance": ("Performance", ["training", "memory", "serving", "hotswap", "classify",
+    "performance": ("Performance", ["training", "memory", "memory_plan", "serving", "hotswap", "classify",
                                     "engine_tuning", "fuzz", "lora_ops", "label_eval",
                                     "ceilings"]),
     "quality": ("Quality", ["quality"]),

@@ -14,6 +14,7 @@ from lorastack.demo.cli import demo_command
 from lorastack.serve.cli import serve_command
 from lorastack.train.cli import data_app, eval_command, train_command
 from lorastack.train.export import export_command
+from lorastack.train.plan import plan_command
 
 app = typer.Typer(
     name="lorastack",
@@ -27,6 +28,7 @@ app.add_typer(adapters_app, name="adapters")
 app.command("train")(train_command)
 app.command("eval")(eval_command)
 app.command("export")(export_command)
+app.command("plan")(plan_command)
 app.command("serve")(serve_command)
 app.command("demo")(demo_command)
 

@@ -141,10 +141,17 @@ class TrainingConfig(_Section):
     """AdamW weight decay on the LoRA weights."""
     max_grad_norm: float | None = Field(1.0, gt=0)
     """Gradient clipping norm; None disables it."""
-    batch_size: int = Field(8, ge=1, le=4096)
-    """Examples per forward pass."""
+    batch_size: int | Literal["auto"] = 8
+    """Examples per forward pass. auto: the largest the memory plan (`lorastack plan`) fits in
+    memory_budget. A number that does not fit the budget is split into smaller forward passes
+    with more grad_accum, so the effective batch stays the same."""
     grad_accum: int = Field(1, ge=1, le=1024)
     """Forward passes per optimizer step (effective batch = batch_size * grad_accum)."""
+    memory_budget: str | None = None
+    """Memory the run may use, checked by the memory plan before the model loads: "12GB",
+    "800MiB", or a share of the device such as "0.8". None: 90% of the device when batch_size
+    is auto, otherwise no check. Where it must, the run switches on gradient checkpointing,
+    then a quantized base, and says so."""
     epochs: float = Field(1.0, gt=0, le=1000)
     """Passes over the training data (fractional allowed); max_steps wins when set."""
     max_steps: int | None = Field(None, ge=1)
@@ -168,6 +175,41 @@ class TrainingConfig(_Section):
     """Seed for data order, LoRA init and dropout."""
     threads: int | None = Field(None, ge=1)
     """CPU threads for torch; None uses torch's default (all cores)."""
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _batch_size(cls, value: Any) -> Any:
+        if value == "auto":
+            return value
+        whole = (isinstance(value, int) and not isinstance(value, bool)) or (
+            isinstance(value, str) and value.strip().isdigit())
+        if whole and 1 <= int(value) <= 4096:
+            return int(value)
+        raise ValueError(f"{value!r} is not a batch size: give a whole number from 1 to 4096, "
+                         "or auto (the largest that fits training.memory_budget)")
+
+    @field_validator("memory_budget")
+    @classmethod
+    def _memory_budget(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_memory(value)  # raises with the forms it takes
+        return value
+
+
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_memory(text: str) -> tuple[str, float]:
+    """"12GB" -> ("bytes", 12e9); "0.8" -> ("share", 0.8) of the device's memory."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else ""
+    if m and not unit and 0 < float(m.group(1)) <= 1:
+        return "share", float(m.group(1))
+    if m and unit in _UNITS and float(m.group(1)) > 0:
+        return "bytes", float(m.group(1)) * _UNITS[unit]
+    raise ValueError(f"{text!r} is not a memory size: give a size such as 12GB, 24GiB or "
+                     f"800MB, or a share of the device's memory between 0 and 1, such as 0.8")
 
 
 class TrainConfig(_Section):

@@ -62,6 +62,12 @@ def train(cfg: TrainConfig | str | Path | dict, *, resume: bool = False,
         raise ConfigError(f"training.batch_size={cfg.training.batch_size} is the global batch, "
                          f"split over the {dist.world} processes: it must be at least the "
                          f"number of processes")
+    # batch_size: auto / memory_budget: batch, checkpointing, precision from the memory plan
+    from lorastack.train.autobatch import fit_to_memory
+
+    cfg, chosen = fit_to_memory(cfg, dist.world)
+    if chosen and dist.is_main:
+        _say(chosen)
     device = distributed.init(dist)
     try:
         return _train(cfg, base, dist, device, t_start, resume, on_step)

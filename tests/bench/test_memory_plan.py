@@ -1,0 +1,46 @@
+"""bench.memory_plan on its tiny setting: a tiny random Llama, float and 4-bit, each row a real
+training process measured and planned. No accuracy is asserted here (the full run's job): only
+that every row has a positive prediction and measurement and that the error is computed from
+them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+def test_memory_plan_tiny(tmp_path, base_model):
+    proc = subprocess.run([sys.executable, "-m", "bench.memory_plan", "--tiny", "--out",
+                           str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    data = json.loads((tmp_path / "memory_plan.json").read_text())
+    assert data["name"] == "memory_plan" and data["setting"] == "tiny"
+    assert "torch" in data["versions"] and data["title"] and data["summary"]
+    rows = data["rows"]
+    assert {(r["quantization"], r["gradient_checkpointing"]) for r in rows} == {
+        ("none", False), ("4bit", True)}
+    for r in rows:
+        assert r["predicted_bytes"] > 0 and r["measured_bytes"] > r["runtime_bytes"] > 0, r
+        assert r["predicted_bytes"] == sum(r["rows"].values())
+        assert r["error"] == pytest.approx(r["predicted_bytes"] / r["measured_bytes"] - 1)
+    (table,) = data["tables"]
+    assert len(table["rows"]) == len(rows)
+    assert all(len(row) == len(table["columns"]) for row in table["rows"])
+    goal, auto = data["goals"]
+    worst = max(abs(r["error"]) for r in rows)
+    assert goal["value"] == pytest.approx(worst) and goal["met"] == (worst <= 0.15)
+    # batch_size: auto's margin: the worst row's peak as a share of its plan / CPU_MARGIN
+    from lorastack.train.autobatch import CPU_MARGIN
+
+    headroom = max(r["measured_bytes"] * CPU_MARGIN / r["predicted_bytes"] for r in rows)
+    assert auto["value"] == pytest.approx(headroom) and auto["met"] == (headroom <= 1)
+    png = tmp_path / data["figure"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000

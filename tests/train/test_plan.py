@@ -1,0 +1,266 @@
+"""The memory plan (train/plan.py): from the base's config alone, in milliseconds. Its numbers
+against measured peaks are bench/memory_plan.py's job (tests/bench/test_memory_plan.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from lorastack.train.config import build_config
+from lorastack.train.plan import (
+    Device,
+    GiB,
+    PlanError,
+    Shape,
+    parse_device,
+    plan_memory,
+)
+
+CPU_BIG = Device("cpu", 64 * GiB, "cpu (64 GiB given)")
+
+
+@pytest.fixture(scope="module")
+def smol(base_model) -> Shape:
+    return Shape.from_base(base_model.name)
+
+
+def _cfg(**parts):
+    return build_config({"data": {"max_length": 256},
+                         "training": {"batch_size": 8, "grad_accum": 1}, **parts})
+
+
+def test_shape_is_read_from_the_config(smol):
+    assert (smol.hidden, smol.layers, smol.heads, smol.kv_heads) == (576, 30, 9, 3)
+    assert smol.vocab == 49152 and smol.tied
+
+
+def test_rows_sum_to_the_total_and_are_positive(smol):
+    for quant in ("none", "8bit", "4bit"):
+        plan = plan_memory(_cfg(quantization=quant), CPU_BIG, shape=smol)
+        assert plan.total == sum(r.bytes for r in plan.rows)
+        assert all(r.bytes > 0 and r.name for r in plan.rows), plan.rows
+        assert plan.serving_total == sum(r.bytes for r in plan.serving) > 0
+
+
+def test_quantization_shrinks_the_weights(smol):
+    def weights(quant, device):
+        plan = plan_memory(_cfg(quantization=quant), device, shape=smol)
+        return sum(r.bytes for r in plan.rows if r.name.startswith("base weights"))
+
+    cpu, gpu = CPU_BIG, Device("cuda", 24 * GiB, "cuda")
+    assert weights("4bit", cpu) < weights("8bit", cpu) < weights("none", cpu)
+    assert weights("4bit", gpu) < weights("8bit", gpu) < weights("none", gpu)
+    assert weights("none", gpu) * 2 == weights("none", cpu)  # bf16 vs float32
+    # NF4 with double quant: just over half a byte per linear weight
+    linear = smol.layers * sum(a * b for a, b in smol.linear().values())
+    assert 0.5 * linear < weights("4bit", cpu) < 0.53 * linear
+
+
+def test_quantized_keeps_embeddings_float(smol):
+    plan = plan_memory(_cfg(quantization="4bit"), CPU_BIG, shape=smol)
+    (emb,) = [r for r in plan.rows if r.name.startswith("embeddings")]
+    assert emb.bytes == smol.float_params() * 4
+
+
+def test_checkpointing_lowers_activations(smol):
+    def activations(ckpt):
+        plan = plan_memory(_cfg(), CPU_BIG, shape=smol, checkpointing=ckpt)
+        return next(r.bytes for r in plan.rows if r.name == "activations"), plan.total
+
+    (on, total_on), (off, total_off) = activations(True), activations(False)
+    assert on * 5 < off and total_on < total_off
+
+
+def test_activations_grow_with_batch_and_length(smol):
+    def act(batch, length):
+        cfg = build_config({"data": {"max_length": length}})
+        plan = plan_memory(cfg, CPU_BIG, shape=smol, batch_size=batch, checkpointing=False)
+        return next(r.bytes for r in plan.rows if r.name == "activations")
+
+    assert act(8, 128) == pytest.approx(2 * act(4, 128)) == pytest.approx(2 * act(8, 64))
+
+
+def test_fewer_adapted_layers_save_less(smol):
+    top = _cfg(lora={"layers": list(range(15, 30))})
+    half = plan_memory(top, CPU_BIG, shape=smol, checkpointing=False)
+    every = plan_memory(_cfg(), CPU_BIG, shape=smol, checkpointing=False)
+    assert half.total < every.total
+
+
+def test_verdict_flips_with_the_device_size(smol):
+    cfg = _cfg()
+    need = plan_memory(cfg, CPU_BIG, shape=smol).total
+    big = plan_memory(cfg, Device("cpu", need + 1, "big"), shape=smol)
+    small = plan_memory(cfg, Device("cpu", need - 1, "small"), shape=smol)
+    assert big.fits and big.verdict.startswith("fits")
+    assert not small.fits and small.verdict.startswith("does not fit")
+
+
+def test_parse_device():
+    assert parse_device("cuda:24GB") == Device("cuda", 24 * GiB, "cuda (24.0 GiB given)")
+    assert parse_device("cpu:512MB").total_bytes == 512 * 2**20
+    ram = parse_device("cpu").total_bytes
+    with open("/proc/meminfo", encoding="utf-8") as fh:
+        kb = int(next(line for line in fh if line.startswith("MemTotal")).split()[1])
+    assert abs(ram - kb * 1024) < 64 * 2**20
+    for bad in ("gpu", "cuda:24", "cuda:0GB", "tpu:8GB", ""):
+        with pytest.raises(PlanError, match="device"):
+            parse_device(bad)
+
+
+def test_cuda_without_a_gpu_is_a_clear_error():
+    import torch
+
+    if torch.cuda.is_available():
+        assert parse_device("cuda").total_bytes > 0
+    else:
+        with pytest.raises(PlanError, match="no CUDA GPU"):
+            parse_device("cuda")
+
+
+def _fit(settings: dict, device: str, world: int = 1, **top):
+    from lorastack.train.autobatch import fit_to_memory
+
+    return fit_to_memory(build_config({"data": {"max_length": 256}, "training": settings,
+                                       **top}), world, device)
+
+
+def _need(batch: int, ckpt: bool, quant: str = "none", device=CPU_BIG, **training) -> int:
+    cfg = build_config({"data": {"max_length": 256}, "quantization": quant,
+                        "training": {"batch_size": 8, **training}})
+    return plan_memory(cfg, device, batch_size=batch, checkpointing=ckpt).total
+
+
+def test_a_batch_over_the_budget_is_split_keeping_the_effective_batch(smol):
+    from lorastack.train.autobatch import CPU_MARGIN
+
+    full, one = _need(32, False), _need(1, False)
+    for usable in (full + 1, (full + one) // 2, one + 1):
+        budget = f"{usable / CPU_MARGIN:.0f}B"
+        cfg, why = _fit({"batch_size": 16, "grad_accum": 2, "memory_budget": budget},
+                        "cpu:64GB")
+        t = cfg.training
+        assert t.batch_size * t.grad_accum == 32 and t.gradient_checkpointing is False
+        assert _need(t.batch_size, False) <= usable and "effective 32" in why
+        bigger = [b for b in range(t.batch_size + 1, 17) if 32 % b == 0]
+        assert all(_need(b, False) > usable for b in bigger)  # the largest split that fits
+    cfg, _ = _fit({"batch_size": 16, "grad_accum": 2, "memory_budget": "60GB"}, "cpu:64GB")
+    assert (cfg.training.batch_size, cfg.training.grad_accum) == (16, 2)  # it fits as given
+
+
+def test_auto_takes_the_largest_batch_that_fits(smol):
+    from lorastack.train.autobatch import AUTO_MAX, CPU_MARGIN
+
+    usable = (_need(12, False) + _need(13, False)) // 2
+    cfg, why = _fit({"batch_size": "auto", "grad_accum": 3,
+                     "memory_budget": f"{usable / CPU_MARGIN:.0f}B"}, "cpu:64GB")
+    assert (cfg.training.batch_size, cfg.training.grad_accum) == (12, 3), why
+    assert "largest batch" in why
+    # no budget: 90% of the device; a large device gets the cap
+    cfg, _ = _fit({"batch_size": "auto"}, "cpu:512GB")
+    assert cfg.training.batch_size == AUTO_MAX
+    # two processes on one CPU machine share its memory: each plans half the budget
+    alone, _ = _fit({"batch_size": "auto", "memory_budget": "6GB"}, "cpu:64GB")
+    shared, _ = _fit({"batch_size": "auto", "memory_budget": "6GB"}, "cpu:64GB", world=2)
+    assert shared.training.batch_size < 2 * alone.training.batch_size
+
+
+def test_checkpointing_then_a_lower_precision_only_when_they_must(smol):
+    off, on = _need(1, False), _need(1, True)
+    assert on < off
+    cfg, why = _fit({"batch_size": 8, "memory_budget": f"{(off - 1) / 0.8:.0f}B"},
+                    "cpu:64GB")
+    assert cfg.training.gradient_checkpointing and "checkpointing switched on" in why
+    assert cfg.training.batch_size * cfg.training.grad_accum == 8
+    assert cfg.quantization == "none"
+    # on a GPU a 4-bit base is smaller: when nothing fits in float, the base is quantized
+    gpu = Device("cuda", 64 * GiB, "cuda")
+    float_on = _need(1, True, device=gpu)
+    four = _need(1, True, "4bit", device=gpu)
+    assert four < float_on
+    cfg, why = _fit({"batch_size": 8, "memory_budget": f"{(four + float_on) // 2}B"},
+                    "cuda:64GB")
+    assert cfg.quantization in ("8bit", "4bit") and "base quantized" in why
+    with pytest.raises(PlanError, match="nothing fits"):
+        _fit({"batch_size": 8, "memory_budget": "100MB"}, "cuda:64GB")
+
+
+def test_nothing_asked_nothing_changed():
+    cfg = build_config({"training": {"batch_size": 8}})
+    from lorastack.train.autobatch import fit_to_memory
+
+    assert fit_to_memory(cfg) == (cfg, None)
+
+
+def _plan(*args: str) -> tuple[int, str, str]:
+    from typer.testing import CliRunner
+
+    from lorastack.cli import app
+
+    result = CliRunner().invoke(app, ["plan", *args], env={"COLUMNS": "200"})
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_plan_command_exit_codes(base_model):
+    code, out, _ = _plan("reviews-classify", "--device", "cpu:64GB")
+    assert code == 0 and "fits" in out and "activations" in out and "serve: KV cache" in out
+    code, out, _ = _plan("reviews-classify", "--device", "cpu:1GB")
+    assert code == 1 and "does not fit" in out
+    code, out, _ = _plan("reviews-classify", "--device", "cuda:24GB", "--set",
+                         "training.batch_size=64", "--set", "quantization=none")
+    assert code == 0 and "batch 64" in out and "cuda (24.0 GiB given)" in out
+    # auto: the batch chosen, and why; two processes plan one's share of the global batch
+    code, out, _ = _plan("reviews-classify", "--device", "cpu:16GB", "--set",
+                         "training.batch_size=auto", "--nproc", "2")
+    assert code == 0 and "memory plan: batch_size" in out and "largest batch" in out
+    code, out, _ = _plan("reviews-classify", "--device", "cpu:1GB", "--set",
+                         "training.batch_size=auto")
+    assert code == 1 and "does not fit: nothing fits" in out
+
+
+def test_plan_command_bad_input_is_one_line():
+    code, out, err = _plan("reviews-classify", "--device", "gpu:8")
+    assert code == 2 and out == ""
+    assert err.startswith("error: device 'gpu:8'") and err.count("\n") == 1
+    code, _, err = _plan("reviews-classify", "--set", "training.batch_size=0")
+    assert code == 2 and err.startswith("error:") and err.count("\n") == 1
+    code, _, err = _plan("no-such-config")
+    assert code == 2 and "no config" in err
+
+
+def test_the_checkpoint_map_counts_only_for_cpu_loads_that_convert(smol):
+    def names(quant, device):
+        return [r.name for r in plan_memory(_cfg(quantization=quant), device, shape=smol).rows]
+
+    assert "checkpoint map (CPU load)" in names("4bit", CPU_BIG)
+    assert "checkpoint map (CPU load)" not in names("none", CPU_BIG)  # float32 file, mapped
+    assert "checkpoint map (CPU load)" not in names("4bit", Device("cuda", GiB, "cuda"))
+
+
+def test_a_config_without_the_fields_is_a_plan_error():
+    from transformers import LlamaConfig
+
+    shape = Shape.from_config(LlamaConfig(hidden_size=64, intermediate_size=128,
+                                          num_hidden_layers=2, num_attention_heads=4))
+    assert (shape.kv_heads, shape.head_dim) == (4, 16)
+    with pytest.raises(PlanError, match="lacks a field"):
+        Shape.from_config(object())
+
+
+def test_a_run_with_batch_size_auto_trains_with_the_chosen_batch(tiny_config, capsys):
+    """End to end on the tiny model: auto resolved before the model loads, said, and recorded
+    as run in the manifest; resuming re-derives the same choice (the checkpoint agrees)."""
+    import json
+
+    from lorastack.train.run import train
+
+    cfg = {**tiny_config, "training": {**tiny_config["training"], "batch_size": "auto",
+                                       "memory_budget": "2GB", "max_steps": 2,
+                                       "eval_every": 2, "save_every": 1}}
+    result = train(cfg)
+    said = capsys.readouterr()
+    assert "memory plan: batch_size" in said.out + said.err
+    manifest = json.loads((result.adapter_dir / "manifest.json").read_text())
+    chosen = manifest["training"]["training"]
+    assert isinstance(chosen["batch_size"], int) and 1 <= chosen["batch_size"] <= 32
+    assert chosen["gradient_checkpointing"] in (True, False)
+    assert train(cfg, resume=True).summary["steps"] == 2  # same choice: resumable

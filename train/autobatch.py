@@ -1,0 +1,93 @@
+"""training.batch_size: auto and training.memory_budget: the run's batch, checkpointing and base
+precision chosen from the memory plan (train/plan.py) before the model loads.
+
+- `batch_size: auto`: the largest forward batch (up to AUTO_MAX) whose plan fits the budget;
+  grad_accum stays as configured.
+- a number with a `memory_budget`: when it does not fit, it is split into smaller forward
+  passes with more grad_accum, so that the effective batch (batch_size x grad_accum) is kept.
+- either way, gradient checkpointing is switched on only when no batch fits without it, and
+  a lower base precision (8-bit, then 4-bit) only when nothing fits even with it.
+
+The budget is `memory_budget` (a size, or a share of the device), else 90% of the device.
+On CPU the plan is held to CPU_MARGIN of it: bench/memory_plan.py measured CPU peaks up to
+1.26x the plan at large batches (glibc keeps freed memory; README, Memory plan vs measured).
+With N processes on one machine each has its own copy of the base: on CPU the budget is
+shared by N; on GPUs each process has its own device. The plan sizes one process's share of
+the global batch.
+"""
+
+from __future__ import annotations
+
+from lorastack.train.config import TrainConfig, parse_memory
+
+AUTO_MAX = 32  # auto never picks a larger forward batch: beyond it LoRA gains nothing per step
+DEFAULT_SHARE = 0.9  # of the device, when batch_size is auto and no memory_budget is given
+# bench/memory_plan.py measured CPU peaks up to 1.26x the plan (large batches): plans are held
+# to 75% of the budget there, so that the worst measured row still fits (1.26 x 0.75 < 1)
+CPU_MARGIN = 0.75
+_LOWER = {"none": ("8bit", "4bit"), "8bit": ("4bit",), "4bit": ()}
+
+
+def fit_to_memory(cfg: TrainConfig, world: int = 1, device: str | None = None
+                  ) -> tuple[TrainConfig, str | None]:
+    """`cfg` with batch_size, grad_accum, gradient_checkpointing and quantization set so that
+    the plan fits the budget, and a sentence saying what was chosen and why (None when the
+    config asks for nothing: a number without a memory_budget). Raises PlanError when nothing
+    fits."""
+    from lorastack.train.plan import GiB, PlanError, Shape, parse_device, plan_memory
+
+    t = cfg.training
+    auto = t.batch_size == "auto"
+    if not auto and t.memory_budget is None:
+        return cfg, None
+    dev = parse_device(device or _this_device())
+    kind, value = parse_memory(t.memory_budget) if t.memory_budget else ("share", DEFAULT_SHARE)
+    budget = value * dev.total_bytes if kind == "share" else value
+    per_process = budget / world if dev.kind == "cpu" else budget
+    usable = per_process * (CPU_MARGIN if dev.kind == "cpu" else 1.0)
+    shape = Shape.from_base(cfg.base)
+
+    def fits(quant: str, batch: int, ckpt: bool) -> bool:
+        trial = cfg.model_copy(update={"quantization": quant})
+        plan = plan_memory(trial, dev, shape=shape, batch_size=-(-batch // world),
+                           checkpointing=ckpt)
+        return plan.total <= usable
+
+    if auto:
+        batches = list(range(AUTO_MAX, 0, -1))
+    else:
+        effective = int(t.batch_size) * t.grad_accum
+        batches = [b for b in range(int(t.batch_size), 0, -1) if effective % b == 0]
+    batches = [b for b in batches if b >= world]  # every process needs a share
+    wanted = t.gradient_checkpointing
+    for quant in (cfg.quantization, *_LOWER[cfg.quantization]):
+        for ckpt in ([True] if wanted else [False, True] if wanted is None else [False]):
+            default_ckpt = quant == "4bit" if wanted is None else wanted
+            for b in batches:
+                if not fits(quant, b, ckpt):
+                    continue
+                accum = t.grad_accum if auto else int(t.batch_size) * t.grad_accum // b
+                reasons = [f"batch_size {b} x grad_accum {accum} (effective {b * accum}) is "
+                           + ("the largest batch" if auto else "the largest split")
+                           + f" that fits {usable / GiB:.2f} GiB"
+                           + (f" ({CPU_MARGIN:.0%} of {per_process / GiB:.2f} GiB: the plan's "
+                              "margin on CPU)" if dev.kind == "cpu" else "")]
+                if ckpt and not default_ckpt:
+                    reasons.append("gradient checkpointing switched on: nothing fits without it")
+                if quant != cfg.quantization:
+                    reasons.append(f"base quantized to {quant}: nothing fits in "
+                                   f"{cfg.quantization}")
+                training = t.model_copy(update={"batch_size": b, "grad_accum": accum,
+                                                "gradient_checkpointing": ckpt})
+                chosen = cfg.model_copy(update={"quantization": quant, "training": training})
+                return chosen, "memory plan: " + "; ".join(reasons)
+    raise PlanError(f"nothing fits {usable / GiB:.2f} GiB of {dev.label}, not even batch "
+                    f"{batches[-1] if batches else 1} with gradient checkpointing and a 4-bit "
+                    f"base: shorten data.max_length, adapt fewer layers (lora.layers) or give "
+                    f"a larger training.memory_budget")
+
+
+def _this_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
