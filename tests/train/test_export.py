@@ -150,7 +150,10 @@ def test_served_merged_model_classifies_as_the_adapter(quickstart, merged, tmp_p
     root = tmp_path_factory.mktemp("merged-serve")
     (root / "store").mkdir()
     AdapterStore(quickstart.store.root).copy(ADAPTER, ADAPTER, into=AdapterStore(root / "store"))
-    with lorastack_serve(root, root / "store", "--base", str(merged.dir), "--no-lora") as url:
+    # --enforce-eager: without LoRA, vLLM compiles the model on its first start (~100 s here,
+    # then cached under ~/.cache/vllm); a fresh CI machine would pay it on every run
+    with lorastack_serve(root, root / "store", "--base", str(merged.dir), "--no-lora",
+                         "--vllm-args=--enforce-eager") as url:
         models = httpx.get(f"{url}/v1/models", timeout=30).json()["data"]
         merged_p = _probabilities(url, str(merged.dir), texts)
         chat = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
