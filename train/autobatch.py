@@ -34,13 +34,14 @@ def fit_to_memory(cfg: TrainConfig, world: int = 1, device: str | None = None
     the plan fits the budget, and a sentence saying what was chosen and why (None when the
     config asks for nothing: a number without a memory_budget). Raises PlanError when nothing
     fits."""
+    from lorastack.train.model import pick_device
     from lorastack.train.plan import GiB, PlanError, Shape, parse_device, plan_memory
 
     t = cfg.training
     auto = t.batch_size == "auto"
     if not auto and t.memory_budget is None:
         return cfg, None
-    dev = parse_device(device or _this_device())
+    dev = parse_device(device or pick_device().type)
     kind, value = parse_memory(t.memory_budget) if t.memory_budget else ("share", DEFAULT_SHARE)
     budget = value * dev.total_bytes if kind == "share" else value
     per_process = budget / world if dev.kind == "cpu" else budget
@@ -85,9 +86,3 @@ def fit_to_memory(cfg: TrainConfig, world: int = 1, device: str | None = None
                     f"{batches[-1] if batches else 1} with gradient checkpointing and a 4-bit "
                     f"base: shorten data.max_length, adapt fewer layers (lora.layers) or give "
                     f"a larger training.memory_budget")
-
-
-def _this_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"

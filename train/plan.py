@@ -30,7 +30,7 @@ from typing import Any
 
 import typer
 
-from lorastack.train.config import ConfigError
+from lorastack.train.config import ConfigError, parse_memory
 
 MiB, GiB = 2**20, 2**30
 
@@ -147,9 +147,8 @@ def parse_device(text: str) -> Device:
         raise PlanError(f"device {text!r}: use cpu, cuda, or a size such as cuda:24GB or "
                         f"cpu:16GB")
     kind = m.group(1).lower()
-    if m.group(2):
-        unit = {"gb": GiB, "gib": GiB, "mb": MiB, "mib": MiB}[m.group(3).lower()]
-        size = int(float(m.group(2)) * unit)
+    if m.group(2):  # the sizes training.memory_budget takes: GB = 10^9 bytes, GiB = 2^30
+        size = int(parse_memory(m.group(2) + m.group(3))[1]) if float(m.group(2)) > 0 else 0
         if size <= 0:
             raise PlanError(f"device {text!r}: the size must be above zero")
         return Device(kind, size, f"{kind} ({size / GiB:.1f} GiB given)")

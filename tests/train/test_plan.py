@@ -96,8 +96,10 @@ def test_verdict_flips_with_the_device_size(smol):
 
 
 def test_parse_device():
-    assert parse_device("cuda:24GB") == Device("cuda", 24 * GiB, "cuda (24.0 GiB given)")
-    assert parse_device("cpu:512MB").total_bytes == 512 * 2**20
+    # the sizes training.memory_budget takes (config.parse_memory): GB = 10^9, GiB = 2^30
+    assert parse_device("cuda:24GiB") == Device("cuda", 24 * GiB, "cuda (24.0 GiB given)")
+    assert parse_device("cuda:24GB").total_bytes == 24 * 10**9
+    assert parse_device("cpu:512MiB").total_bytes == 512 * 2**20
     ram = parse_device("cpu").total_bytes
     with open("/proc/meminfo", encoding="utf-8") as fh:
         kb = int(next(line for line in fh if line.startswith("MemTotal")).split()[1])
@@ -205,7 +207,7 @@ def test_plan_command_exit_codes(base_model):
     assert code == 0 and "fits" in out and "activations" in out and "serve: KV cache" in out
     code, out, _ = _plan("reviews-classify", "--device", "cpu:1GB")
     assert code == 1 and "does not fit" in out
-    code, out, _ = _plan("reviews-classify", "--device", "cuda:24GB", "--set",
+    code, out, _ = _plan("reviews-classify", "--device", "cuda:24GiB", "--set",
                          "training.batch_size=64", "--set", "quantization=none")
     assert code == 0 and "batch 64" in out and "cuda (24.0 GiB given)" in out
     # auto: the batch chosen, and why; two processes plan one's share of the global batch
