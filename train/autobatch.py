@@ -62,8 +62,10 @@ def fit_to_memory(cfg: TrainConfig, world: int = 1, device: str | None = None
     batches = [b for b in batches if b >= world]  # every process needs a share
     wanted = t.gradient_checkpointing
     for quant in (cfg.quantization, *_LOWER[cfg.quantization]):
-        for ckpt in ([True] if wanted else [False, True] if wanted is None else [False]):
-            default_ckpt = quant == "4bit" if wanted is None else wanted
+        # the config's checkpointing, or its default (on for 4-bit, as train/model.py does);
+        # switched on when nothing fits without it, never switched off
+        default_ckpt = quant == "4bit" if wanted is None else wanted
+        for ckpt in [True] if default_ckpt else [False, True] if wanted is None else [False]:
             for b in batches:
                 if not fits(quant, b, ckpt):
                     continue

@@ -266,3 +266,12 @@ def test_a_run_with_batch_size_auto_trains_with_the_chosen_batch(tiny_config, ca
     assert isinstance(chosen["batch_size"], int) and 1 <= chosen["batch_size"] <= 32
     assert chosen["gradient_checkpointing"] in (True, False)
     assert train(cfg, resume=True).summary["steps"] == 2  # same choice: resumable
+
+
+def test_auto_keeps_the_4bit_default_of_checkpointing():
+    """A 4-bit run checkpoints by default (train/model.py): auto never switches it off."""
+    cfg, why = _fit({"batch_size": "auto"}, "cpu:512GB", quantization="4bit")
+    assert cfg.training.gradient_checkpointing is True and "switched on" not in why
+    cfg, _ = _fit({"batch_size": "auto", "gradient_checkpointing": False}, "cpu:512GB",
+                  quantization="4bit")
+    assert cfg.training.gradient_checkpointing is False
