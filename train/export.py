@@ -3,7 +3,7 @@
 The result is an ordinary transformers directory (config.json, *.safetensors, tokenizer, chat
 template) that any tool loads: plain vLLM serves it with no LoRA at all, `lorastack serve --base
 DIR` as a base model with no adapter in the request path. Its lorastack-export.json says what
-went in (adapter, content hash, base fingerprint, library versions, the adapter's prompt) and
+went in (adapter, content hash, base fingerprint, library versions, the adapter's manifest) and
 what came out: a parity check of the merged model read back from disk against the float base
 with the adapter applied, on prompts rendered as the adapter was trained (its manifest's
 examples). A classification adapter is compared the way it is used, label probabilities through
@@ -114,8 +114,10 @@ def export_merged(adapter_name: str, out_dir: str | Path, store: str | Path | No
             "base_fingerprint": manifest.base_fingerprint, "merged_fingerprint": fingerprint,
             "lora": manifest.lora.model_dump(mode="json"),
             "trained_quantization": manifest.training.get("quantization", "unknown"),
-            "dtype": "float32", "prompt": _prompt_record(manifest), "parity": parity,
-            "manifest": manifest.model_dump(mode="json"),  # the gateway classifies with it
+            "dtype": "float32", "parity": parity,
+            # how to prompt (and score) the merged model as the adapter was trained; the
+            # gateway classifies with it (serve/registry.py merged_classifier)
+            "manifest": manifest.model_dump(mode="json"),
             "versions": library_versions(),
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "seconds": round(time.monotonic() - started, 1),
@@ -261,17 +263,6 @@ def _parity(base: dict, adapter: dict, merged: dict, n_prompts: int) -> dict[str
                            found["token_probability_max_diff"]) if v is not None]
     found["passed"] = all(v <= PARITY_TOLERANCE for v in checked)
     return found
-
-
-def _prompt_record(manifest: AdapterManifest) -> dict[str, Any]:
-    """How to prompt the merged model as the adapter was trained: the merged directory has no
-    manifest, so a client rebuilds the prompt (and scores the labels) from this."""
-    return {"chat_format": manifest.chat_format, "prompt_template": manifest.prompt_template,
-            "labels": list(manifest.labels),
-            "label_words": {lab: manifest.label_word(lab) for lab in manifest.labels},
-            "end_of_turn": manifest.end_of_turn,
-            "score_end_of_turn": manifest.score_end_of_turn,
-            "examples": list(manifest.examples)}
 
 
 # -- the command -------------------------------------------------------------------------------

@@ -72,8 +72,8 @@ def test_export_writes_a_plain_safetensors_model(merged, base_model):
     assert rec["merged_fingerprint"] == hash_safetensors(merged.dir) != base_model.fingerprint
     assert resolve_base(str(merged.dir)).fingerprint == rec["merged_fingerprint"]
     assert {"torch", "transformers", "peft", "lorastack"} <= set(rec["versions"])
-    assert rec["prompt"]["chat_format"] == adapter.manifest.chat_format
-    assert rec["prompt"]["labels"] == list(adapter.manifest.labels)
+    assert rec["manifest"]["chat_format"] == adapter.manifest.chat_format
+    assert rec["manifest"]["labels"] == list(adapter.manifest.labels)
 
 
 def test_parity_is_recorded_and_within_tolerance(merged):
@@ -145,7 +145,7 @@ def _probabilities(url: str, model: str, texts: list[str]) -> list[dict]:
 def test_served_merged_model_classifies_as_the_adapter(quickstart, merged, tmp_path_factory):
     """`lorastack serve --base DIR --no-lora`: plain vLLM (no LoRA flags), and /v1/classify on
     the base, scored from the manifest the export recorded: the adapter's probabilities."""
-    texts = TEXTS + merged.record["prompt"]["examples"][:2]
+    texts = TEXTS + merged.record["manifest"]["examples"][:2]
     adapter_p = _probabilities(quickstart.url, ADAPTER, texts)
     root = tmp_path_factory.mktemp("merged-serve")
     (root / "store").mkdir()
