@@ -15,7 +15,7 @@ from lorastack.adapters import models
 console = Console()
 err_console = Console(stderr=True)
 
-models_app = typer.Typer(help="Base models: the catalog, fetching and caching.",
+models_app = typer.Typer(help="Base models: the catalog, your aliases, fetching and caching.",
                          no_args_is_help=True)
 adapters_app = typer.Typer(help="The adapter store: list, show, remove, import.",
                            no_args_is_help=True)
@@ -23,27 +23,68 @@ adapters_app = typer.Typer(help="The adapter store: list, show, remove, import."
 
 @models_app.command("list")
 def models_list() -> None:
-    """Show the base-model catalog and what is cached locally."""
+    """Show the base-model catalog and your aliases, and what is cached locally."""
+    try:
+        rows = models.list_bases()
+    except models.ModelError as exc:
+        raise fail(exc) from exc
     table = Table(title=f"base models (cache: {models.models_dir()})")
-    for col in ("alias", "cached", "size MB", "fingerprint", "source", "description"):
+    for col in ("alias", "kind", "cached", "size MB", "fingerprint", "source", "description"):
         table.add_column(col)
-    for row in models.list_bases():
+    for row in rows:
         alias = row["alias"] + (" (default)" if row["default"] else "")
-        table.add_row(alias, "yes" if row["cached"] else "no",
+        table.add_row(escape(alias), row["kind"], "yes" if row["cached"] else "no",
                       str(row["size_mb"]) if row["cached"] else "",
-                      row["fingerprint"].split(":")[-1][:12], row["source"], row["description"])
+                      row["fingerprint"].split(":")[-1][:12], escape(row["source"]),
+                      escape(row["description"]))
     console.print(table)
 
 
 @models_app.command("pull")
-def models_pull(name: str = typer.Argument(models.DEFAULT_BASE,
-                                           help="alias, hub id (org/name) or directory")) -> None:
-    """Fetch a base model once and cache it as safetensors (a no-op when cached)."""
+def models_pull(name: str = typer.Argument(
+        models.DEFAULT_BASE, help="alias, hub id (org/name), directory or GGUF file")) -> None:
+    """Fetch (or convert, for a GGUF file) a base model once and cache it as safetensors
+    (a no-op when cached)."""
     try:
         base = models.pull_base(name)
     except models.ModelError as exc:
         raise fail(exc) from exc
-    console.print(f"{base.name}: {base.path}  fingerprint {base.short_fingerprint}")
+    console.print(f"{escape(base.name)}: {base.path}  fingerprint {base.short_fingerprint}")
+
+
+@models_app.command("add")
+def models_add(
+    name: Annotated[str, typer.Argument(help="the alias: letters, digits, '.', '_', '-'")],
+    path: Annotated[str, typer.Argument(help="a GGUF file, a model directory or a hub id")],
+    replace: Annotated[bool, typer.Option("--replace", help="redefine an existing alias")]
+    = False,
+) -> None:
+    """Name a base model of yours: NAME then works wherever a base model is asked for
+    (--base, configs) and adapters record NAME. Nothing is converted until `models pull NAME`."""
+    try:
+        entry = models.add_alias(name, path, replace=replace)
+    except models.ModelError as exc:
+        raise fail(exc) from exc
+    console.print(f"{escape(name)} -> {escape(entry['target'])} ({entry['kind']})")
+    cached = any(r["alias"] == name and r["cached"] for r in models.list_bases())
+    if entry["kind"] != "directory" and not cached:
+        console.print(f"run `lorastack models pull {escape(name)}` to "
+                      f"{'convert' if entry['kind'] == 'gguf' else 'fetch'} it now")
+
+
+@models_app.command("remove")
+def models_remove(name: Annotated[str, typer.Argument(help="a user alias")]) -> None:
+    """Forget a user alias. The model files and any converted copy stay where they are."""
+    try:
+        row = next((r for r in models.list_bases() if r["alias"] == name), None)
+        entry = models.remove_alias(name)
+    except models.ModelError as exc:
+        raise fail(exc) from exc
+    copy = row["path"] if row and row["path"].startswith(str(models.models_dir())) else ""
+    kept = (f"its converted copy {copy} ({row['size_mb']} MB) stays until you delete it"
+            if row and copy else "the model files stay where they are")
+    console.print(f"removed alias {escape(name)} (-> {escape(entry['target'])}); no files were "
+                  f"deleted: {escape(kept)}")
 
 
 # -- lorastack adapters ... ------------------------------------------------------------------
