@@ -228,6 +228,9 @@ class AdapterManifest(_Part):
     included): the full prompt is this text with `{input}` replaced by the filled
     prompt_template. It lets the server rebuild the trainer's exact prompt without a tokenizer
     or a template engine. "{input}" alone means a raw prompt."""
+    prompt_format: Literal["chat", "plain"] = "chat"
+    """How chat_format was made: "chat" (the tokenizer's chat template) or "plain" (no
+    template: the prompt as written, answers ended by EOS). For the record and model cards."""
     end_of_turn: str = ""
     """Text that ends an answer (the chat template's end-of-turn token, e.g. <|im_end|>)."""
     score_end_of_turn: StrictBool = False
@@ -309,7 +312,10 @@ class AdapterManifest(_Part):
     # -- (de)serialisation -----------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        # prompt_format is written only when not "chat" (the default, and every manifest
+        # written before the field existed), so older manifests round-trip byte for byte
+        return self.model_dump(mode="json", exclude={"prompt_format"}
+                               if self.prompt_format == "chat" else None)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
@@ -380,8 +386,9 @@ class ServingLimits:
 
     max_rank: int = 16
     """The server's max LoRA rank (vLLM --max-lora-rank; 16 is vLLM's default)."""
-    target_modules: frozenset[str] = LLAMA_TARGET_MODULES
-    """Module suffixes the engine can carry LoRA on for the served base model."""
+    target_modules: frozenset[str] | None = LLAMA_TARGET_MODULES
+    """Module suffixes the engine can carry LoRA on for the served base model (the gateway asks
+    vLLM's model class, adapters/engine_lora.py); None: not known here, the engine decides."""
 
 
 def unservable_lora(rank: int, target_modules: Iterable[str], use_dora: bool,
@@ -392,7 +399,8 @@ def unservable_lora(rank: int, target_modules: Iterable[str], use_dora: bool,
     limits = limits or ServingLimits()
     # peft writes full paths (model.layers.3.self_attn.q_proj) when layers are chosen; vLLM
     # matches module suffixes, so compare those.
-    unknown = sorted({t.rsplit(".", 1)[-1] for t in target_modules} - limits.target_modules)
+    unknown = [] if limits.target_modules is None else \
+        sorted({t.rsplit(".", 1)[-1] for t in target_modules} - limits.target_modules)
     found = {"rank": rank > limits.max_rank and rank, "target_modules": unknown,
              "use_dora": bool(use_dora)}
     return {setting: value for setting, value in found.items() if value}
@@ -427,7 +435,7 @@ def check_servable(adapter: Any, limits: ServingLimits | None = None,
                          f"rank of at least {bad['rank']}")))
     if "target_modules" in bad:
         reasons.append(((f"target modules {bad['target_modules']} cannot be served (the engine "
-                         f"supports {sorted(limits.target_modules)})"),
+                         f"supports {sorted(limits.target_modules or ())})"),
                         "retrain with target_modules among those"))
     if "use_dora" in bad:
         reasons.append(("it is a DoRA adapter (use_dora), which vLLM cannot serve",

@@ -34,6 +34,21 @@ def say(message: str) -> None:
     print(f"lorastack serve: {message}", file=sys.stderr, flush=True)
 
 
+def servable_modules(model_dir: Path) -> frozenset[str] | None:
+    """The module suffixes vLLM serves LoRA on for this base, or None when that cannot be asked
+    here (no vLLM, or its probe failed): vLLM's loader then has the last word."""
+    from lorastack.adapters.engine_lora import EngineProbeError, engine_lora
+
+    try:
+        engine = engine_lora(model_dir)
+    except EngineProbeError as exc:
+        say(f"could not ask vLLM which modules it serves LoRA on ({exc}); its loader decides")
+        return None
+    if engine is None:
+        return None
+    return engine.modules if engine.supports_lora else frozenset()
+
+
 class Gateway:
     def __init__(self, settings: ServeSettings, *, engines: list[Engine] | None = None,
                  base: BaseModel | None = None) -> None:
@@ -74,6 +89,9 @@ class Gateway:
             self.base = await asyncio.to_thread(resolve_base, s.base)
         base = self.base
         self.tokenizer = Tokenizer(base.path)
+        # what vLLM's model class for this base carries LoRA on: asked beside the engine start
+        modules = asyncio.create_task(asyncio.to_thread(servable_modules, base.path)
+                                      if s.lora else asyncio.sleep(0, None))
         if not self.engines:
             self.engines = await self._start_engines()
         for engine in self.engines:
@@ -84,7 +102,8 @@ class Gateway:
             self.metrics.vllm_up.labels(engine.url).set(int(engine.up))
         store = AdapterStore(s.store)
         self.registry = Registry(store, base, self.engines, capacity=s.capacity,
-                                 limits=ServingLimits(max_rank=s.max_lora_rank),
+                                 limits=ServingLimits(max_rank=s.max_lora_rank,
+                                                      target_modules=await modules),
                                  work_dir=self.work_dir, metrics=self.metrics, lora=s.lora)
         reg = self.registry
         await reg.refresh()

@@ -24,7 +24,6 @@ from pydantic import (
 )
 
 from lorastack.adapters.manifest import (
-    LLAMA_TARGET_MODULES,
     AdapterName,
     ServingLimits,
     unservable_lora,
@@ -80,7 +79,12 @@ class TaskConfig(_Section):
     prompt: str = "{text}"
     """User message, a format string over the record's fields, e.g. 'Review: {text}'."""
     system: str | None = None
-    """System message; None keeps the base model's default one."""
+    """System message; None keeps the base model's default one. A chat template without a
+    system role gets it folded into the first user turn; the plain format puts it first."""
+    format: Literal["auto", "chat", "plain"] = "auto"
+    """Prompt format: chat (the tokenizer's chat template), plain (prompt, answer, EOS: for
+    base models without a template), or auto (chat when the tokenizer has a template). The
+    manifest records the one used, so the server renders exactly what was trained."""
     label_field: str = "label"
     """classification: the record field holding the label."""
     labels: list[str] | None = None
@@ -237,18 +241,14 @@ class TrainConfig(_Section):
         lora = self.lora
         if not lora.for_serving:
             return self
-        targets = [] if lora.target_modules == "all-linear" else lora.target_modules
-        bad = unservable_lora(lora.r, targets, lora.use_dora,  # the rule the server applies
-                              ServingLimits(max_rank=lora.serving_rank))
+        # the rule the server applies; target modules depend on the base: check_against_base
+        bad = unservable_lora(lora.r, [], lora.use_dora, ServingLimits(max_rank=lora.serving_rank))
         problems = []
         if "rank" in bad:
             problems.append(f"lora.r={lora.r} is above the server's max rank "
                             f"{lora.serving_rank} (lora.serving_rank)")
         if "use_dora" in bad:
             problems.append("lora.use_dora=true: vLLM cannot serve DoRA adapters")
-        if "target_modules" in bad:
-            problems.append(f"lora.target_modules {bad['target_modules']} are not servable by "
-                            f"vLLM (servable: {', '.join(sorted(LLAMA_TARGET_MODULES))})")
         if problems:
             raise ValueError("; ".join(problems) + ". Fix them, or set lora.for_serving=false "
                              "for an adapter not meant for serving.")
@@ -280,17 +280,19 @@ class TrainConfig(_Section):
         return self.training.early_stopping_metric or SELECTION_METRICS[self.task.type][0]
 
 
-def check_against_base(cfg: TrainConfig, base_path: str | Path) -> None:
-    """Check the settings that depend on the base model, before its weights load.
+def check_against_base(cfg: TrainConfig, base_path: str | Path) -> list[str]:
+    """Check the settings that depend on the base model, before its weights load; return notes
+    on what was decided (printed by the trainer).
 
     lora.layers must be layers the model has (its config.json says how many) and
     lora.target_modules modules it has (the architecture built on torch's meta device: no
     memory and no weights, about a second): otherwise the error would come only after the
-    model and the data had loaded, as peft's. Raises ConfigError naming the field and the fix.
+    model and the data had loaded, as peft's. With lora.for_serving, the modules must be ones
+    vLLM's own model class for this architecture carries LoRA on (adapters/engine_lora.py
+    asks it, once per architecture); all-linear then means the servable linear layers.
+    Raises ConfigError naming the field and the fix.
     """
     lora = cfg.lora
-    if lora.layers is None and lora.target_modules == "all-linear":
-        return
     base_path = Path(base_path)
     if lora.layers is not None:
         count = layer_count(base_path)
@@ -298,21 +300,75 @@ def check_against_base(cfg: TrainConfig, base_path: str | Path) -> None:
         if outside:
             raise ConfigError(f"lora.layers: {outside} out of range: {cfg.base} has {count} "
                               f"layers, 0-{count - 1}; fix the indices, or null adapts all")
-    if lora.target_modules == "all-linear":
-        return
-    modules = adaptable_modules(base_path)
+    modules = None
+    if lora.target_modules != "all-linear":
+        modules = adaptable_modules(base_path)
+        if modules is None:
+            return []  # an architecture transformers cannot build from its config: loading says
+        if lora.layers is not None:  # peft then adapts only modules inside the numbered layers
+            modules = [m for m in modules if re.search(r"\.\d+\.", m)]
+        missing = [t for t in lora.target_modules
+                   if not any(m == t or m.endswith("." + t) for m in modules)]
+        if missing:
+            inside = " inside the transformer layers (lora.layers is set)" if lora.layers else ""
+            names = sorted({m.rsplit(".", 1)[-1] for m in modules})
+            raise ConfigError(f"lora.target_modules: {missing} not found in {cfg.base}: the "
+                              f"modules LoRA can adapt{inside} are {', '.join(names)}; fix the "
+                              f"names, or all-linear adapts every linear layer")
+    return _check_servable_modules(cfg, base_path) if lora.for_serving else []
+
+
+_NOT_FOR_SERVING = ("or set lora.for_serving: false to train an adapter for transformers/peft "
+                    "only (lorastack serve will not load it)")
+
+
+def _check_servable_modules(cfg: TrainConfig, base_path: Path) -> list[str]:
+    from lorastack.adapters.engine_lora import EngineProbeError, engine_lora
+
+    try:
+        engine = engine_lora(base_path)
+    except EngineProbeError as exc:
+        raise ConfigError(f"lora.for_serving: could not ask vLLM what it serves for {cfg.base} "
+                          f"({exc}); fix the model directory, {_NOT_FOR_SERVING}") from None
+    if engine is None:
+        return [("servable modules not checked: vLLM is not installed here (the server checks "
+                 "when it loads the adapter)")]
+    if not engine.supports_lora:
+        raise ConfigError(f"lora.for_serving: {cfg.base} cannot be served with LoRA: "
+                          f"{engine.reason}; serve a merged model instead (lorastack export "
+                          f"--merged), {_NOT_FOR_SERVING}")
+    servable = set(engine.modules)
+    lora = cfg.lora
+    if lora.target_modules != "all-linear":
+        bad = sorted({t.rsplit(".", 1)[-1] for t in lora.target_modules} - servable)
+        if bad:
+            raise ConfigError(f"lora.target_modules: {bad} are not servable by vLLM's "
+                              f"{engine.architecture} (it carries LoRA on "
+                              f"{', '.join(sorted(servable))}); choose among those, "
+                              f"{_NOT_FOR_SERVING}")
+        return []
+    linear = block_linear_modules(base_path)
+    if linear is None or set(linear) <= servable:
+        return []
+    kept = sorted(set(linear) & servable)
+    if not kept:
+        raise ConfigError(f"lora.target_modules=all-linear: none of {cfg.base}'s linear layers "
+                          f"({', '.join(linear)}) are servable by vLLM's {engine.architecture} "
+                          f"({', '.join(sorted(servable))}); {_NOT_FOR_SERVING}")
+    lora.target_modules = kept
+    dropped = sorted(set(linear) - servable)
+    return [(f"lora.target_modules: all-linear of {cfg.base} adapts {', '.join(kept)}; "
+             f"{', '.join(dropped)} left out: vLLM's {engine.architecture} cannot serve LoRA "
+             f"there")]
+
+
+def block_linear_modules(base_path: Path) -> list[str] | None:
+    """Suffixes of the linear layers inside the numbered transformer blocks (what all-linear
+    adapts), from the architecture alone; None if transformers cannot build it so."""
+    modules = adaptable_modules(base_path, types=("Linear", "Conv1D"))
     if modules is None:
-        return  # an architecture transformers cannot build from its config: loading will say
-    if lora.layers is not None:  # peft then adapts only modules inside the numbered layers
-        modules = [m for m in modules if re.search(r"\.\d+\.", m)]
-    missing = [t for t in lora.target_modules
-               if not any(m == t or m.endswith("." + t) for m in modules)]
-    if missing:
-        inside = " inside the transformer layers (lora.layers is set)" if lora.layers else ""
-        names = sorted({m.rsplit(".", 1)[-1] for m in modules})
-        raise ConfigError(f"lora.target_modules: {missing} not found in {cfg.base}: the "
-                          f"modules LoRA can adapt{inside} are {', '.join(names)}; fix the "
-                          f"names, or all-linear adapts every linear layer")
+        return None
+    return sorted({m.rsplit(".", 1)[-1] for m in modules if re.search(r"\.\d+\.", m)})
 
 
 def layer_count(base_path: Path) -> int | None:
@@ -330,7 +386,8 @@ def layer_count(base_path: Path) -> int | None:
     return None
 
 
-def adaptable_modules(base_path: Path) -> list[str] | None:
+def adaptable_modules(base_path: Path,
+                      types: tuple[str, ...] = _ADAPTABLE_TYPES) -> list[str] | None:
     """Full names of the modules LoRA can adapt in a base model, from its architecture alone
     (built on the meta device, weights never read); None if it cannot be built so."""
     import torch
@@ -343,7 +400,7 @@ def adaptable_modules(base_path: Path) -> list[str] | None:
     except Exception:  # noqa: BLE001 - any failure here is the real load's to report
         return None
     return [name for name, module in model.named_modules()
-            if name and type(module).__name__ in _ADAPTABLE_TYPES]
+            if name and type(module).__name__ in types]
 
 
 def load_config(source: str | Path, overrides: list[str] | None = None) -> TrainConfig:

@@ -47,7 +47,12 @@ class PromptFormat:
         self.task = cfg.task
         self.labels = labels or []
         self.words = label_scoring.label_words(self.labels, self.task.label_words)
-        self.chat_format, self.end_of_turn = chat_format(tokenizer, self.task.system)
+        self.chat_format, self.end_of_turn, self.prompt_format = chat_format(
+            tokenizer, self.task.system, self.task.format)
+        if self.task.messages_field and self.prompt_format == "plain":
+            raise DataError("task.messages_field renders chat messages with the chat template, "
+                            "and this base model's tokenizer has none (or task.format=plain); "
+                            "use a task.prompt template with task.target_field instead")
         self.end_id = _single_token(tokenizer, self.end_of_turn)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
             else self.end_id
@@ -63,6 +68,7 @@ class PromptFormat:
     def follow(self, manifest) -> None:
         """Score as the adapter's manifest says (as the server does)."""
         self.chat_format = manifest.chat_format
+        self.prompt_format = manifest.prompt_format
         if self.labels:
             self.score_end = manifest.score_end_of_turn
             self.continuations = self.label_ids(self.score_end)
@@ -78,9 +84,8 @@ class PromptFormat:
 
     def prompt_text(self, record: dict) -> str:
         if self.task.messages_field:
-            messages = record[self.task.messages_field][:-1]
-            if self.task.system and messages and messages[0].get("role") != "system":
-                messages = [{"role": "system", "content": self.task.system}] + messages
+            messages = system_messages(self.tok, self.task.system,
+                                       record[self.task.messages_field][:-1])
             return self.tok.apply_chat_template(messages, tokenize=False,
                                                 add_generation_prompt=True)
         return label_scoring.render_prompt(self.chat_format, self.task.prompt, record)
@@ -109,17 +114,88 @@ class PromptFormat:
                             f"task.label_field / task.target_field or data.columns.")
 
 
-def chat_format(tokenizer: Any, system: str | None) -> tuple[str, str]:
-    """The chat template rendered around the slot {input}, and the end-of-turn marker text."""
+def chat_format(tokenizer: Any, system: str | None,
+                prompt_format: str = "auto") -> tuple[str, str, str]:
+    """The prompt around the slot {input}, the end-of-turn text, and the format used.
+
+    "chat": the tokenizer's chat template rendered around the slot (a system message folded
+    into the first user turn when the template has no system role); "plain": the prompt as
+    written, preceded by the tokenizer's BOS where it adds one, and the answer ended by EOS
+    (a base model without a chat template). "auto" is chat when the tokenizer has a template.
+    """
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if prompt_format == "auto":
+        prompt_format = "chat" if has_template else "plain"
+    if prompt_format == "plain":
+        return _plain_format(tokenizer, system)
+    if not has_template:
+        raise DataError("task.format=chat, but the base model's tokenizer has no chat template "
+                        "(a pretrained, not instruction-tuned model); set task.format: plain "
+                        "(or auto, which picks plain for such models)")
     sentinel, answer = "\u241fLORASTACK\u241f", "\u241fANSWER\u241f"
-    messages = ([{"role": "system", "content": system}] if system else [])
-    messages.append({"role": "user", "content": sentinel})
-    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(
-        messages + [{"role": "assistant", "content": answer}], tokenize=False)
+    messages = system_messages(tokenizer, system, [{"role": "user", "content": sentinel}])
+    try:
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False,
+                                               add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(
+            messages + [{"role": "assistant", "content": answer}], tokenize=False)
+    except TEMPLATE_ERRORS as exc:  # raised by the template itself (raise_exception)
+        raise DataError(f"the base model's chat template cannot render a user turn and an "
+                        f"answer ({type(exc).__name__}: {exc}); set task.format: plain") from None
+    if sentinel not in prompt or answer not in full:
+        raise DataError("the base model's chat template drops the user or assistant text; "
+                        "set task.format: plain")
     tail = full.split(answer, 1)[1]
     end = tail.strip().split("\n")[0].strip() or tokenizer.eos_token
-    return prompt.replace(sentinel, label_scoring.INPUT_SLOT), end
+    return prompt.replace(sentinel, label_scoring.INPUT_SLOT), end, "chat"
+
+
+def _template_errors() -> tuple[type[Exception], ...]:
+    from jinja2 import TemplateError
+
+    return (TemplateError, TypeError, KeyError, ValueError, IndexError)
+
+
+TEMPLATE_ERRORS = _template_errors()
+
+
+def _plain_format(tokenizer: Any, system: str | None) -> tuple[str, str, str]:
+    if not tokenizer.eos_token:
+        raise DataError("task.format=plain needs an end-of-sequence token to end answers, and "
+                        "the base model's tokenizer has none (eos_token); use a tokenizer "
+                        "that defines one")
+    bos = tokenizer.bos_token or ""
+    if bos and tokenizer.bos_token_id not in tokenizer("a")["input_ids"]:
+        bos = ""  # this tokenizer does not put BOS in front of text: neither do we
+    head = f"{system}\n\n" if system else ""
+    return bos + head + label_scoring.INPUT_SLOT, tokenizer.eos_token, "plain"
+
+
+def system_messages(tokenizer: Any, system: str | None, messages: list[dict]) -> list[dict]:
+    """`messages` with the system text in front: as a system turn when the chat template
+    renders one, else folded into the first user turn (Gemma's and Mistral's templates raise
+    on a system role, others drop it silently)."""
+    if not system or (messages and messages[0].get("role") == "system"):
+        return messages
+    if _renders_system(tokenizer):
+        return [{"role": "system", "content": system}] + messages
+    out = [dict(m) for m in messages]
+    for m in out:
+        if m.get("role") == "user":
+            m["content"] = f"{system}\n\n{m.get('content', '')}"
+            break
+    return out
+
+
+def _renders_system(tokenizer: Any) -> bool:
+    mark = "\u241fSYSTEM\u241f"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "system", "content": mark}, {"role": "user", "content": "x"}],
+            tokenize=False, add_generation_prompt=True)
+    except TEMPLATE_ERRORS:  # the template raises on a system role
+        return False
+    return mark in text
 
 
 def _prefix_ambiguous(seqs: list[list[int]]) -> bool:
@@ -130,7 +206,9 @@ def _single_token(tokenizer: Any, text: str) -> int:
     ids = label_scoring.token_ids(tokenizer, text)
     if len(ids) != 1:
         raise DataError(f"the chat template's end-of-turn {text!r} is not one token ({ids}); "
-                        f"lorastack needs it to end every answer")
+                        f"lorastack needs one token to end every answer: add it to the "
+                        f"tokenizer as a special token, or set task.format: plain (answers "
+                        f"then end with the EOS token)")
     return ids[0]
 
 

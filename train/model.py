@@ -7,12 +7,13 @@ single matmul of a small model, nearly disappears from training (see bench/ for 
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from lorastack.train.config import TrainConfig
+from lorastack.train.config import ConfigError, TrainConfig
 
 
 def pick_device() -> torch.device:
@@ -96,10 +97,17 @@ def lora_config(cfg: TrainConfig, model):
 
 
 def linear_module_names(model) -> list[str]:
-    """Names of the linear layers inside the transformer blocks (not the output head)."""
+    """Suffixes of the linear layers inside the numbered transformer blocks (not the output
+    head): `model.layers.3.self_attn.q_proj` (Llama), `transformer.h.3.attn.c_attn` (GPT-2's
+    Conv1D), `gpt_neox.layers.3.attention.query_key_value`."""
+    from transformers.pytorch_utils import Conv1D
+
     names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-             if isinstance(module, torch.nn.Linear) and ".layers." in name}
+             if isinstance(module, torch.nn.Linear | Conv1D) and BLOCK.search(name)}
     return sorted(names)
+
+
+BLOCK = re.compile(r"\.\d+\.")  # a module inside a numbered block: `.layers.3.`, `.h.3.`
 
 
 def causal_lm(model):
@@ -110,11 +118,63 @@ def causal_lm(model):
 def answer_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   positions: torch.Tensor, **body_kwargs: Any) -> torch.Tensor:
     """Logits (float32) at the boolean `positions` [B, T] only: the head skips the rest.
-    `body_kwargs` (a KV cache, position ids) go to the transformer body (label scoring)."""
+    `body_kwargs` (a KV cache, position ids) go to the transformer body (label scoring).
+    The model's own output processing (final_logits) follows the head, so that these are the
+    logits `model(...).logits` has at those positions (check_answer_logits proves it)."""
     lm = causal_lm(model)
-    hidden = lm.model(input_ids=input_ids, attention_mask=attention_mask,
-                      **body_kwargs).last_hidden_state
-    return lm.lm_head(hidden[positions]).float()
+    hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                           **body_kwargs).last_hidden_state
+    return final_logits(lm.config, lm.get_output_embeddings()(hidden[positions]).float())
+
+
+# What transformers' *ForCausalLM.forward does to the head's output, per config attribute:
+# Gemma 2/3 soft-cap, Cohere multiplies by logit_scale, Granite divides by logits_scaling.
+def final_logits(config: Any, logits: torch.Tensor) -> torch.Tensor:
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    scale = getattr(cfg, "logit_scale", None)
+    if isinstance(scale, int | float) and scale != 1:
+        logits = logits * scale
+    divisor = getattr(cfg, "logits_scaling", None)
+    if isinstance(divisor, int | float) and divisor != 1:
+        logits = logits / divisor
+    return logits
+
+
+class UnknownLogitsError(ConfigError):
+    """The base model's forward does more to its logits than lorastack knows how to repeat."""
+
+
+def check_answer_logits(model, tokenizer: Any, tolerance: float = 1e-3) -> float:
+    """Compare answer_logits with the model's own forward on a short text; raise
+    UnknownLogitsError when they differ (an architecture whose output processing
+    final_logits does not know), before any training rests on them. Returns the gap."""
+    ids = torch.tensor([tokenizer("lorastack checks its logits here",
+                                  add_special_tokens=False)["input_ids"][:8]])
+    device = next(causal_lm(model).parameters()).device
+    ids = ids.to(device)
+    mask = torch.ones_like(ids)
+    positions = torch.ones_like(ids, dtype=torch.bool)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            ours = answer_logits(model, ids, mask, positions)
+            theirs = model(input_ids=ids, attention_mask=mask).logits[positions].float()
+    finally:
+        model.train(was_training)
+    gap = float((ours - theirs).abs().max())
+    scale = float(theirs.abs().max()) or 1.0
+    if gap > tolerance * max(1.0, scale):
+        arch = ",".join(getattr(causal_lm(model).config, "architectures", None) or ["?"])
+        raise UnknownLogitsError(
+            f"{arch}: lorastack's answer-position logits differ from the model's own forward "
+            f"by {gap:.3g} (the model post-processes its logits in a way lorastack does not "
+            f"repeat), so training and evaluation would be silently wrong. This architecture "
+            f"is not supported yet; please report it")
+    return gap
 
 
 def answer_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:

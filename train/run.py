@@ -55,8 +55,10 @@ def train(cfg: TrainConfig | str | Path | dict, *, resume: bool = False,
     # The base model's identity; the settings that depend on it are checked against its config
     # (seconds), before the run directory is touched or anything else loads.
     base = resolve_base(cfg.base)
-    check_against_base(cfg, base.path)
+    notes = check_against_base(cfg, base.path)
     dist = distributed.from_env()
+    for note in notes if dist.is_main else []:
+        _say(note)
     if dist.active and isinstance(cfg.training.batch_size, int) \
             and cfg.training.batch_size < dist.world:
         raise ConfigError(f"training.batch_size={cfg.training.batch_size} is the global batch, "
@@ -83,7 +85,13 @@ def _train(cfg: TrainConfig, base, dist, device, t_start: float, resume: bool,
     from lorastack.train.batching import epoch_batches, padding_fraction
     from lorastack.train.examples import PromptFormat, encode_records, infer_labels
     from lorastack.train.loop import Trainer
-    from lorastack.train.model import attach_lora, load_base, load_tokenizer, trainable_parameters
+    from lorastack.train.model import (
+        attach_lora,
+        check_answer_logits,
+        load_base,
+        load_tokenizer,
+        trainable_parameters,
+    )
     from lorastack.train.report import RunLogger, peak_memory_mb, plot_curves, print_summary
 
     global _quiet
@@ -133,6 +141,7 @@ def _train(cfg: TrainConfig, base, dist, device, t_start: float, resume: bool,
 
     # 2. the model: frozen base (quantized as configured) + a fresh LoRA
     model = attach_lora(cfg, load_base(cfg, base.path, device))
+    check_answer_logits(model, tokenizer)  # the loss's logits are the model's own, or refuse
     trainable, total = trainable_parameters(model)
     _say(f"model: {cfg.base} ({cfg.quantization}) on {device}; LoRA r={cfg.lora.r} trains "
          f"{trainable:,} of {total:,} parameters ({trainable / total:.2%})")
@@ -229,7 +238,8 @@ def _export(cfg: TrainConfig, model, base, fmt, labels, metrics, train_records,
                               use_dora=bool(peft_cfg.use_dora),
                               use_rslora=bool(peft_cfg.use_rslora)),
             prompt_template=fmt.task.prompt if not fmt.task.messages_field else "{input}",
-            chat_format=fmt.chat_format, end_of_turn=fmt.end_of_turn,
+            chat_format=fmt.chat_format, prompt_format=fmt.prompt_format,
+            end_of_turn=fmt.end_of_turn,
             score_end_of_turn=bool(labels) and fmt.score_end,
             labels=tuple(labels or ()), label_words=dict(cfg.task.label_words),
             examples=_examples(validation_records, cfg.data.text_field),
