@@ -52,6 +52,7 @@ bench: setup
 	$(BIN)/python -m bench.label_eval
 	$(BIN)/python -m bench.quality
 	$(BIN)/python -m bench.ceilings
+	$(BIN)/python -m bench.families
 	$(BIN)/python -m bench.report
 
 lint: setup

@@ -23,6 +23,7 @@ SECTIONS = {
                                     "engine_tuning", "fuzz", "lora_ops", "label_eval",
                                     "ceilings"]),
     "quality": ("Quality", ["quality"]),
+    "support": ("Model families", ["families"]),
 }
 INTRO = {
     "performance": (
@@ -31,6 +32,10 @@ INTRO = {
         "median with its spread (min-max over the repeats); each result file in "
         "[bench/results/](bench/results/) records the machine and the library versions. "
         "Goals are the project's targets; a missed goal is reported, not hidden."),
+    "support": (
+        "What each model family gets, measured by `.venv/bin/python -m bench.families` (then "
+        "`.venv/bin/python -m bench.report`) on tiny random-weight models of each architecture; "
+        "the tests run the same code on a subset (tests/train/test_families*.py)."),
     "quality": (
         "The shipped adapters on the official held-out test reviews (never used for training "
         "or selection), against the base model alone and a classical baseline."),
