@@ -1,8 +1,8 @@
 """Model families: tiny random-weight models of each architecture lorastack claims, and the
 support matrix (float / 4-bit training, servable by vLLM, train/serve parity) measured on them.
 
-Each family is a transformers config (2 layers, hidden size 64) saved with SmolLM2's real
-tokenizer and the family's own chat template (its turn markers added as special tokens), so
+Each family is a transformers config (2 layers, hidden size 128, head size 64) saved with
+SmolLM2's real tokenizer and the family's own chat template (its turn markers added as special tokens), so
 prompts, end-of-turn markers and system-role handling are the family's; only the weights are
 random. Speed and quality need real weights; shapes, module names, logit processing, prompt
 formats and what vLLM loads do not.
@@ -64,8 +64,9 @@ class Family:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512}
+# head_dim 64 (SmolLM2's): vLLM's CPU attention has kernels for some head sizes only (16 fails)
+_SHAPE = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+          "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 512}
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("llama", "LlamaConfig", _SHAPE, LLAMA3,
@@ -73,21 +74,21 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("llama-base", "LlamaConfig", _SHAPE, None, (),
            "a pretrained (not instruct) model: no chat template, plain prompt format"),
     Family("qwen2", "Qwen2Config", _SHAPE, CHATML, (), "ChatML template"),
-    Family("qwen3", "Qwen3Config", {**_SHAPE, "head_dim": 16}, CHATML, ()),
+    Family("qwen3", "Qwen3Config", {**_SHAPE, "head_dim": 64}, CHATML, ()),
     Family("gemma2", "Gemma2Config",
-           {**_SHAPE, "head_dim": 16, "final_logit_softcapping": 30.0,
-            "attn_logit_softcapping": 50.0, "query_pre_attn_scalar": 16, "sliding_window": 64},
+           {**_SHAPE, "head_dim": 64, "final_logit_softcapping": 30.0,
+            "attn_logit_softcapping": 50.0, "query_pre_attn_scalar": 64, "sliding_window": 64},
            GEMMA2, ("<start_of_turn>", "<end_of_turn>"),
            "final-logit softcapping; template refuses a system role (folded into the user turn)"),
     Family("gemma3", "Gemma3TextConfig",
-           {**_SHAPE, "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 64},
+           {**_SHAPE, "head_dim": 64, "query_pre_attn_scalar": 64, "sliding_window": 64},
            GEMMA3, ("<start_of_turn>", "<end_of_turn>"), "text-only Gemma 3"),
     Family("mistral", "MistralConfig", {**_SHAPE, "sliding_window": None}, MISTRAL,
            ("[INST]", "[/INST]"), "template has no system role (folded)"),
     Family("phi3", "Phi3Config", {**_SHAPE, "pad_token_id": None}, PHI3,
            ("<|user|>", "<|assistant|>", "<|system|>", "<|end|>"),
            "fused qkv_proj and gate_up_proj"),
-    Family("gpt2", "GPT2Config", {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 512},
+    Family("gpt2", "GPT2Config", {"n_embd": 128, "n_layer": 2, "n_head": 2, "n_positions": 512},
            None, (), "no chat template: plain prompt format; Conv1D layers"),
     Family("cohere", "CohereConfig", {**_SHAPE, "logit_scale": 0.25}, CHATML, (),
            "logit_scale"),
@@ -140,7 +141,7 @@ def _train(name: str, base: Path, root: Path, quantization: str, *extra: str) ->
         "data.limit_train=24", "data.limit_eval=8", "data.max_length=128",
         "evaluate_test=false", *extra])
     train(cfg)
-    return AdapterStore(root / "store").get(cfg.name)
+    return AdapterStore(root / "store").resolve(cfg.name)
 
 
 def trainer_probabilities(adapter, texts: list[str]) -> list[dict[str, float]]:
@@ -301,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
         "summary": (f"{len(ticks)} of {len(rows)} families train, serve through vLLM and match "
                     f"the trainer within {PARITY:g} in probability; {len(refused)} are refused "
                     f"before training with vLLM's reason. Tiny random-weight models (2 layers, "
-                    f"hidden 64) with each family's chat template on SmolLM2's tokenizer: "
+                    f"hidden 128) with each family's chat template on SmolLM2's tokenizer: "
                     f"shapes, logit processing, prompt formats and LoRA loading, not quality."),
         "tables": [common.table(
             "Support matrix (bench/families.py; a row per family, measured here)",

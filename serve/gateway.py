@@ -24,7 +24,7 @@ from lorastack.serve.engine import Engine
 from lorastack.serve.metrics import Metrics
 from lorastack.serve.registry import Registry
 from lorastack.serve.scoring import Tokenizer
-from lorastack.serve.settings import ServeSettings
+from lorastack.serve.settings import ServeSettings, fit_context
 from lorastack.serve.vllm_proc import VllmProcess, VllmStartError
 
 log = logging.getLogger("lorastack.serve")
@@ -88,6 +88,10 @@ class Gateway:
             say(f"resolving base model {s.base!r}")
             self.base = await asyncio.to_thread(resolve_base, s.base)
         base = self.base
+        self.settings, note = fit_context(s, base.path)
+        s = self.settings
+        if note:
+            say(note)
         self.tokenizer = Tokenizer(base.path)
         # what vLLM's model class for this base carries LoRA on: asked beside the engine start
         modules = asyncio.create_task(asyncio.to_thread(servable_modules, base.path)

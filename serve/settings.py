@@ -145,3 +145,27 @@ class ServeSettings(BaseSettings):
             raise SettingsError(f"binding {self.host} exposes the server beyond this machine, "
                                 f"but {' and '.join(missing)} are not set. Set them, or bind "
                                 f"127.0.0.1.")
+
+
+def fit_context(settings: ServeSettings, model_dir: Path) -> tuple[ServeSettings, str]:
+    """Settings whose context fits the base model: vLLM refuses a max_model_len above the
+    model's positions (max_position_embeddings), so a smaller model (a tiny one, GPT-2's 1024)
+    gets its own length, max_prompt_tokens shrunk in proportion; and a note saying so."""
+    import json
+
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return settings, ""
+    config = config.get("text_config") or config
+    positions = next((config[k] for k in ("max_position_embeddings", "n_positions")
+                      if isinstance(config.get(k), int)), None)
+    if positions is None or positions >= settings.max_model_len:
+        return settings, ""
+    prompt = min(settings.max_prompt_tokens,
+                 positions * settings.max_prompt_tokens // settings.max_model_len)
+    fitted = settings.model_copy(update={"max_model_len": positions,
+                                         "max_prompt_tokens": max(1, prompt)})
+    return fitted, (f"max_model_len {settings.max_model_len} is above the base model's "
+                    f"{positions} positions: serving with max_model_len {positions}, "
+                    f"max_prompt_tokens {fitted.max_prompt_tokens}")

@@ -80,3 +80,18 @@ def test_a_child_that_dies_or_hangs_says_so_with_its_log(tmp_path):
     with pytest.raises(StartError, match=r"not become healthy within 1 s \(wait longer\)"):
         asyncio.run(hung.wait_healthy(1))
     assert hung.proc is None  # stopped when it timed out
+
+
+def test_context_fits_a_base_with_fewer_positions(tmp_path):
+    """vLLM refuses --max-model-len above the model's positions; a small base gets its own."""
+    import json
+
+    from lorastack.serve.settings import fit_context
+
+    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 512}))
+    fitted, note = fit_context(ServeSettings(), tmp_path)
+    assert (fitted.max_model_len, fitted.max_prompt_tokens) == (512, 384)
+    assert "above the base model's 512 positions" in note
+    (tmp_path / "config.json").write_text(json.dumps({"n_positions": 4096}))  # GPT-2's key
+    same, note = fit_context(ServeSettings(), tmp_path)
+    assert (same.max_model_len, same.max_prompt_tokens, note) == (1024, 768, "")
