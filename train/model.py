@@ -30,7 +30,10 @@ def compute_dtype(device: torch.device) -> torch.dtype:
 def load_tokenizer(path: Any):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise _model_error(path, "tokenizer", exc) from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -50,7 +53,10 @@ def load_base(cfg: TrainConfig, path: Any, device: torch.device):
     elif cfg.quantization == "8bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise _model_error(path, "model", exc) from None
     if cfg.quantization == "4bit" and device.type == "cpu":
         from lorastack.train.quiet import cpu_4bit_note
 
@@ -62,6 +68,19 @@ def load_base(cfg: TrainConfig, path: Any, device: torch.device):
         model.to(device)
     model.config.use_cache = False
     return model
+
+
+def _model_error(path: Any, what: str, exc: Exception):
+    """transformers' load failure as a one-line ModelError naming the directory and the fix."""
+    from lorastack.adapters.models import ModelError
+
+    first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+    fix = ("copy the tokenizer files (tokenizer.json, tokenizer_config.json, ...) of the model "
+           "it came from into the directory" if what == "tokenizer" else
+           "check the directory's config.json and weights, or upgrade transformers if the "
+           "architecture is newer than it")
+    return ModelError(f"transformers cannot load the {what} in {path} ({type(exc).__name__}: "
+                      f"{first[:300]}); {fix}")
 
 
 def attach_lora(cfg: TrainConfig, model):

@@ -150,3 +150,21 @@ def test_eval_of_an_adapter_imported_onto_the_wrong_base(tiny_base, review_files
     assert f"its weights do not fit the base model {tiny_base}" in message
     assert "size mismatch" in message
     assert "Fix: import it with --base set to the model it was trained on" in message
+
+
+def test_a_model_directory_without_a_tokenizer_is_one_line(tiny_config, tiny_base, tmp_path,
+                                                           monkeypatch):
+    """A directory with config.json and weights but no tokenizer files: named, with the fix,
+    not transformers' traceback."""
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_base / name, bare / name)
+    config = tmp_path / "bare.yaml"
+    config.write_text(json.dumps(dict(tiny_config, base=str(bare),
+                                      lora={"r": 4, "for_serving": False})))
+    message = _failed_cleanly(runner.invoke(app, ["train", str(config)]))
+    assert f"transformers cannot load the tokenizer in {bare}" in message
+    assert "copy the tokenizer files" in message
