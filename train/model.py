@@ -58,6 +58,7 @@ def load_base(cfg: TrainConfig, path: Any, device: torch.device):
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise _model_error(path, "model", exc) from None
     if cfg.quantization == "4bit" and device.type == "cpu":
+        keep_4bit_trainable(model)
         from lorastack.train.quiet import cpu_4bit_note
 
         if note := cpu_4bit_note():
@@ -68,6 +69,22 @@ def load_base(cfg: TrainConfig, path: Any, device: torch.device):
         model.to(device)
     model.config.use_cache = False
     return model
+
+
+def keep_4bit_trainable(model) -> int:
+    """Switch off bitsandbytes' CPU inference repacking of 4-bit weights; returns how many
+    layers. On a CPU with AVX512-BF16, a Linear4bit's first forward in eval mode without grad
+    (a validation pass) repacks its weight for a gemv kernel and keeps it so: every later
+    training step then runs that kernel, which is not differentiable with respect to its input,
+    so the gradients below each layer lose the base weights' path (measured: layer-0 LoRA
+    gradients off by about their own size after one validation pass). Training must never
+    take that path; tests/train/test_trainer.py checks the gradients before and after."""
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for m in layers:
+        m.support_avx512bf16_for_cpu = False
+    return len(layers)
 
 
 def _model_error(path: Any, what: str, exc: Exception):

@@ -222,3 +222,41 @@ def test_train_accepts_a_config_object(tiny_config):
     cfg = TrainConfig.model_validate(dict(tiny_config, name="from-object"))
     cfg.training.max_steps = 2
     assert train(cfg).summary["steps"] == 2
+
+
+def test_4bit_gradients_are_the_same_after_a_validation_pass(tiny_base):
+    """bitsandbytes repacks a CPU 4-bit weight for an inference kernel on its first no-grad
+    eval forward, and that kernel cuts the gradient path through the frozen weights; the
+    trainer's 4-bit model never takes it (train/model.py::keep_4bit_trainable), so a validation
+    pass mid-training leaves the gradients as they were."""
+    from lorastack.train.model import answer_loss, attach_lora, load_base
+
+    cfg = build_config({"base": str(tiny_base), "quantization": "4bit",
+                        "lora": {"r": 4, "dropout": 0.0, "for_serving": False}})
+    torch.manual_seed(0)
+    model = attach_lora(cfg, load_base(cfg, tiny_base, torch.device("cpu")))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # nonzero, so that gradients reach the lower layers' lora_A
+            torch.nn.init.normal_(p, std=0.1)
+    ids = torch.randint(5, 1000, (2, 12))
+    labels = ids.clone()
+    labels[:, :8] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
+             "weights": torch.ones(2)}
+
+    def layer0_grads():
+        model.train()
+        model.zero_grad()
+        answer_loss(model, batch)[0].backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()
+                if p.grad is not None and "layers.0." in n and "lora_A" in n}
+
+    before = layer0_grads()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)  # what a validation pass does
+    after = layer0_grads()
+    assert before and before.keys() == after.keys()
+    for name in before:
+        assert float(before[name].abs().max()) > 0
+        torch.testing.assert_close(after[name], before[name], rtol=1e-4, atol=1e-6)
