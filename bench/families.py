@@ -300,8 +300,8 @@ def main(argv: list[str] | None = None) -> None:
     payload = {
         "title": "Model families: support matrix",
         "summary": (f"{len(ticks)} of {len(rows)} families train, serve through vLLM and match "
-                    f"the trainer within {PARITY:g} in probability; {len(refused)} are refused "
-                    f"before training with vLLM's reason. Tiny random-weight models (2 layers, "
+                    f"the trainer within {PARITY:g} in probability; refused before training with "
+                    f"vLLM's reason: {len(refused)}. Tiny random-weight models (2 layers, "
                     f"hidden 128) with each family's chat template on SmolLM2's tokenizer: "
                     f"shapes, logit processing, prompt formats and LoRA loading, not quality."),
         "tables": [common.table(
