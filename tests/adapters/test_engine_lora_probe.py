@@ -141,7 +141,6 @@ COMMON = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
           "max_position_embeddings": 512}
 FAMILIES = {  # name: (config class, model class, extra config)
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
-    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
 }
 
 
@@ -158,9 +157,6 @@ def probed(tmp_path_factory):
         getattr(transformers, model_cls)(config).save_pretrained(root / name,
                                                                  safe_serialization=True)
         dirs[name] = root / name
-    gpt2 = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512)
-    transformers.GPT2LMHeadModel(gpt2).save_pretrained(root / "gpt2", safe_serialization=True)
-    dirs["gpt2"] = root / "gpt2"
     config = json.loads((dirs["llama"] / "config.json").read_text())
     config["architectures"] = ["FrobnicatorForCausalLM"]
     dirs["unknown"] = _config_dir(root, config, "unknown")
@@ -185,19 +181,8 @@ def test_llama_like_families_take_the_hf_projection_names(probed, name):
     assert result.vllm_version == el.vllm_version()
 
 
-@pytest.mark.slow
-def test_phi3_keeps_its_fused_projections(probed):
-    result, _ = probed["results"]["phi3"]
-    assert result.supports_lora and result.architecture == "Phi3ForCausalLM"
-    assert {"qkv_proj", "gate_up_proj", "o_proj", "down_proj"} <= result.modules
-    assert not {"q_proj", "gate_proj"} & result.modules
-
-
-@pytest.mark.slow
-def test_gpt2_does_not_implement_lora(probed):
-    result, _ = probed["results"]["gpt2"]
-    assert not result.supports_lora and result.modules == frozenset()
-    assert result.reason == "vLLM's GPT2LMHeadModel does not implement LoRA (SupportsLoRA)"
+# Phi-3's fused modules and GPT-2's refusal, probed on the family models:
+# tests/train/test_families.py::test_servability_asks_vllms_model_class
 
 
 @pytest.mark.slow

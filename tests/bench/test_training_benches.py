@@ -97,7 +97,8 @@ def test_report_regenerates_the_readme_sections(results, tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\nbefore\n<!-- bench:performance:start -->\nstale\n"
                       "<!-- bench:performance:end -->\nmiddle\n<!-- bench:quality:start -->\n"
-                      "<!-- bench:quality:end -->\nafter\n")
+                      "<!-- bench:quality:end -->\n<!-- bench:support:start -->\n"
+                      "<!-- bench:support:end -->\nafter\n")
     proc = subprocess.run([sys.executable, "-m", "bench.report", "--out", str(results),
                            "--readme", str(readme)], cwd=REPO, capture_output=True, text=True,
                           check=False)
@@ -105,8 +106,9 @@ def test_report_regenerates_the_readme_sections(results, tmp_path):
     text = readme.read_text()
     assert "stale" not in text and "before" in text and "middle" in text and "after" in text
     for title in ("## Performance", "### Training throughput", "### Training memory",
-                  "### Machine ceilings", "## Quality", "### Quality"):
+                  "### Machine ceilings", "## Quality", "### Quality", "## Model families"):
         assert title in text, title
+    assert "Not measured yet: run `.venv/bin/python -m bench.families`" in text  # not run here
     rel = Path(__import__("os").path.relpath(results, tmp_path)).as_posix()
     assert f"]({rel}/training.png)" in text
     assert "tiny setting" in text  # tiny results are never passed off as measurements
