@@ -13,6 +13,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from jinja2 import TemplateError
+
 from lorastack.adapters import labels as label_scoring
 from lorastack.train.config import TrainConfig
 from lorastack.train.data import DataError
@@ -49,6 +51,9 @@ class PromptFormat:
         self.words = label_scoring.label_words(self.labels, self.task.label_words)
         self.chat_format, self.end_of_turn, self.prompt_format = chat_format(
             tokenizer, self.task.system, self.task.format)
+        # whether the template renders a system turn: asked once, not once per record
+        self.system_turn = bool(self.task.system) and self.prompt_format == "chat" and \
+            renders_system(tokenizer)
         if self.task.messages_field and self.prompt_format == "plain":
             raise DataError("task.messages_field renders chat messages with the chat template, "
                             "and this base model's tokenizer has none (or task.format=plain); "
@@ -85,7 +90,7 @@ class PromptFormat:
     def prompt_text(self, record: dict) -> str:
         if self.task.messages_field:
             messages = system_messages(self.tok, self.task.system,
-                                       record[self.task.messages_field][:-1])
+                                       record[self.task.messages_field][:-1], self.system_turn)
             return self.tok.apply_chat_template(messages, tokenize=False,
                                                 add_generation_prompt=True)
         return label_scoring.render_prompt(self.chat_format, self.task.prompt, record)
@@ -150,13 +155,8 @@ def chat_format(tokenizer: Any, system: str | None,
     return prompt.replace(sentinel, label_scoring.INPUT_SLOT), end, "chat"
 
 
-def _template_errors() -> tuple[type[Exception], ...]:
-    from jinja2 import TemplateError
-
-    return (TemplateError, TypeError, KeyError, ValueError, IndexError)
-
-
-TEMPLATE_ERRORS = _template_errors()
+# what a chat template raises on messages it refuses (raise_exception) or cannot render
+TEMPLATE_ERRORS = (TemplateError, TypeError, KeyError, ValueError, IndexError)
 
 
 def _plain_format(tokenizer: Any, system: str | None) -> tuple[str, str, str]:
@@ -171,13 +171,17 @@ def _plain_format(tokenizer: Any, system: str | None) -> tuple[str, str, str]:
     return bos + head + label_scoring.INPUT_SLOT, tokenizer.eos_token, "plain"
 
 
-def system_messages(tokenizer: Any, system: str | None, messages: list[dict]) -> list[dict]:
+def system_messages(tokenizer: Any, system: str | None, messages: list[dict],
+                    system_turn: bool | None = None) -> list[dict]:
     """`messages` with the system text in front: as a system turn when the chat template
     renders one, else folded into the first user turn (Gemma's and Mistral's templates raise
-    on a system role, others drop it silently)."""
+    on a system role, others drop it silently). `system_turn`: renders_system(tokenizer),
+    when the caller already knows it."""
     if not system or (messages and messages[0].get("role") == "system"):
         return messages
-    if _renders_system(tokenizer):
+    if system_turn is None:
+        system_turn = renders_system(tokenizer)
+    if system_turn:
         return [{"role": "system", "content": system}] + messages
     out = [dict(m) for m in messages]
     for m in out:
@@ -187,7 +191,7 @@ def system_messages(tokenizer: Any, system: str | None, messages: list[dict]) ->
     return out
 
 
-def _renders_system(tokenizer: Any) -> bool:
+def renders_system(tokenizer: Any) -> bool:
     mark = "\u241fSYSTEM\u241f"
     try:
         text = tokenizer.apply_chat_template(
