@@ -12,7 +12,13 @@ from lorastack import __version__
 from lorastack.adapters.cli import adapters_app, models_app
 from lorastack.demo.cli import demo_command
 from lorastack.serve.cli import serve_command
-from lorastack.train.cli import data_app, eval_command, train_command
+from lorastack.train.cli import (
+    calibrate_command,
+    data_app,
+    eval_command,
+    train_command,
+    tune_command,
+)
 from lorastack.train.export import export_command
 from lorastack.train.plan import plan_command
 
@@ -26,7 +32,9 @@ app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
 app.add_typer(adapters_app, name="adapters")
 app.command("train")(train_command)
+app.command("tune")(tune_command)
 app.command("eval")(eval_command)
+app.command("calibrate")(calibrate_command)
 app.command("export")(export_command)
 app.command("plan")(plan_command)
 app.command("serve")(serve_command)

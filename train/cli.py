@@ -183,4 +183,63 @@ def _already_trained(cfg) -> bool:
         adapter = AdapterStore(cfg.store).resolve(cfg.name)
     except AdapterError:
         return False
-    return adapter.manifest.training == cfg.model_dump(mode="json")
+    return adapter.manifest.training == cfg.model_dump(mode="json", exclude={"search"})
+
+
+def tune_command(
+    config: str = typer.Argument(..., help="a YAML file or shipped config name with a search: "
+                                 "section (train/search.py shows the format)"),
+    trials: int = typer.Option(..., "--trials", help="trials in the study, counting those an "
+                               "earlier --resume'd run finished"),
+    timeout: float = typer.Option(None, "--timeout", help="stop the search after MIN minutes "
+                                  "(the trial in flight stops at its next evaluation)"),
+    resume: bool = typer.Option(False, "--resume", help="continue the study in "
+                                "runs/<name>-tune/study.db; a trial cut short reruns from its "
+                                "last checkpoint"),
+    set_: list[str] = typer.Option(  # noqa: B008 (typer's idiom)
+        [], "--set", help="override a setting: section.key=value (repeatable)"),
+) -> None:
+    """Search hyperparameters with Optuna; the best adapter goes into the store."""
+    from lorastack.adapters.manifest import AdapterError
+    from lorastack.adapters.models import ModelError
+    from lorastack.train.config import ConfigError, load_config
+    from lorastack.train.tune import tune
+
+    try:
+        cfg = load_config(config, set_)
+        result = tune(cfg, trials=trials, timeout_min=timeout, resume=resume)
+    except (ConfigError, data.DataError, AdapterError, ModelError) as exc:
+        raise fail(exc) from exc
+    console.print(f"best trial: validation {result.summary['metric']}="
+                  f"{result.best_value:.4f}; config {result.best_config}; "
+                  + (f"adapter [bold]{cfg.name}[/bold] in {result.adapter_dir}"
+                     if result.adapter_dir else "no adapter written"))
+
+
+def calibrate_command(
+    name: str = typer.Argument(..., help="a classification adapter in the store"),
+    store: str = typer.Option(None, help="adapter store directory"),
+    runs_dir: str = typer.Option("runs", "--runs-dir", help="where reliability.png goes "
+                                 "(<runs-dir>/<name>/)"),
+) -> None:
+    """Fit a classification adapter's temperature on its validation split (temperature
+    scaling) and store it in its manifest; the server applies it from the next request on."""
+    from lorastack.adapters.manifest import AdapterError
+    from lorastack.adapters.models import ModelError
+    from lorastack.train.assess import calibrate_adapter
+    from lorastack.train.config import ConfigError
+
+    try:
+        result = calibrate_adapter(name, store=store, runs_dir=runs_dir)
+    except (ConfigError, data.DataError, AdapterError, ModelError) as exc:
+        raise fail(exc) from exc
+    table = Table(title=escape(f"{name}: temperature {result['temperature']:.3f}"))
+    for col in ("split", "ECE before", "ECE after", "NLL before", "NLL after"):
+        table.add_column(col, justify="right")
+    for split in ("validation", "test"):
+        if split in result:
+            m = result[split]
+            table.add_row(split, f"{m['ece_uncalibrated']:.4f}", f"{m['ece']:.4f}",
+                          f"{m['nll_uncalibrated']:.4f}", f"{m['nll']:.4f}")
+    console.print(table)
+    console.print(f"reliability diagram: {result['plot']}")

@@ -29,6 +29,7 @@ from lorastack.adapters.manifest import (
     unservable_lora,
 )
 from lorastack.adapters.validation import explain_errors
+from lorastack.train.search import SearchConfig
 
 CONFIGS_DIR = Path(__file__).parent / "configs"
 # What each task's validation evaluation reports (train/evaluate.py), the first its default:
@@ -93,6 +94,10 @@ class TaskConfig(_Section):
     """classification: text the model answers for a label, when it differs from the label."""
     balance: Literal["none", "weights", "sampling"] = "weights"
     """classification imbalance: inverse-frequency loss weights, balanced sampling, or none."""
+    calibrate: bool = True
+    """classification: fit a temperature on validation after training (temperature scaling,
+    train/calibration.py), stored in the manifest and applied wherever probabilities are made;
+    accuracy and F1 do not change, the probabilities become trustworthy."""
     class_weight_power: float = Field(1.0, ge=0.0, le=2.0)
     """With balance=weights: weight = (1/frequency)^power; 1 balances the classes fully,
     0.5 is a softer middle that costs the majority class less accuracy, 0 is no weighting."""
@@ -235,6 +240,9 @@ class TrainConfig(_Section):
     """Replace an adapter of the same name in the store."""
     evaluate_test: bool = True
     """Evaluate the final adapter on the test split and record it in the manifest."""
+    search: SearchConfig | None = None
+    """The hyperparameter space `lorastack tune` searches (train/search.py); training alone
+    ignores it."""
 
     @model_validator(mode="after")
     def _servable(self) -> TrainConfig:

@@ -178,16 +178,28 @@ def _train(cfg: TrainConfig, base, dist, device, t_start: float, resume: bool,
 
         set_peft_model_state_dict(model, best)
 
-    # 4. final metrics of the restored best weights (already measured when nothing changed)
-    if cfg.quantization == "none" and trainer_best is not None:
+    # 4. final metrics of the restored best weights; classification: calibrated on validation
+    temperature = 1.0
+    if cfg.task.type == "classification":
+        from lorastack.train.calibration import calibrated_metrics
+
+        metrics, temperature = calibrated_metrics(
+            model, fmt, val_set.examples, test_set.examples if cfg.evaluate_test else [],
+            fit=cfg.task.calibrate, plot=run_dir / "reliability.png", title=cfg.name)
+        if temperature != 1.0:
+            _say(f"calibration: temperature {temperature:.3f} fitted on validation; expected "
+                 f"calibration error {metrics['validation']['ece_uncalibrated']:.3f} -> "
+                 f"{metrics['validation']['ece']:.3f} (reliability.png)")
+    elif cfg.quantization == "none" and trainer_best is not None:  # measured on these weights
         metrics = {"validation": trainer_best}
     else:
         metrics = {"validation": evaluate_split(val_set.examples, progress=True)}
-    if cfg.evaluate_test and test_set.examples:
+    if cfg.task.type != "classification" and cfg.evaluate_test and test_set.examples:
         metrics["test"] = evaluate_split(test_set.examples, progress=True, with_loss=False)
 
     # 5. the adapter, atomically into the store; the run's record beside it
-    adapter = _export(cfg, model, base, fmt, labels, metrics, splits.train, splits.validation)
+    adapter = _export(cfg, model, base, fmt, labels, metrics, splits.train, splits.validation,
+                      temperature)
     plot_curves(run_dir, cfg.selection_metric, f"{cfg.name}: {cfg.task.type}, "
                 f"{cfg.base} ({cfg.quantization}), LoRA r={cfg.lora.r}")
     summary = {
@@ -220,7 +232,7 @@ def config_splits(cfg: TrainConfig, columns: dict | None = None):
 
 
 def _export(cfg: TrainConfig, model, base, fmt, labels, metrics, train_records,
-            validation_records):
+            validation_records, temperature: float = 1.0):
     from lorastack.adapters.manifest import AdapterManifest, LoraSettings, Metrics
     from lorastack.adapters.store import AdapterStore
 
@@ -242,10 +254,11 @@ def _export(cfg: TrainConfig, model, base, fmt, labels, metrics, train_records,
             end_of_turn=fmt.end_of_turn,
             score_end_of_turn=bool(labels) and fmt.score_end,
             labels=tuple(labels or ()), label_words=dict(cfg.task.label_words),
+            temperature=temperature,
             examples=_examples(validation_records, cfg.data.text_field),
             metrics=Metrics(validation=_numbers(metrics.get("validation", {})),
                             test=_numbers(metrics.get("test", {}))),
-            training=cfg.model_dump(mode="json"),
+            training=cfg.model_dump(mode="json", exclude={"search"}),
             data_fingerprint=fingerprint_records(train_records),
             versions=library_versions())
         return store.write(cfg.name, Path(tmp), manifest, replace=cfg.replace)
