@@ -3,7 +3,7 @@
 A classification adapter is a LoRA trained to answer one of its labels after a fixed prompt.
 It is scored, never sampled: for every label, the log-probability of its continuation (the label
 word followed by the end-of-turn token) given the prompt, summed over the continuation's tokens,
-then normalised over the label set with a softmax. The trainer's evaluation, the server's
+then normalised over the label set with a softmax at the adapter's calibrated temperature. The trainer's evaluation, the server's
 /v1/classify and the benchmarks' naive server all take their token ids from `prompt_ids` and
 `continuation_ids` here and their probabilities from `probabilities`, so the accuracy the
 trainer reports is the accuracy the server delivers.
@@ -77,12 +77,16 @@ def template_fields(user_template: str) -> list[str]:
     return fields
 
 
-def probabilities(logprob_sums: Mapping[str, float]) -> dict[str, float]:
-    """Softmax over the labels' summed log-probabilities (numerically stable)."""
+def probabilities(logprob_sums: Mapping[str, float],
+                  temperature: float = 1.0) -> dict[str, float]:
+    """Softmax over the labels' summed log-probabilities divided by `temperature` (the
+    adapter's calibration, manifest.temperature; 1 leaves them as scored). Numerically stable."""
     if not logprob_sums:
         raise ValueError("no labels to score")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
     top = max(logprob_sums.values())
-    exps = {label: math.exp(lp - top) for label, lp in logprob_sums.items()}
+    exps = {label: math.exp((lp - top) / temperature) for label, lp in logprob_sums.items()}
     total = sum(exps.values())
     return {label: e / total for label, e in exps.items()}
 

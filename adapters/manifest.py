@@ -236,6 +236,9 @@ class AdapterManifest(_Part):
     score_end_of_turn: StrictBool = False
     """Classification: whether a label's scored continuation is its word plus end_of_turn
     (needed when one label word's tokens are a prefix of another's), or the word alone."""
+    temperature: Annotated[Number, Field(gt=0)] = 1.0
+    """Classification: the label scores are divided by it before the softmax (temperature
+    scaling, fitted on validation: train/calibration.py); 1 means uncalibrated."""
     metrics: Metrics = Field(default_factory=Metrics)
     """Evaluation results (validation and test)."""
     training: dict[str, Any] = Field(default_factory=dict)

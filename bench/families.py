@@ -144,30 +144,6 @@ def _train(name: str, base: Path, root: Path, quantization: str, *extra: str) ->
     return AdapterStore(root / "store").resolve(cfg.name)
 
 
-def trainer_probabilities(adapter, texts: list[str]) -> list[dict[str, float]]:
-    """The trainer's evaluation of `texts` with the adapter (its manifest's prompt)."""
-    from peft import PeftModel
-
-    from lorastack.adapters.models import resolve_base
-    from lorastack.train import evaluate as ev
-    from lorastack.train.config import TrainConfig
-    from lorastack.train.examples import IGNORE, Example, PromptFormat
-    from lorastack.train.model import load_base, load_tokenizer, pick_device
-
-    m = adapter.manifest
-    cfg = TrainConfig.model_validate(m.training)
-    base = resolve_base(m.base_model, fetch=False)
-    fmt = PromptFormat(load_tokenizer(base.path), cfg, list(m.labels))
-    fmt.follow(m)
-    examples = []
-    for i, text in enumerate(texts):
-        ids = fmt.prompt_ids({"text": text})
-        examples.append(Example(ids, [IGNORE] * len(ids), i, label=0, prompt_len=len(ids)))
-    model = load_base(cfg.model_copy(update={"quantization": "none"}), base.path, pick_device())
-    model = PeftModel.from_pretrained(model, str(adapter.path))
-    return ev.evaluate_classification(model, fmt, examples)[1]
-
-
 def served_probabilities(base: Path, root: Path, model: str,
                          texts: list[str]) -> list[dict[str, float]]:
     """/v1/classify through `lorastack serve --base DIR` (real vLLM) for the store's adapter."""
@@ -234,7 +210,9 @@ def measure(name: str, tokenizer_dir: Path, root: Path, serve: bool = True) -> d
     row.setdefault("prompt_format", "")
     row["served_gap"] = None
     if adapter is not None and serve and row["vllm_lora"]:
-        expected = trainer_probabilities(adapter, TEXTS)
+        from lorastack.train.assess import adapter_probabilities
+
+        expected = adapter_probabilities(adapter.path, TEXTS)
         try:
             served = served_probabilities(base, root, adapter.manifest.name, TEXTS)
             row["served_gap"] = max(abs(s[k] - e[k]) for s, e in zip(served, expected)

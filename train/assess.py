@@ -62,8 +62,7 @@ def evaluate_zero_shot(config: str | Path | TrainConfig, *, data: str | None = N
 def _evaluate(cfg: TrainConfig, base_path: Path, labels: list[str], data, split, columns, limit,
               adapter_dir: Path | None = None, manifest=None) -> dict:
     from lorastack.train import evaluate as ev
-    from lorastack.train.examples import PromptFormat, encode_records
-    from lorastack.train.model import load_base, load_tokenizer, pick_device
+    from lorastack.train.examples import encode_records
 
     columns = columns or cfg.data.columns or None
     if data is None:  # the splits the adapter was trained and evaluated with
@@ -79,15 +78,82 @@ def _evaluate(cfg: TrainConfig, base_path: Path, labels: list[str], data, split,
     else:
         records, where = load_split(data, split, columns)
     records = records[:limit] if limit else records
-    tokenizer = load_tokenizer(base_path)
-    fmt = PromptFormat(tokenizer, cfg, labels)
-    if manifest is not None:  # the adapter's own record of its prompt wins, as in serving
-        fmt.follow(manifest)
+    model, fmt = _load_model(cfg, base_path, labels, adapter_dir, manifest)
     examples = encode_records(fmt, records, split or "data").examples
     if not examples:  # generation: records without an answer are dropped
         raise DataError(f"no examples to evaluate in {where}: no record has an answer in "
                         f"{cfg.task.target_field!r}; map it with --column "
                         f"{cfg.task.target_field}=COLUMN")
+    if cfg.task.type == "classification":
+        temperature = manifest.temperature if manifest is not None else 1.0
+        metrics, _ = ev.evaluate_classification(model, fmt, examples, progress=True,
+                                                temperature=temperature)
+    else:
+        metrics, _ = ev.evaluate_generation(model, fmt, examples, cfg.task.max_new_tokens,
+                                            progress=True)
+    metrics["evaluated_on"] = where + (f", first {limit}" if limit else "")
+    return metrics
+
+
+def calibrate_adapter(name: str, *, store: str | Path | None = None,
+                      runs_dir: str | Path = "runs") -> dict:
+    """Fit adapter `name`'s temperature on its validation split and write it to its manifest
+    (with validation and test ECE before and after); a reliability diagram goes to
+    <runs_dir>/<name>/reliability.png. For adapters trained before calibration existed, or
+    trained with task.calibrate: false."""
+    import shutil
+    import tempfile
+
+    from lorastack.adapters.manifest import Metrics
+    from lorastack.train.calibration import calibrated_metrics
+    from lorastack.train.examples import encode_records
+
+    adapters = AdapterStore(store)
+    adapter = adapters.resolve(name)
+    manifest = adapter.manifest
+    if manifest.task != "classification":
+        raise DataError(f"adapter {name!r} is a {manifest.task} adapter: only classification "
+                        "adapters have label probabilities to calibrate")
+    cfg, trained = config_from_manifest(manifest)
+    if not trained:
+        raise DataError(f"adapter {name!r} was imported: lorastack does not know its validation "
+                        "data, so it cannot fit its temperature")
+    base = resolve_base(manifest.base_model)
+    check_base(manifest, base.fingerprint, adapter.path / "manifest.json")
+    model, fmt = _load_model(cfg, base.path, list(manifest.labels), adapter.path, manifest)
+    splits = config_splits(cfg)
+    val = encode_records(fmt, splits.validation, "validation").examples
+    test = encode_records(fmt, splits.test, "test").examples if cfg.evaluate_test else []
+    plot = Path(runs_dir) / name / "reliability.png"
+    plot.parent.mkdir(parents=True, exist_ok=True)
+    metrics, temperature = calibrated_metrics(model, fmt, val, test, plot=plot, title=name)
+
+    def numbers(split: str) -> dict[str, float]:
+        new = {k: float(v) for k, v in metrics.get(split, {}).items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        return {**getattr(manifest.metrics, split), **new}
+
+    updated = manifest.replace(temperature=temperature, metrics=Metrics(
+        validation=numbers("validation"), test=numbers("test") if test else
+        dict(manifest.metrics.test)))
+    with tempfile.TemporaryDirectory(prefix="lorastack-calibrate-") as tmp:
+        files = Path(tmp) / name
+        shutil.copytree(adapter.path, files)
+        adapters.write(name, files, updated, replace=True)
+    return {"temperature": temperature, "plot": str(plot), **metrics}
+
+
+def _load_model(cfg: TrainConfig, base_path: Path, labels: list[str],
+                adapter_dir: Path | None, manifest):
+    """The float base (as served) with the adapter, and the prompt format it was trained
+    with (the manifest's own record of its prompt wins, as in serving)."""
+    from lorastack.train.examples import PromptFormat
+    from lorastack.train.model import load_base, load_tokenizer, pick_device
+
+    tokenizer = load_tokenizer(base_path)
+    fmt = PromptFormat(tokenizer, cfg, labels)
+    if manifest is not None:
+        fmt.follow(manifest)
     model = load_base(cfg.model_copy(update={"quantization": "none"}), base_path, pick_device())
     if adapter_dir is not None:
         from peft import PeftModel
@@ -103,13 +169,7 @@ def _evaluate(cfg: TrainConfig, base_path: Path, labels: list[str], data, split,
                                manifest.name, adapter_dir / "adapter_model.safetensors",
                                "import it with --base set to the model it was trained on") \
                 from None
-    if cfg.task.type == "classification":
-        metrics, _ = ev.evaluate_classification(model, fmt, examples, progress=True)
-    else:
-        metrics, _ = ev.evaluate_generation(model, fmt, examples, cfg.task.max_new_tokens,
-                                            progress=True)
-    metrics["evaluated_on"] = where + (f", first {limit}" if limit else "")
-    return metrics
+    return model, fmt
 
 
 def config_from_manifest(manifest) -> tuple[TrainConfig, bool]:
@@ -135,3 +195,26 @@ def _fields(cfg: TrainConfig) -> str:
     names.add(cfg.task.label_field if cfg.task.type == "classification"
               else cfg.task.target_field)
     return ", ".join(sorted(names))
+
+
+def adapter_probabilities(adapter_dir: str | Path, texts: list[str]) -> list[dict[str, float]]:
+    """The trainer's label probabilities for `texts` with the classification adapter in
+    `adapter_dir` (its manifest's prompt, label scoring and temperature, the float base): what
+    /v1/classify must answer for them. The text fills the prompt template's first field."""
+    from lorastack.adapters import labels as label_scoring
+    from lorastack.adapters.files import read_adapter
+    from lorastack.train import evaluate as ev
+    from lorastack.train.examples import IGNORE, Example
+
+    adapter = read_adapter(Path(adapter_dir))
+    manifest = adapter.manifest
+    cfg, _ = config_from_manifest(manifest)
+    base = resolve_base(manifest.base_model, fetch=False)
+    model, fmt = _load_model(cfg, base.path, list(manifest.labels), adapter.path, manifest)
+    field = (label_scoring.template_fields(manifest.prompt_template) or ["text"])[0]
+    examples = []
+    for i, text in enumerate(texts):
+        ids = fmt.prompt_ids({field: text})
+        examples.append(Example(ids, [IGNORE] * len(ids), i, label=0, prompt_len=len(ids)))
+    return ev.evaluate_classification(model, fmt, examples,
+                                      temperature=manifest.temperature)[1]

@@ -7,6 +7,7 @@ loss (answer-token cross-entropy of the true label); generation -> exact_match, 
 
 from __future__ import annotations
 
+import math
 import re
 import string
 from collections import Counter
@@ -85,15 +86,32 @@ def _padded(rows: list[Example], pad_id: int, device: torch.device) -> dict[str,
 
 
 def evaluate_classification(model, fmt: PromptFormat, examples: Sequence[Example],
-                            progress: bool = False) -> tuple[dict, list[dict[str, float]]]:
-    """Metrics over `examples`, and each example's label probabilities."""
+                            progress: bool = False, temperature: float = 1.0
+                            ) -> tuple[dict, list[dict[str, float]]]:
+    """Metrics over `examples`, and each example's label probabilities at `temperature`."""
     sums = label_logprob_sums(model, fmt, examples, progress=progress)
-    probs = [label_scoring.probabilities(dict(zip(fmt.labels, row))) for row in sums]
+    return classification_from_scores(fmt, examples, sums, temperature)
+
+
+def classification_from_scores(fmt: PromptFormat, examples: Sequence[Example],
+                               sums: Sequence[Sequence[float]], temperature: float = 1.0
+                               ) -> tuple[dict, list[dict[str, float]]]:
+    """Metrics and probabilities from the labels' summed log-probabilities (label_logprob_sums).
+
+    `loss` is the true label's answer-token cross-entropy (the training loss without class
+    weights); `nll` the negative log-likelihood of the true label under the normalised
+    probabilities, and `ece` their expected calibration error, both at `temperature`."""
+    from lorastack.train.calibration import calibrated, expected_calibration_error
+
+    probs = calibrated(sums, fmt.labels, temperature)
     preds = [fmt.labels.index(label_scoring.predict(p)) for p in probs]
     truth = [ex.label for ex in examples]
     metrics = classification_metrics(truth, preds, fmt.labels)
     lengths = [len(fmt.continuations[fmt.labels[t]]) for t in truth]
     metrics["loss"] = sum(-row[t] / n for row, t, n in zip(sums, truth, lengths)) / len(truth)
+    metrics["nll"] = sum(-math.log(max(p[fmt.labels[t]], 1e-300))
+                         for p, t in zip(probs, truth)) / len(truth)
+    metrics["ece"] = expected_calibration_error(probs, [fmt.labels[t] for t in truth])
     return metrics, probs
 
 

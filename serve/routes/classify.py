@@ -65,7 +65,8 @@ async def classify(request: Request, gw: GatewayDep, req: Body) -> ClassifyRespo
                                            shape_of("classify", body, adapter=True))
 
             sums = await score(send, served.identity, rows)
-        return rows.prompt_tokens(), [label_scoring.probabilities(row) for row in sums]
+        return rows.prompt_tokens(), [label_scoring.probabilities(row, served.manifest.temperature)
+                                       for row in sums]
 
     async def replayable(name: str):
         answer = await gw.guard.retry_once(lambda: one(name), wait_s=s.start_timeout_s)

@@ -16,9 +16,9 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-from reference import trainer_probabilities
 
 from lorastack.adapters.store import AdapterStore
+from lorastack.train.assess import adapter_probabilities as trainer_probabilities
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -212,6 +212,9 @@ def test_classify_matches_the_trainers_evaluation(server):
     reference = trainer_probabilities(server.staging.path("cls-a"), TEXTS)
     for got, want in zip(served, reference):
         assert got["probabilities"] == pytest.approx(want, abs=1e-3)
+    # the adapter is calibrated (temperature fitted on validation), and the server applies it
+    temperature = server.staging.resolve("cls-a").manifest.temperature
+    assert abs(temperature - 1.0) > 1e-3
     print(f"\nserved {served[0]['probabilities']}\ntrainer {reference[0]}")
 
 
