@@ -176,6 +176,11 @@ class TrainingConfig(_Section):
     exact_match. None: the task's default (macro_f1 / exact_match)."""
     early_stopping_patience: int | None = Field(None, ge=1)
     """Stop after this many evaluations without improvement; None never stops early."""
+    watch_train_sample: int = Field(64, ge=0)
+    """Overfitting watch: this many training examples (a fixed sample) are evaluated at every
+    evaluation exactly as validation is (same loss definition, same task metric), logged as
+    train_sample/*, drawn beside validation in training.png, and a warning is printed when
+    their gap widens while validation stops improving. 0 turns it off."""
     group_by_length: bool = True
     """Batch examples of similar length together (measured: far less padding)."""
     gradient_checkpointing: bool | None = None

@@ -13,6 +13,7 @@ moments stay the same on every process, so checkpoints do not depend on the proc
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -50,6 +51,7 @@ class LoopState:
     answer_tokens: int = 0  # tokens that carried loss
     train_seconds: float = 0.0  # across resumes
     history: list[dict] = field(default_factory=list)  # eval results by step
+    overfitting_warned: int = 0  # the step the overfitting watch first warned at (0: never)
 
 
 class Trainer:
@@ -57,8 +59,10 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, model, examples: list[Example], n_labels: int,
                  pad_id: int, evaluate: Callable[[], dict], run_dir: Path, logger,
-                 on_step: Callable[[LoopState], None] | None = None, dist: Dist = SINGLE):
+                 on_step: Callable[[LoopState], None] | None = None, dist: Dist = SINGLE,
+                 evaluate_train: Callable[[], dict] | None = None):
         self.cfg, self.t, self.dist = cfg, cfg.training, dist
+        self.evaluate_train = evaluate_train  # the overfitting watch's fixed train sample
         self.model, self.examples, self.pad_id = model, examples, pad_id
         self.evaluate, self.run_dir, self.log, self.on_step = evaluate, run_dir, logger, on_step
         self.metric = cfg.selection_metric
@@ -198,10 +202,16 @@ class Trainer:
             return
         metrics = self.evaluate()
         value = float(metrics[self.metric])
-        st.history.append({"step": st.step, **{k: v for k, v in metrics.items()
-                                              if isinstance(v, (int, float))}})
-        self.log.scalars(st.step, {f"validation/{k}": v for k, v in metrics.items()
-                                   if isinstance(v, (int, float))})
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        logged = {f"validation/{k}": v for k, v in numbers.items()}
+        entry = {"step": st.step, **numbers}
+        if self.evaluate_train is not None:
+            sample = {k: v for k, v in self.evaluate_train().items()
+                      if isinstance(v, (int, float))}
+            logged.update({f"train_sample/{k}": v for k, v in sample.items()})
+            entry["train_sample"] = sample
+        st.history.append(entry)
+        self.log.scalars(st.step, logged)
         better = (st.best_metric is None or
                   (value < st.best_metric if self.metric in LOWER_IS_BETTER
                    else value > st.best_metric))
@@ -217,8 +227,15 @@ class Trainer:
                 self._say(f"early stop at step {st.step}: validation {self.metric} has not "
                           f"improved for {patience} evaluation(s) (best {st.best_metric:.4f} "
                           f"at step {st.best_step})")
+        sample = st.history[-1].get("train_sample", {})
         self._say(f"step {st.step}: validation {self.metric}={value:.4f}"
-                  f" (best {st.best_metric:.4f} @ {st.best_step})")
+                  f" (best {st.best_metric:.4f} @ {st.best_step})"
+                  + (f"; train sample {sample[self.metric]:.4f}" if self.metric in sample
+                     else ""))
+        note = overfitting_note(st.history, self.metric, st.evals_without_improvement)
+        if note and not st.overfitting_warned:
+            st.overfitting_warned = st.step
+            self._say(note)
 
     # -- checkpoints ------------------------------------------------------------------------
 
@@ -320,11 +337,30 @@ class Trainer:
         return own_rng
 
 
+def overfitting_note(history: list[dict], metric: str, evals_without_improvement: int,
+                     window: int = 3) -> str | None:
+    """A warning when, over the last `window` evaluations, the gap between the train sample's
+    and validation's `metric` grew each time while validation stopped improving (at least two
+    evaluations without a new best); None otherwise."""
+    rows = [r for r in history if metric in r and metric in r.get("train_sample", {})]
+    if len(rows) < window or evals_without_improvement < 2:
+        return None
+    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+    gaps = [sign * (r["train_sample"][metric] - r[metric]) for r in rows[-window:]]
+    if not all(b > a for a, b in itertools.pairwise(gaps)) or gaps[-1] <= 0:
+        return None
+    return (f"overfitting watch: the train sample's {metric} leads validation by "
+            f"{gaps[0]:.3f} -> {gaps[-1]:.3f} over the last {window} evaluations while "
+            f"validation has not improved for {evals_without_improvement}: the best weights "
+            f"are kept; consider fewer epochs, a lower lr, more lora.dropout or "
+            f"early_stopping_patience")
+
+
 def _essential(config: dict) -> dict:
     """The parts of a config that change what training computes (not eval cadence etc.)."""
     training = {k: v for k, v in config["training"].items()
                 if k not in ("eval_every", "save_every", "keep_checkpoints", "threads",
-                             "early_stopping_patience")}
+                             "early_stopping_patience", "watch_train_sample")}
     return {"base": config["base"], "quantization": config["quantization"],
             "task": config["task"], "data": config["data"], "lora": config["lora"],
             "training": training}

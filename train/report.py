@@ -61,15 +61,24 @@ def plot_curves(run_dir: Path, metric: str, title: str) -> Path:
         ax1.plot(steps, losses, color="#9bb7d4", lw=1, label="train (per step)")
         smooth = _ema(losses, 0.9)
         ax1.plot(steps, smooth, color="#1f5fa8", lw=2, label="train (smoothed)")
+    sample = [r for r in rows if "train_sample/loss" in r]
     if val:
         ax1.plot([r["step"] for r in val], [r["validation/loss"] for r in val], "o-",
                  color="#d9480f", label="validation")
         key = f"validation/{metric}"
         ax2.plot([r["step"] for r in val], [r.get(key, float("nan")) for r in val], "o-",
-                 color="#2b8a3e")
+                 color="#2b8a3e", label="validation")
+    if sample:  # the overfitting watch: a train sample evaluated exactly as validation
+        ax1.plot([r["step"] for r in sample], [r["train_sample/loss"] for r in sample], "s--",
+                 color="#1f5fa8", label="train sample (as validation)")
+        ax2.plot([r["step"] for r in sample],
+                 [r.get(f"train_sample/{metric}", float("nan")) for r in sample], "s--",
+                 color="#1f5fa8", label="train sample")
+        ax2.legend(frameon=False)
     ax1.set(xlabel="optimizer step", ylabel="answer-token loss", title="loss")
     ax1.legend(frameon=False)
-    ax2.set(xlabel="optimizer step", ylabel=metric, title=f"validation {metric}")
+    ax2.set(xlabel="optimizer step", ylabel=metric,
+            title=f"{metric}: validation" + (" vs train sample" if sample else ""))
     ax2.grid(alpha=0.3)
     ax1.grid(alpha=0.3)
     fig.suptitle(title)

@@ -158,8 +158,10 @@ def _train(cfg: TrainConfig, base, dist, device, t_start: float, resume: bool,
 
     # 3. train, evaluating on validation, keeping the best
     logger = RunLogger(run_dir) if dist.is_main else _NoLog()
+    watch = _train_sample(train_set.examples, cfg.training.watch_train_sample, cfg.training.seed)
     trainer = Trainer(cfg, model, train_set.examples, len(labels or []), fmt.pad_id,
-                      lambda: evaluate_split(val_set.examples), run_dir, logger, on_step, dist)
+                      lambda: evaluate_split(val_set.examples), run_dir, logger, on_step, dist,
+                      evaluate_train=(lambda: evaluate_split(watch)) if watch else None)
     state = trainer.fit(resume=resume)
     if not dist.is_main:  # done: rank 0 evaluates the best weights and writes the adapter
         return TrainResult(cfg.name, Path(cfg.store or ""), run_dir, {},
@@ -205,7 +207,8 @@ def _train(cfg: TrainConfig, base, dist, device, t_start: float, resume: bool,
     summary = {
         "name": cfg.name, "task": cfg.task.type, "adapter_dir": str(adapter.path),
         "metrics": metrics, "steps": state.step, "best_step": best_step,
-        "stopped_early": state.stopped_early, "train_seconds": round(state.train_seconds, 1),
+        "stopped_early": state.stopped_early, "overfitting_warned_at": state.overfitting_warned,
+        "train_seconds": round(state.train_seconds, 1),
         "wall_seconds": round(time.monotonic() - t_start, 1),
         "tokens": state.tokens, "answer_tokens": state.answer_tokens,
         "tokens_per_second": state.tokens / max(state.train_seconds, 1e-9),
@@ -218,6 +221,16 @@ def _train(cfg: TrainConfig, base, dist, device, t_start: float, resume: bool,
     atomic_write_json(run_dir / "summary.json", summary)
     print_summary(summary)
     return TrainResult(cfg.name, adapter.path, run_dir, metrics, summary)
+
+
+def _train_sample(examples: list, n: int, seed: int) -> list:
+    """The overfitting watch's fixed sample of training examples (the same at every
+    evaluation, and on resume)."""
+    import random
+
+    if n <= 0:
+        return []
+    return random.Random(seed).sample(examples, min(n, len(examples)))
 
 
 def config_splits(cfg: TrainConfig, columns: dict | None = None):

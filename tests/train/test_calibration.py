@@ -98,3 +98,19 @@ def test_calibrate_false_leaves_the_scores_as_they_are(tiny_config, tmp_path):
     manifest = AdapterStore(tmp_path / "store").resolve("tiny-sentiment").manifest
     assert manifest.temperature == 1.0
     assert manifest.metrics.test["ece"] == manifest.metrics.test["ece_uncalibrated"]
+
+
+def test_overfitting_watch_warns_when_the_gap_widens_as_validation_stalls():
+    from lorastack.train.loop import overfitting_note
+
+    def row(step, val, train):
+        return {"step": step, "macro_f1": val, "train_sample": {"macro_f1": train}}
+
+    widening = [row(1, 0.60, 0.62), row(2, 0.59, 0.70), row(3, 0.58, 0.80)]
+    assert "0.020 -> 0.220" in overfitting_note(widening, "macro_f1", 2)
+    assert overfitting_note(widening, "macro_f1", 1) is None  # validation still improving
+    steady = [row(1, 0.60, 0.62), row(2, 0.61, 0.60), row(3, 0.58, 0.80)]
+    assert overfitting_note(steady, "macro_f1", 2) is None
+    loss = [{"step": i, "loss": v, "train_sample": {"loss": t}}
+            for i, (v, t) in enumerate([(0.5, 0.45), (0.55, 0.35), (0.6, 0.2)])]
+    assert "loss" in overfitting_note(loss, "loss", 2)  # lower is better: the sign flips

@@ -40,6 +40,10 @@ def test_classification_run_writes_adapter_run_dir_and_metrics(tiny_config, tmp_
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in rows if "validation/macro_f1" in r] == [3, 6]
+    # the overfitting watch: a train sample evaluated like validation at every evaluation
+    assert [r["step"] for r in rows if "train_sample/loss" in r] == [3, 6]
+    assert all(r["train_sample/n"] == 48 and r["train_sample/loss"] > 0  # all 48 (< 64)
+               for r in rows if "train_sample/loss" in r)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["tokens_per_second"] > 0
     per_class = result.metrics["test"]["per_class"]
