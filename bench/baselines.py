@@ -31,9 +31,12 @@ def _fit_score(train, test, vec_kw, clf_kw):
     seconds = time.monotonic() - t0
     pred = clf.predict(vec.transform([r["text"] for r in test]))
     truth = [r["label"] for r in test]
+    labels = sorted(set(truth))
+    per_class = f1_score(truth, pred, labels=labels, average=None)
     return {"accuracy": accuracy_score(truth, pred),
             "macro_f1": f1_score(truth, pred, average="macro"), "train_seconds": seconds,
-            "n_test": len(truth)}
+            "n_test": len(truth),
+            **{f"f1_{label}": float(f) for label, f in zip(labels, per_class, strict=True)}}
 
 
 def tfidf_baselines(seed: int = 0) -> list[dict]:

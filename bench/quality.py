@@ -60,6 +60,25 @@ def _run_summary(runs_dir: Path, name: str, test: dict) -> dict | None:
     return None
 
 
+def _search_summary(runs_dir: Path, name: str, test: dict) -> dict | None:
+    """runs/<name>-tune/summary.json when the stored adapter is that search's best trial."""
+    path = runs_dir / f"{name}-tune" / "summary.json"
+    if not path.exists():
+        return None
+    summary = json.loads(path.read_text())
+    ran = summary.get("best", {}).get("test", {})
+    if ran and abs(float(ran.get("macro_f1", -1)) - float(test.get("macro_f1", -2))) < 1e-9:
+        return summary
+    return None
+
+
+def _neutral_f1(metrics: dict) -> float | None:
+    if "f1_neutral" in metrics:
+        return float(metrics["f1_neutral"])
+    row = (metrics.get("per_class") or {}).get("neutral")
+    return None if row is None else float(row["f1"])
+
+
 def _zero_shot(config: str, limit: int | None, tiny: bool) -> dict:
     from lorastack.train.assess import evaluate_zero_shot
 
@@ -97,8 +116,10 @@ def run(args) -> None:
             common.log(f"evaluating {config} on the test split ...")
             test = evaluate_adapter(config, store=store_root, limit=limit)
         summary = _run_summary(runs_dir, config, dict(adapter.manifest.metrics.test))
+        search = _search_summary(runs_dir, config, dict(adapter.manifest.metrics.test))
         found[task] = {"adapter": config, "test": test, "quantization":
                        adapter.manifest.training.get("quantization"),
+                       "temperature": adapter.manifest.temperature, "search": search,
                        "train_seconds": summary and summary.get("train_seconds"),
                        "wall_seconds": summary and summary.get("wall_seconds"),
                        "machine": summary and summary.get("machine"),
@@ -110,6 +131,10 @@ def run(args) -> None:
     cls, gen = found["classification"], found["generation"]
 
     def minutes(entry):
+        if entry.get("search"):
+            found = entry["search"]
+            return (f"search: {found['trials']} trials ({found['pruned']} pruned) in "
+                    f"{found['search_seconds'] / 60:.0f} min")
         if not entry.get("wall_seconds"):
             return "not recorded"
         return (f"{entry['wall_seconds'] / 60:.1f} min ({entry['train_seconds'] / 60:.1f} "
@@ -117,16 +142,40 @@ def run(args) -> None:
 
     n_cls = int(cls["test"].get("n", 0)) or "?"
     n_gen = int(gen["test"].get("n", 0)) or "?"
+    def neutral(metrics):
+        value = _neutral_f1(metrics)
+        return "-" if value is None else f"{value:.3f}"
+
     cls_rows = [[f"lorastack adapter ({cls['quantization']} QLoRA)"
                  if cls["quantization"] != "none" else "lorastack adapter (LoRA)",
                  f"{cls['test']['accuracy']:.3f}", f"{cls['test']['macro_f1']:.3f}",
-                 minutes(cls)],
+                 neutral(cls["test"]), minutes(cls)],
                 ["base model, zero-shot (same prompt and scoring)",
                  f"{cls['zero_shot']['accuracy']:.3f}", f"{cls['zero_shot']['macro_f1']:.3f}",
-                 "none"]]
+                 neutral(cls["zero_shot"]), "none"]]
     cls_rows += [[f"TF-IDF + logistic regression, {t['method'].split('(')[1].rstrip(')')}",
-                  f"{t['accuracy']:.3f}", f"{t['macro_f1']:.3f}",
+                  f"{t['accuracy']:.3f}", f"{t['macro_f1']:.3f}", neutral(t),
                   f"{t['train_seconds']:.1f} s"] for t in tfidf]
+    ece, ece_raw = cls["test"].get("ece"), cls["test"].get("ece_uncalibrated")
+    calibration_rows = [["expected calibration error (test, 10 bins)",
+                         "-" if ece_raw is None else f"{ece_raw:.3f}",
+                         "-" if ece is None else f"{ece:.3f}"],
+                        ["negative log-likelihood (test)",
+                         f"{cls['test']['nll_uncalibrated']:.3f}"
+                         if "nll_uncalibrated" in cls["test"] else "-",
+                         f"{cls['test']['nll']:.3f}" if "nll" in cls["test"] else "-"]]
+    search = cls.get("search")
+    goals = [
+        common.goal("sentiment macro-F1 >= 0.62 on the test reviews", cls["test"]["macro_f1"],
+                    0.62, note=_search_note(search)),
+        common.goal("neutral F1 >= 0.30 on the test reviews", _neutral_f1(cls["test"]), 0.30),
+        common.goal("expected calibration error <= 0.05 after temperature scaling", ece, 0.05,
+                    at_least=False, note="" if ece_raw is None else
+                    f"before: {ece_raw:.3f} (temperature {cls['temperature']:.3f})"),
+        common.goal("search time <= 60 min on 2 cores",
+                    search and search["search_seconds"] / 60, 60, at_least=False,
+                    note="" if search else "the stored adapter is not a search's best trial"),
+    ]
     gen_rows = [["lorastack adapter", f"{gen['test']['exact_match']:.3f}",
                  f"{gen['test']['token_f1']:.3f}", minutes(gen)],
                 ["base model, zero-shot (same prompt)", f"{gen['zero_shot']['exact_match']:.3f}",
@@ -143,16 +192,29 @@ def run(args) -> None:
         "title": "Quality", "summary": summary,
         "tables": [
             common.table(f"Sentiment (positive / negative / neutral), {n_cls} test reviews.",
-                         ["method", "accuracy", "macro-F1", "training time"], cls_rows),
+                         ["method", "accuracy", "macro-F1", "neutral F1", "training time"],
+                         cls_rows),
+            common.table(f"Calibration of the sentiment adapter's probabilities on the "
+                         f"{n_cls} test reviews: as scored, and after temperature scaling "
+                         f"(T={cls['temperature']:.3f}, fitted on validation).",
+                         ["measure", "as scored", "calibrated"], calibration_rows),
             common.table(f"Condition named from the review (generation), {n_gen} test reviews.",
                          ["method", "exact match", "token F1", "training time"], gen_rows)],
-        "goals": [], "figure": "quality.png", "adapters": found, "tfidf": tfidf,
+        "goals": goals, "figure": "quality.png", "adapters": found, "tfidf": tfidf,
         "settings": {"reevaluated": bool(args.reevaluate or args.tiny), "limit": limit},
     }
     common.write_result("quality", payload, args.out, setting="tiny" if args.tiny else "full")
     _plot(cls, gen, tfidf, args.out)
     if tmp:
         tmp.cleanup()
+
+
+def _search_note(search: dict | None) -> str:
+    if not search:
+        return "one training run of the shipped config (no search)"
+    best = search["best"]
+    return (f"best of {search['trials']} search trials ({search['pruned']} pruned), trial "
+            f"{best['trial']}, validation macro-F1 {best['value']:.3f}")
 
 
 def _plot(cls: dict, gen: dict, tfidf: list[dict], out) -> None:

@@ -82,6 +82,14 @@ def test_quality_reports_adapters_and_baselines(results):
     assert 0 <= cls["test"]["accuracy"] <= 1 and 0 <= cls["zero_shot"]["macro_f1"] <= 1
     assert 0 <= gen["test"]["exact_match"] <= 1 and 0 <= gen["zero_shot"]["token_f1"] <= 1
     assert [t["method"].split(" (")[0] for t in data["tfidf"]] == ["tfidf-logreg"] * 2
+    # calibration before/after and the goals, each with a measured value
+    assert cls["temperature"] > 0 and {"ece", "ece_uncalibrated"} <= set(cls["test"])
+    calibration = data["tables"][1]["rows"]
+    assert calibration[0][1] == f"{cls['test']['ece_uncalibrated']:.3f}"
+    assert [g["goal"].split(" ")[0] for g in data["goals"]] == ["sentiment", "neutral",
+                                                                 "expected", "search"]
+    assert data["goals"][0]["value"] == cls["test"]["macro_f1"]
+    assert data["goals"][1]["value"] == cls["test"]["per_class"]["neutral"]["f1"]
 
 
 def test_ceilings_measure_the_machine_and_the_fractions(results):
