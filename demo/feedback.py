@@ -122,13 +122,15 @@ def least_confident(confidences: Sequence[float], fraction: float = 0.1,
 
 
 def results_table(texts: Sequence[str], results: Sequence, labels: Sequence[str],
-                  flag_fraction: float = 0.1, truth: Sequence[str] | None = None
-                  ) -> pd.DataFrame:
+                  flag_fraction: float = 0.1, truth: Sequence[str] | None = None,
+                  flag_below: float | None = None) -> pd.DataFrame:
     """One row per text, the columns a reader came for first (they fit a normal screen):
     the predicted label, with `truth` the true label and whether the prediction is wrong, the
     confidence, whether to check it by hand, every label's probability; then the text, and
     the row's number in the input last. `results` are the client's `Classified` answers, in
-    input order. A true label matches whatever its case; a row without one is never wrong."""
+    input order. A true label matches whatever its case; a row without one is never wrong.
+    `check` flags the `flag_fraction` least confident rows, and with `flag_below` every row
+    whose confidence is under it (a calibrated adapter's "below 70% sure")."""
     if len(texts) != len(results):
         raise ValueError(f"{len(texts)} texts but {len(results)} answers")
     if truth is not None and len(truth) != len(texts):
@@ -140,7 +142,8 @@ def results_table(texts: Sequence[str], results: Sequence, labels: Sequence[str]
         table["wrong"] = [bool(t) and t.lower() != r.label.lower()
                           for t, r in zip(table["true_label"], results, strict=True)]
     table["confidence"] = [round(c, 4) for c in confidences]
-    table["check"] = least_confident(confidences, flag_fraction)
+    table["check"] = least_confident(confidences, flag_fraction, below=flag_below)
+    table.attrs["flag_below"] = flag_below
     for label in labels:
         table[f"p({label})"] = [round(r.probabilities.get(label, 0.0), 4) for r in results]
     table["text"] = list(texts)
@@ -160,8 +163,10 @@ def summary(table: pd.DataFrame, model: str) -> str:
     parts = ", ".join(f"**{r.label}** {r.count} ({r.count / len(table):.0%})"
                       for r in dist.itertuples())
     flagged = int(table["check"].sum())
+    below = table.attrs.get("flag_below")
+    rule = "least confident" + (f" or below {below:.0%} sure" if below else "")
     text = (f"{len(table)} texts classified by `{model}`: {parts}. "
-            f"{flagged} least confident flagged for a human look (column `check`).")
+            f"{flagged} {rule} flagged for a human look (column `check`).")
     if "true_label" in table:
         known = int((table["true_label"] != "").sum())
         wrong = int(table["wrong"].sum())

@@ -112,6 +112,9 @@ def feedback_tab(client: Client, classifiers: list[str], first: list[str]) -> gr
             fb_model = gr.Dropdown(classifiers, value=first, multiselect=True,
                                    label="Classification adapter(s)", elem_id="fb_model")
             fb_flag = gr.Slider(0, 50, value=10, step=1, label="Flag the least confident %")
+            fb_below = gr.Slider(0, 100, value=0, step=5, elem_id="fb_below",
+                                 label="Also flag every row below this % sure (0: off; "
+                                       "calibrated adapters' probabilities mean what they say)")
             fb_batch = gr.Slider(1, 32, value=16, step=1, label="Texts per request")
         fb_btn = gr.Button("Classify all", variant="primary", elem_id="fb_btn")
         fb_summary = gr.Markdown(elem_id="fb_summary")
@@ -137,7 +140,7 @@ def feedback_tab(client: Client, classifiers: list[str], first: list[str]) -> gr
                 gr.update(choices=[feedback.NO_TRUTH, *columns], value=truth))
 
     @shown
-    def classify_all(path, column, truth_column, pasted, models, flag_pct, batch,
+    def classify_all(path, column, truth_column, pasted, models, flag_pct, below_pct, batch,
                      progress=gr.Progress()):  # noqa: B008  (Gradio's idiom)
         models = chosen_models(models)
         texts, truth = feedback.reviews(path, column, truth_column, pasted)
@@ -147,14 +150,16 @@ def feedback_tab(client: Client, classifiers: list[str], first: list[str]) -> gr
         step(0, len(texts))
         results = client.classify_many(models, texts, int(batch), on_batch=step)
         labels = list(results.labels or results[0].probabilities)
-        table = feedback.results_table(texts, results, labels, flag_pct / 100, truth)
+        table = feedback.results_table(texts, results, labels, flag_pct / 100, truth,
+                                       flag_below=below_pct / 100 if below_pct else None)
         return (feedback.summary(table, " + ".join(models)),
                 feedback.label_distribution(table, labels), str(feedback.write_results(table)),
                 table[table["check"]].sort_values("confidence"), table)
 
     fb_file.change(pick_column, fb_file, [fb_column, fb_truth])
     fb_btn.click(classify_all,
-                 [fb_file, fb_column, fb_truth, fb_lines, fb_model, fb_flag, fb_batch],
+                 [fb_file, fb_column, fb_truth, fb_lines, fb_model, fb_flag, fb_below,
+                  fb_batch],
                  [fb_summary, fb_chart, fb_download, fb_flagged, fb_table])
     return fb_model
 

@@ -96,6 +96,13 @@ def test_results_table_distribution_summary_and_csv(tmp_path):
         feedback.results_table(["a", "b"], _answers(), ["positive"])
 
 
+def test_results_table_flags_rows_below_a_confidence():
+    table = feedback.results_table(["a", "b", "c"], _answers(), ["positive", "negative"], 0.0,
+                                   flag_below=0.75)
+    assert table["check"].tolist() == [False, True, True]  # 0.55 and 0.7 are below 75%
+    assert "2 least confident or below 75% sure flagged" in feedback.summary(table, "m")
+
+
 def test_results_table_with_true_labels_says_which_are_wrong():
     table = feedback.results_table(["a", "b", "c"], _answers(), ["positive", "negative"], 0.3,
                                    truth=["Positive", "positive", ""])
@@ -152,23 +159,27 @@ def test_the_feedback_tables_the_page_shows_put_label_and_confidence_first(tmp_p
     page = build_page(Client("http://gw", transport=httpx.MockTransport(_fake_gateway)))
     classify_all = _handler(page, "classify_all")
     summary, _, csv_path, flagged, table = classify_all(
-        None, None, None, "Works well\nBad for me\nFine", ["c"], 34, 16)
+        None, None, None, "Works well\nBad for me\nFine", ["c"], 34, 0, 16)
     shown = ["label", "confidence", "check", "p(positive)", "p(negative)", "text", "row"]
     assert list(table.columns) == shown and list(flagged.columns) == shown
     assert table["label"].tolist() == ["positive", "negative", "positive"]
     assert sorted(flagged["row"]) == [1, 3]  # the two least confident
     assert Path(csv_path).read_text().splitlines()[0] == ",".join(shown)
+    # "below N% sure": every row under the confidence is flagged, whatever the share
+    summary, _, _, flagged, _ = classify_all(None, None, None, "Works well\nBad for me\nFine",
+                                             ["c"], 0, 100, 16)
+    assert sorted(flagged["row"]) == [1, 2, 3] and "below 100% sure" in summary
     # a CSV with true labels: the true-label column is guessed, then shown beside the label
     src = _csv(tmp_path, "id,review,label\n1,Works well,positive\n2,Bad for me,positive\n")
     column, truth = _handler(page, "pick_column")(str(src))
     assert (column["value"], truth["value"]) == ("review", "label")
     assert truth["choices"][0] == NO_TRUTH
-    summary, _, _, flagged, table = classify_all(str(src), "review", "label", "", ["c"], 10, 16)
+    summary, _, _, flagged, table = classify_all(str(src), "review", "label", "", ["c"], 10, 0, 16)
     assert list(table.columns)[:5] == ["label", "true_label", "wrong", "confidence", "check"]
     assert list(table.columns)[-2:] == ["text", "row"] and list(flagged.columns) == list(
         table.columns)
     assert table["wrong"].tolist() == [False, True] and "accuracy **50%**" in summary
-    _, _, _, _, table = classify_all(str(src), "review", NO_TRUTH, "", ["c"], 10, 16)
+    _, _, _, _, table = classify_all(str(src), "review", NO_TRUTH, "", ["c"], 10, 0, 16)
     assert "true_label" not in table
 
 
