@@ -60,9 +60,13 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, model, examples: list[Example], n_labels: int,
                  pad_id: int, evaluate: Callable[[], dict], run_dir: Path, logger,
                  on_step: Callable[[LoopState], None] | None = None, dist: Dist = SINGLE,
-                 evaluate_train: Callable[[], dict] | None = None):
+                 evaluate_train: Callable[[], dict] | None = None,
+                 reaugment: Callable[[int], list[Example]] | None = None):
         self.cfg, self.t, self.dist = cfg, cfg.training, dist
         self.evaluate_train = evaluate_train  # the overfitting watch's fixed train sample
+        # augmentation drawn afresh every epoch: epoch -> that epoch's copy of the examples
+        # (epoch 0's is `examples`; the same seed gives the same copy on resume)
+        self.reaugment, self._examples_epoch = reaugment, 0
         self.model, self.examples, self.pad_id = model, examples, pad_id
         self.evaluate, self.run_dir, self.log, self.on_step = evaluate, run_dir, logger, on_step
         self.metric = cfg.selection_metric
@@ -71,11 +75,7 @@ class Trainer:
         self.weights = (class_weights(examples, n_labels, cfg.task.class_weight_power)
                         if balance == "weights" else None)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        # each example's share of a batch's loss normaliser (answer tokens x class weight):
-        # how a process scales its shard's loss so that the summed gradients are one batch's
-        self.loss_weight = [sum(1 for t in ex.labels[1:] if t != IGNORE)
-                            * (self.weights[ex.label] if self.weights is not None
-                               and ex.label >= 0 else 1.0) for ex in examples]
+        self._set_examples(examples)
         self.optimizer = torch.optim.AdamW(self.params, lr=self.t.lr,
                                            weight_decay=self.t.weight_decay)
         self.batches_per_epoch = math.ceil(len(examples) / self.t.batch_size)
@@ -91,6 +91,14 @@ class Trainer:
         self.best_metrics: dict | None = None  # this process's evaluation of the best weights
         self.ckpt_dir = run_dir / "checkpoints"
         self.best_dir = run_dir / "best"
+
+    def _set_examples(self, examples: list[Example]) -> None:
+        self.examples = examples
+        # each example's share of a batch's loss normaliser (answer tokens x class weight):
+        # how a process scales its shard's loss so that the summed gradients are one batch's
+        self.loss_weight = [sum(1 for t in ex.labels[1:] if t != IGNORE)
+                            * (self.weights[ex.label] if self.weights is not None
+                               and ex.label >= 0 else 1.0) for ex in examples]
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -109,6 +117,13 @@ class Trainer:
         started = time.monotonic() - st.train_seconds
         window_tokens, window_t0 = 0, time.monotonic()
         while st.step < self.total_steps and not st.stopped_early:
+            if self.reaugment is not None and st.epoch != self._examples_epoch:
+                fresh = self.reaugment(st.epoch)
+                if len(fresh) != len(self.examples):
+                    raise RuntimeError(f"epoch {st.epoch}'s augmented copy has {len(fresh)} "
+                                       f"examples, epoch 0's had {len(self.examples)}")
+                self._set_examples(fresh)
+                self._examples_epoch = st.epoch
             batches = epoch_batches(self.examples, self.t.batch_size, seed=self.t.seed,
                                     epoch=st.epoch, group_by_length=self.t.group_by_length,
                                     balanced=self.balanced)

@@ -159,9 +159,15 @@ def _train(cfg: TrainConfig, base, dist, device, t_start: float, resume: bool,
     # 3. train, evaluating on validation, keeping the best
     logger = RunLogger(run_dir) if dist.is_main else _NoLog()
     watch = _train_sample(train_set.examples, cfg.training.watch_train_sample, cfg.training.seed)
+
+    def reaugment(epoch: int) -> list:  # every epoch its own draw (epoch 0's is train_set)
+        return encode_records(fmt, splits.train, "train",
+                              augment_seed=cfg.training.seed + epoch).examples
+
     trainer = Trainer(cfg, model, train_set.examples, len(labels or []), fmt.pad_id,
                       lambda: evaluate_split(val_set.examples), run_dir, logger, on_step, dist,
-                      evaluate_train=(lambda: evaluate_split(watch)) if watch else None)
+                      evaluate_train=(lambda: evaluate_split(watch)) if watch else None,
+                      reaugment=reaugment if d.augment != "none" else None)
     state = trainer.fit(resume=resume)
     if not dist.is_main:  # done: rank 0 evaluates the best weights and writes the adapter
         return TrainResult(cfg.name, Path(cfg.store or ""), run_dir, {},

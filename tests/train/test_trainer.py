@@ -264,3 +264,22 @@ def test_4bit_gradients_are_the_same_after_a_validation_pass(tiny_base):
     for name in before:
         assert float(before[name].abs().max()) > 0
         torch.testing.assert_close(after[name], before[name], rtol=1e-4, atol=1e-6)
+
+
+def test_augmentation_is_drawn_afresh_every_epoch(tiny_config, monkeypatch):
+    from lorastack.train import examples
+
+    real, drawn = examples.encode_records, {}
+
+    def spy(fmt, records, split, *, augment_seed=None):
+        out = real(fmt, records, split, augment_seed=augment_seed)
+        if split == "train":
+            drawn[augment_seed] = [ex.input_ids for ex in out.examples]
+        return out
+
+    monkeypatch.setattr(examples, "encode_records", spy)
+    tiny_config["data"].update(augment="word_dropout", augment_prob=0.3)
+    tiny_config["training"].update(max_steps=None, epochs=3, eval_every=100, save_every=100)
+    train(tiny_config)
+    assert sorted(drawn) == [0, 1, 2]  # epoch e draws with seed + e
+    assert drawn[0] != drawn[1] != drawn[2]  # three different copies, not one
