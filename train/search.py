@@ -123,6 +123,34 @@ def check_paths(raw: dict, space: dict[str, SearchParam]) -> list[str]:
     return bad
 
 
+def current_values(raw: dict, space: dict[str, SearchParam],
+                   layer_count: int | None) -> dict[str, Any]:
+    """The config's own values of the searched settings that lie in the space: the search's
+    first trial, so that it never ends worse than the config it started from."""
+    out: dict[str, Any] = {}
+    for path, spec in space.items():
+        if path == TOP_LAYERS:
+            layers = raw["lora"]["layers"]
+            if layer_count is None:
+                continue
+            value: Any = layer_count if layers is None else len(layers)
+            if layers is not None and layers != list(range(layer_count - value, layer_count)):
+                continue  # not a top-k set of layers
+        else:
+            node: Any = raw
+            for part in path.split("."):
+                node = node[part]
+            value = node
+        if spec.choices is not None:
+            if value in spec.choices:
+                out[path] = value if all(isinstance(c, _PRIMITIVE) for c in spec.choices) \
+                    else json.dumps(value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) \
+                and spec.low <= value <= spec.high:
+            out[path] = value
+    return out
+
+
 def apply_params(raw: dict, params: dict[str, Any], layer_count: int | None) -> dict:
     """A config dict with the drawn `params` set (top_layers expanded into lora.layers)."""
     out = json.loads(json.dumps(raw))

@@ -30,7 +30,7 @@ import yaml
 
 from lorastack.adapters.fsutil import atomic_write_json, atomic_write_text
 from lorastack.train.config import ConfigError, TrainConfig, build_config, layer_count
-from lorastack.train.search import apply_params, check_paths
+from lorastack.train.search import apply_params, check_paths, current_values
 
 
 @dataclass
@@ -84,6 +84,10 @@ def tune(cfg: TrainConfig, *, trials: int, timeout_min: float | None = None,
         direction=direction, pruner=pruner,
         sampler=optuna.samplers.TPESampler(seed=search.seed,
                                            n_startup_trials=search.startup_trials))
+    if not study.trials:  # the first trial is the config as written, where it is in the space
+        first = current_values(raw, search.space, layers)
+        if first:
+            study.enqueue_trial(first, user_attrs={"from_config": True})
     _requeue_interrupted(study)
     finished = [t for t in study.trials if t.state.is_finished()
                 and t.state != optuna.trial.TrialState.FAIL]

@@ -32,6 +32,9 @@ def test_study_writes_the_best_config_adapter_table_and_plots(tiny_config, tmp_p
     summary = json.loads((tune_dir / "summary.json").read_text())
     assert summary["trials"] == 3 and summary["complete"] + summary["pruned"] == 3
     assert (tune_dir / "study.db").is_file() and (tune_dir / "history.png").stat().st_size > 0
+    # the first trial is the config as written (its values lie in the space)
+    first = next(r for r in summary["table"] if r["trial"] == 0)
+    assert first["params"] == {"training.lr": 5e-3, "lora.r": 4, "lora.top_layers": 2}
     values = [r["value"] for r in summary["table"] if r["state"] == "complete"]
     assert values == sorted(values, reverse=True) and result.best_value == values[0]
     # the best config is a runnable config with the best trial's values and the user's name
