@@ -93,8 +93,9 @@ class SearchConfig(BaseModel):
     startup_trials: int = Field(4, ge=0)
     """Trials drawn at random before TPE models the space, and before the pruner may stop
     any trial."""
-    warmup_evaluations: int = Field(1, ge=0)
-    """Evaluations of a trial before the pruner may stop it."""
+    warmup_evaluations: int = Field(1, ge=1)
+    """The pruner may stop a trial from this evaluation of it on (1: already at the first,
+    which stops the trials that collapse onto one label at once)."""
     seed: int = 0
     """Seed of the sampler: the same study draws the same trials."""
 
