@@ -117,6 +117,8 @@ def run(args) -> None:
             test = evaluate_adapter(config, store=store_root, limit=limit)
         summary = _run_summary(runs_dir, config, dict(adapter.manifest.metrics.test))
         search = _search_summary(runs_dir, config, dict(adapter.manifest.metrics.test))
+        if search and "per_class" not in test:  # the search's record keeps every label's F1
+            test = {**search["best"]["test"], **test}
         found[task] = {"adapter": config, "test": test, "quantization":
                        adapter.manifest.training.get("quantization"),
                        "temperature": adapter.manifest.temperature, "search": search,

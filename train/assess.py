@@ -110,6 +110,7 @@ def calibrate_adapter(name: str, *, store: str | Path | None = None,
     from lorastack.adapters.manifest import Metrics
     from lorastack.train.calibration import calibrated_metrics
     from lorastack.train.examples import encode_records
+    from lorastack.train.run import manifest_numbers
 
     adapters = AdapterStore(store)
     adapter = adapters.resolve(name)
@@ -132,8 +133,7 @@ def calibrate_adapter(name: str, *, store: str | Path | None = None,
     metrics, temperature = calibrated_metrics(model, fmt, val, test, plot=plot, title=name)
 
     def numbers(split: str) -> dict[str, float]:
-        new = {k: float(v) for k, v in metrics.get(split, {}).items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        new = manifest_numbers(metrics.get(split, {}))
         return {**getattr(manifest.metrics, split), **new}
 
     updated = manifest.replace(temperature=temperature, metrics=Metrics(

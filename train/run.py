@@ -275,8 +275,8 @@ def _export(cfg: TrainConfig, model, base, fmt, labels, metrics, train_records,
             labels=tuple(labels or ()), label_words=dict(cfg.task.label_words),
             temperature=temperature,
             examples=_examples(validation_records, cfg.data.text_field),
-            metrics=Metrics(validation=_numbers(metrics.get("validation", {})),
-                            test=_numbers(metrics.get("test", {}))),
+            metrics=Metrics(validation=manifest_numbers(metrics.get("validation", {})),
+                            test=manifest_numbers(metrics.get("test", {}))),
             training=cfg.model_dump(mode="json", exclude={"search"}),
             data_fingerprint=fingerprint_records(train_records),
             versions=library_versions())
@@ -289,9 +289,14 @@ def _examples(records: list[dict], field: str, n: int = 6) -> tuple[str, ...]:
     return tuple(t if len(t) <= 400 else t[:400].rsplit(" ", 1)[0] + " ..." for t in texts[:n])
 
 
-def _numbers(metrics: dict) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+def manifest_numbers(metrics: dict) -> dict[str, float]:
+    """An evaluation's numbers as the manifest keeps them: the scalars, and each label's F1 as
+    f1_<label>."""
+    out = {k: float(v) for k, v in metrics.items()
+           if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    out.update({f"f1_{label}": float(row["f1"])
+                for label, row in (metrics.get("per_class") or {}).items()})
+    return out
 
 
 def _as_config(cfg: TrainConfig | str | Path | dict) -> TrainConfig:

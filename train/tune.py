@@ -240,14 +240,14 @@ def _publish(cfg: TrainConfig, tune_store, name: str, best_raw: dict) -> tuple[P
     from lorastack.adapters.manifest import Metrics
     from lorastack.adapters.store import AdapterStore
     from lorastack.train.assess import evaluate_adapter
+    from lorastack.train.run import manifest_numbers
 
     test = {}
     if cfg.evaluate_test:
         print(f"evaluating the best trial's adapter on the test split ({name}) ...")
         test = evaluate_adapter(name, store=tune_store.root, split="test")
     adapter = tune_store.resolve(name)
-    numbers = {k: float(v) for k, v in test.items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    numbers = manifest_numbers(test)
     manifest = adapter.manifest.replace(
         name=cfg.name, training=best_raw,
         metrics=Metrics(validation=dict(adapter.manifest.metrics.validation), test=numbers))

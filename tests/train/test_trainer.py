@@ -48,6 +48,7 @@ def test_classification_run_writes_adapter_run_dir_and_metrics(tiny_config, tmp_
     assert summary["steps"] == 6 and summary["tokens_per_second"] > 0
     per_class = result.metrics["test"]["per_class"]
     assert set(per_class) == {"negative", "positive"}
+    assert m.metrics.test["f1_positive"] == per_class["positive"]["f1"]  # kept per label
     assert sum(map(sum, result.metrics["test"]["confusion"])) == 12
 
 
