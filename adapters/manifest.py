@@ -315,10 +315,11 @@ class AdapterManifest(_Part):
     # -- (de)serialisation -----------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        # prompt_format is written only when not "chat" (the default, and every manifest
-        # written before the field existed), so older manifests round-trip byte for byte
-        return self.model_dump(mode="json", exclude={"prompt_format"}
-                               if self.prompt_format == "chat" else None)
+        # fields added after format 1 are written only when not at their default (which every
+        # manifest written before them has), so older manifests round-trip byte for byte
+        later = {"prompt_format": "chat", "temperature": 1.0}
+        return self.model_dump(mode="json", exclude={k for k, v in later.items()
+                                                     if getattr(self, k) == v} or None)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"

@@ -245,3 +245,13 @@ def test_one_servability_rule_for_settings_and_adapters():
     assert unservable_lora(32, ["q_proj", "lm_head", "fc1"], True, ServingLimits(max_rank=16)) \
         == {"rank": 32, "target_modules": ["fc1", "lm_head"], "use_dora": True}
     assert unservable_lora(32, [], False, ServingLimits(max_rank=32)) == {}
+
+
+def test_a_calibrated_manifest_writes_and_reads_its_temperature():
+    manifest = AdapterManifest.from_json(json.dumps(WRITTEN_BEFORE))
+    assert manifest.temperature == 1.0 and "temperature" not in manifest.to_dict()
+    hot = manifest.replace(temperature=0.45)
+    assert hot.to_dict()["temperature"] == 0.45
+    assert AdapterManifest.from_json(hot.to_json()).temperature == 0.45
+    with pytest.raises(ManifestError, match="temperature"):
+        manifest.replace(temperature=0.0)
