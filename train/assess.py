@@ -85,12 +85,11 @@ def _evaluate(cfg: TrainConfig, base_path: Path, labels: list[str], data, split,
                         f"{cfg.task.target_field!r}; map it with --column "
                         f"{cfg.task.target_field}=COLUMN")
     if cfg.task.type == "classification":  # at the adapter's temperature, and as scored
-        temperature = manifest.temperature if manifest is not None else 1.0
+        from lorastack.train.calibration import metrics_at
+
         sums = ev.label_logprob_sums(model, fmt, examples, progress=True)
-        metrics, _ = ev.classification_from_scores(fmt, examples, sums, temperature)
-        raw, _ = ev.classification_from_scores(fmt, examples, sums, 1.0)
-        metrics.update(temperature=temperature, ece_uncalibrated=raw["ece"],
-                       nll_uncalibrated=raw["nll"])
+        metrics = metrics_at(fmt, examples, sums,
+                             manifest.temperature if manifest is not None else 1.0)[0]
     else:
         metrics, _ = ev.evaluate_generation(model, fmt, examples, cfg.task.max_new_tokens,
                                             progress=True)

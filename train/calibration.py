@@ -106,6 +106,19 @@ def plot_reliability(path: Path, curves: Mapping[str, tuple[list, list]], title:
     plt.close(fig)
 
 
+def metrics_at(fmt, examples: list, sums, temperature: float) -> tuple[dict, list, list]:
+    """Classification metrics at `temperature`, with the uncalibrated ECE and NLL beside them
+    (ece_uncalibrated, nll_uncalibrated); and the probabilities at `temperature` and as
+    scored."""
+    from lorastack.train import evaluate as ev
+
+    raw, raw_probs = ev.classification_from_scores(fmt, examples, sums, 1.0)
+    out, probs = ev.classification_from_scores(fmt, examples, sums, temperature)
+    out.update(temperature=temperature, ece_uncalibrated=raw["ece"],
+               nll_uncalibrated=raw["nll"])
+    return out, probs, raw_probs
+
+
 def calibrated_metrics(model, fmt, validation: list, test: list, *, fit: bool = True,
                        plot: Path | None = None, title: str = "") -> tuple[dict, float]:
     """{"validation": ..., "test": ...} metrics of a classification model at the temperature
@@ -122,11 +135,7 @@ def calibrated_metrics(model, fmt, validation: list, test: list, *, fit: bool = 
         sums = val_sums if split == "validation" else \
             ev.label_logprob_sums(model, fmt, examples, progress=True)
         truth = [fmt.labels[ex.label] for ex in examples]
-        raw, raw_probs = ev.classification_from_scores(fmt, examples, sums, 1.0)
-        out, probs = ev.classification_from_scores(fmt, examples, sums, temperature)
-        out.update(temperature=temperature, ece_uncalibrated=raw["ece"],
-                   nll_uncalibrated=raw["nll"])
-        metrics[split] = out
+        metrics[split], probs, raw_probs = metrics_at(fmt, examples, sums, temperature)
         curves[f"{split}, as scored"] = (raw_probs, truth)
         if temperature != 1.0:
             curves[f"{split}, T={temperature:.2f}"] = (probs, truth)
