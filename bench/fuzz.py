@@ -120,6 +120,9 @@ def main() -> None:
                                          "seed": args.seed, "label_sets": {
                                              k: v[0] or "the labels themselves"
                                              for k, v in LABEL_SETS.items()}})
+        if restarts or report["server_errors"]:  # what died, for whoever reads the result
+            report["engine_log"] = engine_errors(work / "gateway" / "vllm.log")
+            report["gateway_log"] = engine_errors(work / "gateway.log", ("died", "blamed"))
         plot(report, args.out)
         write_result("fuzz", report, args.out, setting="tiny" if args.tiny else "full")
     finally:
@@ -127,6 +130,15 @@ def main() -> None:
             gateway.stop()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def engine_errors(path, words=("Error", "Traceback", "fatal", "File \"")) -> list[str]:
+    """The lines of a server's log that tell why an engine died (the last 60 of them)."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError as exc:
+        return [f"(no log: {exc})"]
+    return [line[-400:] for line in lines if any(w in line for w in words)][-60:]
 
 
 def analyse(run, restarts: float, settings: dict) -> dict:

@@ -6,7 +6,9 @@ child and in any `vllm serve` where lorastack is installed.
 
 What it does: on the CPU platform, it points vLLM at `GroupedPunicaWrapperCPU`, whose LoRA ops
 run one matmul per adapter in the batch instead of gathering a weight matrix per token, and
-leave tokens without an adapter untouched (vLLM 0.32's CPU ops give them the last slot's LoRA).
+leave tokens without an adapter untouched (vLLM 0.32's CPU ops give them the last slot's LoRA);
+and it makes seeded sampling survive chunked prefill on the CPU (seeded.py: vLLM 0.32's engine
+dies there).
 It acts only on versions it was verified against and stands aside elsewhere, saying so.
 `LORASTACK_VLLM_PATCHES=0` turns it off.
 """
@@ -41,15 +43,20 @@ def install() -> str:
     if vllm.__version__ not in VERIFIED_VLLM:
         return (f"standing aside: vLLM {vllm.__version__} is not a version it was verified "
                 f"against ({', '.join(VERIFIED_VLLM)})")
+    from lorastack.serve.vllm_plugin import seeded
+
+    seeded_status = seeded.install()
     platform = type(current_platform)
     current = platform.get_punica_wrapper()
     if current == GROUPED_WRAPPER:
-        return "active (already installed): grouped CPU LoRA ops"
+        return f"active (already installed): grouped CPU LoRA ops; {seeded_status}"
     if current != CPU_WRAPPER:
-        return f"standing aside: the platform's punica wrapper is {current}, not {CPU_WRAPPER}"
+        return (f"standing aside: the platform's punica wrapper is {current}, not "
+                f"{CPU_WRAPPER}; {seeded_status}")
     platform.get_punica_wrapper = classmethod(
         lambda cls: GROUPED_WRAPPER)
-    return "active: grouped CPU LoRA ops (one matmul per adapter; no-LoRA rows untouched)"
+    return (f"active: grouped CPU LoRA ops (one matmul per adapter; no-LoRA rows untouched); "
+            f"{seeded_status}")
 
 
 def _logger() -> logging.Logger:

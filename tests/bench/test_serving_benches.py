@@ -115,4 +115,6 @@ def test_engine_tuning(tmp_path, tiny_store):
 def test_fuzz_kills_no_engine(tmp_path, tiny_store):
     data = run_bench("fuzz", tmp_path, tiny_store)
     assert sum(data["statuses"].values()) == 12
-    assert data["restarts"] == 0 and data["server_errors"] == 0, data["failures"]
+    assert data["restarts"] == 0 and data["server_errors"] == 0, "\n".join(
+        [*data["failures"], "vLLM's log:", *data.get("engine_log", []), "the gateway's log:",
+         *data.get("gateway_log", [])])
