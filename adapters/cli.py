@@ -143,6 +143,26 @@ def adapters_list(
     for p in problems:
         err_console.print(f"[yellow]skipped {escape(p.name)}:[/yellow] {escape(p.message)}",
                           soft_wrap=True)
+    if not as_json:
+        _print_ensembles(st.root)
+
+
+def _print_ensembles(root: Path) -> None:
+    """The store's ensembles, one line each (`lorastack ensemble` writes them)."""
+    from lorastack.adapters import ensembles
+    from lorastack.adapters.manifest import AdapterError
+
+    for name in ensembles.names(root):
+        try:
+            ens = ensembles.read(root, name)
+        except AdapterError as exc:
+            err_console.print(f"[yellow]skipped ensemble {escape(name)}:[/yellow] "
+                              f"{escape(str(exc))}", soft_wrap=True)
+            continue
+        members = ", ".join(f"{m} {w:.2f}" for m, w in ens.weights.items())
+        f1 = ens.metrics.test.get("macro_f1", ens.metrics.validation.get("macro_f1"))
+        console.print(f"ensemble {escape(name)}: {escape(members)}" +
+                      (f"; macro-F1 {f1:.3f}" if f1 is not None else ""), soft_wrap=True)
 
 
 def _adapter_row(a) -> dict[str, str]:
@@ -220,17 +240,23 @@ def adapters_show(name: str = typer.Argument(..., help="adapter name"),
 def adapters_rm(name: str = typer.Argument(..., help="adapter name"),
                 yes: bool = typer.Option(False, "--yes", "-y", help="do not ask"),
                 store: Path = StoreOption) -> None:
-    """Remove an adapter from the store."""
+    """Remove an adapter (or an ensemble) from the store."""
+    from lorastack.adapters import ensembles
     from lorastack.adapters.manifest import AdapterError
     from lorastack.adapters.store import AdapterStore
 
     st = AdapterStore(store)
     try:
         st.path(name)  # refuse a bad name before asking
-        if not yes and not typer.confirm(f"remove adapter {name!r} from {st.root}?"):
+        kind = "ensemble" if not st.exists(name) and name in ensembles.names(st.root) \
+            else "adapter"
+        if not yes and not typer.confirm(f"remove {kind} {name!r} from {st.root}?"):
             err_console.print("not removed")
             raise typer.Exit(1)
-        st.remove(name)
+        if kind == "ensemble":
+            ensembles.remove(st.root, name)
+        else:
+            st.remove(name)
     except AdapterError as exc:
         raise fail(exc) from exc
     console.print(f"removed {name}")

@@ -11,7 +11,9 @@ from lorastack.client import Classified, Client, GatewayError
 def prediction_markdown(models: list[str], answer: Classified) -> str:
     lines = [f"### Predicted: **{answer.label}** ({answer.confidence:.1%})",
              f"by `{' + '.join(models)}`" + (" (ensemble: the members' mean)"
-                                              if len(models) > 1 else "")]
+                                              if len(models) > 1 else
+                                              " (stored ensemble: its members' weighted mix)"
+                                              if answer.members else "")]
     for name, member in (answer.members or {}).items():
         lines.append(f"- `{name}`: {member.label} ({member.confidence:.1%})")
     return "\n\n".join(lines[:2]) + ("\n\n" + "\n".join(lines[2:]) if lines[2:] else "")

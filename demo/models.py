@@ -12,8 +12,10 @@ from lorastack.client import Adapters, ModelCard
 
 
 def model_choices(cards: list[ModelCard]) -> tuple[list[str], list[str]]:
-    """(classification adapters, every model) from GET /v1/models; the base model first."""
-    return [c.id for c in cards if c.task == "classification"], [c.id for c in cards]
+    """(classifiers, every model that generates) from GET /v1/models; the base model first.
+    A stored ensemble classifies only."""
+    return ([c.id for c in cards if c.task == "classification"],
+            [c.id for c in cards if not c.members])
 
 
 def keep(value, choices: list[str], default):
@@ -68,6 +70,8 @@ def models_table(cards: Sequence[ModelCard], status: Adapters | None = None) -> 
                  f"loaded ({len(loaded[name].loaded_on)} engine(s), "
                  f"{loaded[name].inflight} in flight)"
                  if name in loaded and loaded[name].loaded_on else "served (lazy)")
+        if card.members:
+            state = "ensemble of " + ", ".join(f"{m} ({w:.2f})" for m, w in card.members.items())
         rows.append({"name": name, "state": state, "task": card.task,
                      "base": card.parent or "", "labels": ", ".join(card.labels),
                      "validation": format_metrics(card.metrics.get("validation")),

@@ -15,6 +15,7 @@ from lorastack.serve.cli import serve_command
 from lorastack.train.cli import (
     calibrate_command,
     data_app,
+    ensemble_command,
     eval_command,
     train_command,
     tune_command,
@@ -35,6 +36,7 @@ app.command("train")(train_command)
 app.command("tune")(tune_command)
 app.command("eval")(eval_command)
 app.command("calibrate")(calibrate_command)
+app.command("ensemble")(ensemble_command)
 app.command("export")(export_command)
 app.command("plan")(plan_command)
 app.command("serve")(serve_command)

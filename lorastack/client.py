@@ -138,6 +138,7 @@ class ModelCard:
     lora: dict[str, Any] | None = None  # rank, alpha, target_modules
     created: int = 0  # epoch seconds
     max_model_len: int | None = None
+    members: dict[str, float] | None = None  # a stored ensemble's adapters and their weights
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -152,7 +153,8 @@ class ModelCard:
                    metrics={k: v for k, v in (card.get("metrics") or {}).items()
                             if v is not None},
                    lora=card.get("lora"), created=int(card.get("created") or 0),
-                   max_model_len=card.get("max_model_len"), raw=dict(card))
+                   max_model_len=card.get("max_model_len"), members=card.get("members"),
+                   raw=dict(card))
 
 
 @dataclass(frozen=True)

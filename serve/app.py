@@ -99,7 +99,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(UnknownModelError)
     async def unknown_model(_: Request, exc: UnknownModelError):
-        return _json_error(404, str(exc), "model_not_found", "model")
+        return _json_error(exc.status, str(exc), exc.code, "model")
 
     @app.exception_handler(EngineError)
     async def engine_error(_: Request, exc: EngineError):

@@ -133,6 +133,8 @@ class ModelCard(BaseModel):
     examples: list[Any] | None = Field(None, description="validation inputs to try")
     lora: LoraInfo | None = None
     metrics: dict[str, Any] | None = Field(None, description="validation and test metrics")
+    members: dict[str, float] | None = Field(
+        None, description="an ensemble's member adapters and their weights in its mixture")
 
 
 class ModelList(BaseModel):

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lorastack.adapters import ensembles
+from lorastack.adapters.ensembles import EnsembleManifest
 from lorastack.adapters.files import (
     CONFIG_FILE,
     EXPORT_FILE,
@@ -51,12 +53,25 @@ log = logging.getLogger("lorastack.serve")
 
 
 class UnknownModelError(LookupError):
-    """`model` names neither the base model nor a served adapter."""
+    """`model` names neither the base model nor a served adapter (404), or names an ensemble
+    where an adapter is needed (400)."""
+
+    status, code = 404, "model_not_found"
 
     def __init__(self, name: str, available: list[str], hint: str = "") -> None:
         self.name, self.available = name, available
         super().__init__(f"model {name!r} is not served here{hint}. Available: "
                          f"{', '.join(available) or 'none'} (GET /v1/models lists them)")
+
+
+class EnsembleOnlyClassifies(UnknownModelError):
+    status, code = 400, "ensemble_classifies_only"
+
+    def __init__(self, ensemble: EnsembleManifest) -> None:
+        self.name, self.available = ensemble.name, []
+        LookupError.__init__(self, f"{ensemble.name!r} is an ensemble of "
+                             f"{', '.join(ensemble.weights)}: it classifies (POST /v1/classify) "
+                             f"and does not generate; send one of its members instead")
 
 
 @dataclass(eq=False)
@@ -118,6 +133,8 @@ class Registry:
         self.draining: list[Served] = []
         self.disabled: set[str] = set()  # unloaded by hand: the watcher leaves them alone
         self.problems: dict[str, str] = {}  # store entries refused, and why
+        self.ensembles: dict[str, EnsembleManifest] = {}  # <name>.ensemble.json, read and checked
+        self._ensemble_stamps: dict[str, Any] = {}
         self._lock = asyncio.Lock()
         self._seen: StoreSnapshot | None = None
         self._rr = 0
@@ -129,6 +146,8 @@ class Registry:
 
     def get(self, name: str) -> Served:
         served = self.current.get(name)
+        if served is None and name in self.ensembles:
+            raise EnsembleOnlyClassifies(self.ensembles[name])
         if served is None:
             hint = (" (an admin unloaded it; POST /v1/adapters/load to serve it again)"
                     if name in self.disabled else "")
@@ -140,6 +159,28 @@ class Registry:
     @property
     def base_name(self) -> str:
         return self.base.name
+
+    def ensemble_members(self, name: str) -> EnsembleManifest | None:
+        """The ensemble `name`, with every member served in the version it was fitted with;
+        None when `name` is not an ensemble. Raises AdapterError naming a member that is not
+        served or changed since the fit."""
+        ensemble = self.ensembles.get(name)
+        if ensemble is None:
+            return None
+        for member in ensemble.members:
+            served = self.current.get(member.adapter)
+            if served is None:
+                why = self.problems.get(member.adapter, "it is not in the store or not served")
+                raise AdapterError(f"its member {member.adapter!r} cannot be served ({why})",
+                                   name, None, "put the member back, or fit the ensemble again "
+                                   "with `lorastack ensemble`")
+            if served.identity.rsplit("@", 1)[-1] != member.content_hash[7:23]:
+                raise AdapterError(f"its member {member.adapter!r} changed after the ensemble "
+                                   f"was fitted (it is now {served.identity}, the fit used "
+                                   f"{member.adapter}@{member.content_hash[7:23]})", name, None,
+                                   f"fit it again: lorastack ensemble {name} --members "
+                                   f"{' '.join(ensemble.weights)} --replace")
+        return ensemble
 
     def live_engines(self) -> list[Engine]:
         return [e for e in self.engines if e.up]
@@ -179,6 +220,40 @@ class Registry:
             except EngineError as exc:
                 self.problems[name] = str(exc)
                 log.warning("could not load %s into vLLM: %s", name, exc)
+        await asyncio.to_thread(self._refresh_ensembles)
+
+    def _refresh_ensembles(self) -> None:
+        """Read the store's ensemble files that are new or changed; forget removed ones."""
+        root = self.store.root
+        stamps = {n: ensembles.stamp(root, n) for n in ensembles.names(root)}
+        for name in set(self.ensembles) | set(self._ensemble_stamps):
+            if name not in stamps:
+                self.ensembles.pop(name, None)
+                self.problems.pop(name, None)
+                log.info("stopped serving ensemble %s", name)
+        for name, stamp in stamps.items():
+            if self._ensemble_stamps.get(name) == stamp:
+                continue
+            try:
+                if (root / name).exists():
+                    raise AdapterError("an adapter of the same name is in the store, and it is "
+                                       "what this name serves", name,
+                                       ensembles.path_of(root, name), "rename one of them")
+                ensemble = ensembles.read(root, name)
+                if ensemble.base_fingerprint != self.base.fingerprint:
+                    raise AdapterError(f"it was fitted on another base model "
+                                       f"({ensemble.base_model}, {ensemble.base_fingerprint[:19]})",
+                                       name, ensembles.path_of(root, name),
+                                       "serve it with the base its members were trained on")
+            except AdapterError as exc:
+                self.ensembles.pop(name, None)
+                self.problems[name] = str(exc)
+                log.warning("not serving ensemble %s: %s", name, exc)
+                continue
+            self.problems.pop(name, None)
+            self.ensembles[name] = ensemble
+            log.info("serving ensemble %s of %s", name, ", ".join(ensemble.weights))
+        self._ensemble_stamps = stamps
 
     async def add(self, name: str, *, eager: bool = False) -> Served:
         """Validate, snapshot and serve the store's adapter `name` (replacing a served version).

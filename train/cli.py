@@ -198,6 +198,8 @@ def tune_command(
                                 "last checkpoint"),
     set_: list[str] = typer.Option(  # noqa: B008 (typer's idiom)
         [], "--set", help="override a setting: section.key=value (repeatable)"),
+    ensemble: int = typer.Option(0, "--ensemble", metavar="K", help="also publish the top K "
+                                 "trials and fit them as one ensemble, <name>-ensemble"),
 ) -> None:
     """Search hyperparameters with Optuna; the best adapter goes into the store."""
     from lorastack.adapters.manifest import AdapterError
@@ -207,9 +209,14 @@ def tune_command(
 
     try:
         cfg = load_config(config, set_)
-        result = tune(cfg, trials=trials, timeout_min=timeout, resume=resume)
+        if ensemble == 1 or ensemble < 0:
+            raise ConfigError(f"--ensemble K needs K >= 2 members, got {ensemble}")
+        result = tune(cfg, trials=trials, timeout_min=timeout, resume=resume,
+                      ensemble=ensemble)
     except (ConfigError, data.DataError, AdapterError, ModelError) as exc:
         raise fail(exc) from exc
+    if result.ensemble is not None:
+        _ensemble_table(result.ensemble)
     console.print(f"best trial: validation {result.summary['metric']}="
                   f"{result.best_value:.4f}; config {result.best_config}; "
                   + (f"adapter [bold]{cfg.name}[/bold] in {result.adapter_dir}"
@@ -243,3 +250,48 @@ def calibrate_command(
                           f"{m['nll_uncalibrated']:.4f}", f"{m['nll']:.4f}")
     console.print(table)
     console.print(f"reliability diagram: {result['plot']}")
+
+
+def ensemble_command(
+    name: str = typer.Argument(..., help="the ensemble's name (not an adapter's)"),
+    members: list[str] = typer.Option(  # noqa: B008 (typer's idiom)
+        ..., "--members", "-m", help="classification adapters of one label set, trained on the "
+        "same data (repeat the option, or give several)"),
+    store: str = typer.Option(None, help="adapter store directory"),
+    replace: bool = typer.Option(False, "--replace", help="fit an existing ensemble again"),
+    runs_dir: str = typer.Option("runs", "--runs-dir", help="where reliability.png goes "
+                                 "(<runs-dir>/<name>/)"),
+) -> None:
+    """Fit an ensemble of classification adapters on their validation split (mixture weights,
+    then a temperature) and store it; the gateway serves it under its name."""
+    from lorastack.adapters.manifest import AdapterError
+    from lorastack.adapters.models import ModelError
+    from lorastack.train.config import ConfigError
+    from lorastack.train.ensemble import build_ensemble
+
+    try:
+        result = build_ensemble(name, members, store=store, replace=replace, runs_dir=runs_dir)
+    except (ConfigError, data.DataError, AdapterError, ModelError) as exc:
+        raise fail(exc) from exc
+    _ensemble_table(result)
+
+
+def _ensemble_table(result: dict) -> None:
+    """The ensemble against each of its members, on validation and test."""
+    table = Table(title=escape(f"ensemble {result['name']}: temperature "
+                               f"{result['temperature']:.3f}"))
+    for col in ("model", "weight", "val macro-F1", "test macro-F1", "test accuracy", "test ECE"):
+        table.add_column(col, justify="right" if col != "model" else "left")
+
+    def cells(m: dict) -> list[str]:
+        val, test = m.get("validation", {}), m.get("test", {})
+        return [f"{val.get('macro_f1', float('nan')):.4f}",
+                f"{test.get('macro_f1', float('nan')):.4f}" if test else "-",
+                f"{test.get('accuracy', float('nan')):.4f}" if test else "-",
+                f"{test.get('ece', float('nan')):.4f}" if test else "-"]
+
+    table.add_row(escape(result["name"]), "1", *cells(result["metrics"]))
+    for member, weight in result["weights"].items():
+        table.add_row(escape(member), f"{weight:.3f}", *cells(result["members"][member]))
+    console.print(table)
+    console.print(f"written to {result['path']}; reliability diagram: {result['plot']}")

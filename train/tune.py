@@ -41,11 +41,14 @@ class TuneResult:
     best_config: Path
     adapter_dir: Path | None
     summary: dict[str, Any]
+    ensemble: dict[str, Any] | None = None
 
 
 def tune(cfg: TrainConfig, *, trials: int, timeout_min: float | None = None,
-         resume: bool = False) -> TuneResult:
-    """Run (or `resume`) the search until `trials` trials are done or `timeout_min` passes."""
+         resume: bool = False, ensemble: int = 0) -> TuneResult:
+    """Run (or `resume`) the search until `trials` trials are done or `timeout_min` passes.
+    With `ensemble` K >= 2, the top K trials are also published and fitted as one ensemble,
+    <name>-ensemble (train/ensemble.py)."""
     import optuna
     from tqdm.auto import tqdm
 
@@ -131,7 +134,46 @@ def tune(cfg: TrainConfig, *, trials: int, timeout_min: float | None = None,
                        timeout=None if deadline is None else max(1.0, deadline - time.monotonic()),
                        callbacks=[progress], catch=(ConfigError,), gc_after_trial=True)
     bar.close()
-    return _finish(cfg, study, tune_dir, raw, layers, metric)
+    result = _finish(cfg, study, tune_dir, raw, layers, metric)
+    if ensemble >= 2:
+        result.ensemble = _ensemble(cfg, study, tune_dir, raw, layers, ensemble)
+        result.summary["ensemble"] = {k: result.ensemble[k] for k in (
+            "name", "weights", "temperature", "metrics", "members")}
+        atomic_write_json(tune_dir / "summary.json", result.summary)
+    return result
+
+
+def _ensemble(cfg: TrainConfig, study, tune_dir: Path, raw: dict, layers: int | None,
+              k: int) -> dict[str, Any]:
+    """The top `k` finished trials as adapters of the user's store (the best under the config's
+    name, as _finish wrote it; the others as <name>-trial<N>), fitted as one ensemble."""
+    import optuna
+
+    from lorastack.adapters.store import AdapterStore
+    from lorastack.train.ensemble import build_ensemble
+
+    tune_store, store = AdapterStore(tune_dir / "store"), AdapterStore(cfg.store)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE
+                and t.user_attrs.get("adapter") and tune_store.exists(t.user_attrs["adapter"])]
+    complete.sort(key=lambda t: t.value, reverse=study.direction.name == "MAXIMIZE")
+    if len(complete) < 2:
+        raise ConfigError(f"--ensemble {k}: only {len(complete)} trial(s) finished with an "
+                          "adapter; an ensemble needs at least 2 (run more trials)")
+    if len(complete) < k:
+        print(f"--ensemble {k}: only {len(complete)} trials finished; the ensemble has "
+              f"{len(complete)} members")
+    members = [cfg.name]
+    for trial in complete[1:k]:
+        name = f"{cfg.name}-trial{trial.number}"
+        adapter = tune_store.resolve(trial.user_attrs["adapter"])
+        trial_raw = apply_params(raw, trial.params, layers)
+        trial_raw.update(name=name, store=cfg.store, runs_dir=cfg.runs_dir)
+        store.write(name, adapter.path, adapter.manifest.replace(name=name, training=trial_raw),
+                    replace=True)
+        members.append(name)
+    print(f"fitting the ensemble {cfg.name}-ensemble of {', '.join(members)} on validation ...")
+    return build_ensemble(f"{cfg.name}-ensemble", members, store=cfg.store, replace=True,
+                          runs_dir=cfg.runs_dir)
 
 
 def _run_trial(trial, cfg: TrainConfig, metric: str, deadline: float | None) -> float:

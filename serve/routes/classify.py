@@ -7,7 +7,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 
+from lorastack.adapters import ensembles
 from lorastack.adapters import labels as label_scoring
+from lorastack.adapters.ensembles import EnsembleManifest
+from lorastack.adapters.manifest import AdapterError
 from lorastack.serve.crashes import shape_of
 from lorastack.serve.protocol import (
     ApiError,
@@ -33,14 +36,15 @@ async def classify(request: Request, gw: GatewayDep, req: Body) -> ClassifyRespo
     if len(req.records) > s.max_batch:
         raise ApiError(400, f"{len(req.records)} inputs is over the batch limit {s.max_batch}; "
                        f"split the request", "batch_too_large", "input")
-    for name in req.models:
+    models, ensemble = _expand(reg, req.models)
+    for name in models:
         if name == reg.base_name and reg.merged is None:  # served, but it has no label set
             raise ApiError(400, f"{name!r} is the base model, which has no labels; /v1/classify "
                            f"needs a classification adapter (GET /v1/models lists them)",
                            "not_a_classifier", "model")
     # 404 with the available names; the base when it is a merged classifier (lorastack export)
     members = [reg.merged if name == reg.base_name and reg.merged else reg.get(name)
-               for name in req.models]
+               for name in models]
     for served in members:
         if served.manifest.task != "classification":
             raise ApiError(400, f"{served.name!r} is a {served.manifest.task} adapter; "
@@ -73,22 +77,42 @@ async def classify(request: Request, gw: GatewayDep, req: Body) -> ClassifyRespo
         gw.metrics.adapter_requests.labels(name).inc()
         return answer
 
-    answers = await asyncio.gather(*(replayable(name) for name in req.models))
+    answers = await asyncio.gather(*(replayable(name) for name in models))
     tokens = sum(t for t, _ in answers)
     gw.metrics.tokens.labels(request.state.model, "prompt").inc(tokens)
     data = []
     for i in range(len(req.records)):
         per_member = {name: {lab: probs[i][lab] for lab in labels}
-                      for name, (_, probs) in zip(req.models, answers, strict=True)}
-        probs = label_scoring.ensemble(list(per_member.values()))
+                      for name, (_, probs) in zip(models, answers, strict=True)}
+        probs = ensembles.mixture(per_member, ensemble.weights, ensemble.temperature) \
+            if ensemble is not None else label_scoring.ensemble(list(per_member.values()))
         ranked = sorted(labels, key=lambda lab: -probs[lab])[:req.top_k or len(labels)]
         data.append(Classification(
             index=i, label=label_scoring.predict(probs), probabilities=probs,
             top=[LabelScore(label=lab, probability=probs[lab]) for lab in ranked],
             members={name: MemberAnswer(label=label_scoring.predict(p), probabilities=p)
-                     for name, p in per_member.items()} if len(req.models) > 1 else None))
+                     for name, p in per_member.items()} if len(models) > 1 else None))
     return ClassifyResponse(model=request.state.model, labels=labels, data=data,
                             usage=ClassifyUsage(prompt_tokens=tokens, total_tokens=tokens))
+
+
+def _expand(reg, names: list[str]) -> tuple[list[str], EnsembleManifest | None]:
+    """The adapters to score: the request's, or a stored ensemble's members (with it)."""
+    found = [n for n in names if n in reg.ensembles and n not in reg.current]
+    if not found:
+        return names, None
+    if len(names) > 1:
+        members = ", ".join(reg.ensembles[found[0]].weights)
+        raise ApiError(400, f"{found[0]!r} is a stored ensemble: request it alone (model: "
+                       f"{found[0]!r}), or list its members ({members}) with the other "
+                       f"adapters", "ensemble_in_ensemble", "model")
+    try:
+        ensemble = reg.ensemble_members(found[0])
+    except AdapterError as exc:
+        raise ApiError(503, f"ensemble {found[0]!r} cannot be served now: {exc}",
+                       "ensemble_unavailable", "model") from None
+    assert ensemble is not None
+    return [m.adapter for m in ensemble.members], ensemble
 
 
 def _check_fields(served, records: list[dict[str, str]]) -> None:

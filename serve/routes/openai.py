@@ -65,7 +65,23 @@ async def list_models(gw: GatewayDep) -> ModelList:
             lora=LoraInfo(rank=m.lora.rank, alpha=m.lora.alpha,
                           target_modules=list(m.lora.target_modules)),
             metrics={"validation": m.metrics.validation, "test": m.metrics.test}))
+    for name, ens in sorted(reg.ensembles.items()):
+        if name in reg.current:
+            continue  # an adapter of that name wins (the registry reports the clash)
+        cards.append(card(
+            id=name, created=_epoch(ens.created_at), root=name, parent=reg.base_name,
+            task="classification", labels=list(ens.labels),
+            examples=_ensemble_examples(reg, ens), members=ens.weights,
+            metrics={"validation": ens.metrics.validation, "test": ens.metrics.test}))
     return ModelList(object="list", data=cards)
+
+
+def _ensemble_examples(reg, ensemble) -> list:
+    """Inputs to try: its first served member's."""
+    for member in ensemble.members:
+        if member.adapter in reg.current:
+            return list(reg.current[member.adapter].manifest.examples)
+    return []
 
 
 @router.post("/v1/completions", response_class=Response, responses=_ANSWERS,

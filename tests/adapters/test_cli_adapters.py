@@ -196,3 +196,22 @@ def test_import_errors_are_printed_not_raised(store, tmp_path, fake, base_dir):
     uncached = run("import", str(fresh), "--name", "x", "--task", "generation",
                    "--store", str(store.root))  # the default base is not cached in this home
     assert failed_cleanly(uncached) and "lorastack models pull smollm2-135m" in uncached.flat
+
+
+def test_list_shows_ensembles_and_rm_removes_one(store, add_adapter):
+    from lorastack.adapters import ensembles
+
+    a, b = add_adapter("reviews"), add_adapter("reviews-2")
+    m = a.manifest
+    ensembles.write(store.root, ensembles.EnsembleManifest(
+        name="pair", labels=m.labels, base_model=m.base_model,
+        base_fingerprint=m.base_fingerprint, metrics=Metrics(test={"macro_f1": 0.5}),
+        members=(ensembles.Member(adapter="reviews", weight=0.7, content_hash=a.content_hash()),
+                 ensembles.Member(adapter="reviews-2", weight=0.3,
+                                  content_hash=b.content_hash()))))
+    listed = run("list", "--store", str(store.root))
+    assert listed.exit_code == 0, listed.output
+    assert "ensemble pair: reviews 0.70, reviews-2 0.30; macro-F1 0.500" in listed.flat
+    removed = run("rm", "pair", "--yes", "--store", str(store.root))
+    assert removed.exit_code == 0 and "removed pair" in removed.output, removed.output
+    assert ensembles.names(store.root) == [] and store.exists("reviews")

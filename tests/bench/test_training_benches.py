@@ -87,7 +87,9 @@ def test_quality_reports_adapters_and_baselines(results):
     calibration = data["tables"][1]["rows"]
     assert calibration[0][1] == f"{cls['test']['ece_uncalibrated']:.3f}"
     assert [g["goal"].split(" ")[0] for g in data["goals"]] == ["sentiment", "neutral",
-                                                                 "expected", "search"]
+                                                                 "expected", "ensemble", "search"]
+    # no search here, so no ensemble of its trials: not measured, and it says how to measure it
+    assert data["goals"][3]["value"] is None and "tune --ensemble" in data["goals"][3]["note"]
     assert data["goals"][0]["value"] == cls["test"]["macro_f1"]
     assert data["goals"][1]["value"] == cls["test"]["per_class"]["neutral"]["f1"]
 

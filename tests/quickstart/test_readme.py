@@ -22,7 +22,7 @@ import pytest
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 README = Path(__file__).resolve().parents[2] / "README.md"
-FENCE = re.compile(r"(?:<!-- needs: (?P<needs>[\w-]+) -->\s*\n)?^```(?P<lang>\w*)\n"
+FENCE = re.compile(r"(?:<!-- needs: (?P<needs>[\w:-]+) -->\s*\n)?^```(?P<lang>\w*)\n"
                    r"(?P<code>.*?)^```", re.DOTALL | re.MULTILINE)
 SERVER = re.compile(r"(?:http://)?(?:localhost|127\.0\.0\.1):8000")
 
@@ -62,7 +62,7 @@ def test_the_readme_has_examples_of_every_kind():
     assert len(curls) >= 8 and len(served_python) >= 2, (len(curls), len(served_python))
     # every adapter the README calls is the quickstart's, or one it says how to train
     names = set(re.findall(r'"(reviews-[\w-]+)"', README.read_text()))
-    needed = {b.needs for b in found if b.needs}
+    needed = {b.needs.removeprefix("ensemble:") for b in found if b.needs}
     assert names <= {"reviews-classify", "reviews-condition"} | needed, names
 
 
@@ -78,7 +78,9 @@ def test_curl_and_python_examples_run_against_the_quickstart(quickstart, tmp_pat
     host = quickstart.url.removeprefix("http://")
     ran = 0
     for block in served:
-        if block.needs and block.needs not in quickstart.store.names():
+        if block.needs and block.needs.startswith("ensemble:"):
+            _store_ensemble(quickstart, block.needs.removeprefix("ensemble:"))
+        elif block.needs and block.needs not in quickstart.store.names():
             quickstart.store.copy("reviews-classify", block.needs)
             _wait_served(quickstart.url, block.needs)
         if block.lang == "bash":
@@ -139,6 +141,26 @@ def test_lorastack_commands_exist_with_the_flags_shown():
                                             f"`lorastack {' '.join(verbs)} --help`"
             checked += 1
     assert checked >= 10
+
+
+def _store_ensemble(quickstart, name: str) -> None:
+    """`<!-- needs: ensemble:NAME -->`: an ensemble NAME of the quickstart classifier and its
+    copy reviews-classify-2 (what `lorastack tune --ensemble` or `lorastack ensemble` would
+    fit; here with plain weights, as fitting takes minutes)."""
+    from lorastack.adapters import ensembles
+
+    store = quickstart.store
+    if "reviews-classify-2" not in store.names():
+        store.copy("reviews-classify", "reviews-classify-2")
+    if name in ensembles.names(store.root):
+        return
+    first = store.resolve("reviews-classify").manifest
+    ensembles.write(store.root, ensembles.EnsembleManifest(
+        name=name, labels=first.labels, base_model=first.base_model,
+        base_fingerprint=first.base_fingerprint, members=tuple(
+            ensembles.Member(adapter=n, weight=0.5, content_hash=store.resolve(n).content_hash())
+            for n in ("reviews-classify", "reviews-classify-2"))))
+    _wait_served(quickstart.url, name)
 
 
 def _wait_served(url: str, name: str, timeout: float = 30) -> None:

@@ -57,12 +57,13 @@ def server(tmp_path_factory, base_model):
     root = tmp_path_factory.mktemp("serving")
     _train(root, "cls-a", CLS_TASK)
     _train(root, "cls-b", CLS_TASK, seed=1, lr=3e-3)
+    _train(root, "cls-c", CLS_TASK, lr=3e-3)  # cls-a's data and split: an ensemble with it
     _train(root, "cls-multi", MULTI_TASK, seed=2, lr=3e-3)
     _train(root, "gen", {"type": "generation", "prompt": "{text}", "target_field": "condition",
                          "system": "Name the condition treated.", "max_new_tokens": 4},
            data={**DATA, "limit_eval": 3}, lr=5e-3, max_steps=3, eval_every=3, save_every=3)
     staging, store = AdapterStore(root / "staging"), AdapterStore(root / "served")
-    for name in ("cls-a", "cls-b", "cls-multi", "gen"):
+    for name in ("cls-a", "cls-b", "cls-c", "cls-multi", "gen"):
         staging.copy(name, name, into=store)
     sock = listening_socket()
     port = sock.getsockname()[1]
@@ -217,6 +218,52 @@ def test_classify_matches_the_trainers_evaluation(server):
     for got, want in zip(served, reference):
         assert got["probabilities"] == pytest.approx(want, abs=1e-3 / min(1.0, temperature))
     print(f"\nserved {served[0]['probabilities']}\ntrainer {reference[0]}")
+
+
+def test_stored_ensemble_is_fitted_served_and_refused_when_a_member_changes(server, tmp_path):
+    from lorastack.adapters import ensembles
+    from lorastack.train.ensemble import build_ensemble
+
+    result = build_ensemble("cls-ens", ["cls-a", "cls-c"], store=server.store.root,
+                            runs_dir=tmp_path)
+    assert sum(result["weights"].values()) == pytest.approx(1.0, abs=1e-9)
+    assert set(result["members"]) == {"cls-a", "cls-c"} and result["metrics"]["validation"]
+    assert (tmp_path / "cls-ens" / "reliability.png").stat().st_size > 1000
+    assert wait_for(lambda: "cls-ens" in server.gw.reg.ensembles, 10)
+    ens = ensembles.read(server.store.root, "cls-ens")
+    cards = {c["id"]: c for c in server.client.get("/v1/models").json()["data"]}
+    assert cards["cls-ens"]["task"] == "classification"
+    assert cards["cls-ens"]["members"] == ens.weights == result["weights"]
+    served = classify(server, "cls-ens", TEXTS)
+    assert served["model"] == "cls-ens" and served["labels"] == list(ens.labels)
+    apart = classify(server, ["cls-a", "cls-c"], TEXTS)  # the members as served, one by one
+    for got, item in zip(served["data"], apart["data"], strict=True):
+        assert set(got["members"]) == {"cls-a", "cls-c"}
+        want = ensembles.mixture({n: m["probabilities"] for n, m in item["members"].items()},
+                                 ens.weights, ens.temperature)
+        assert got["probabilities"] == pytest.approx(want, abs=1e-6)
+    # and what the trainer computes for the same mixture, members at their temperatures
+    trainer = ensembles.mixture_rows({n: trainer_probabilities(server.store.path(n), TEXTS)
+                                      for n in ("cls-a", "cls-c")}, ens.weights, ens.temperature)
+    coldest = min([ens.temperature, *(server.store.resolve(n).manifest.temperature
+                                      for n in ("cls-a", "cls-c"))])
+    for got, want in zip(served["data"], trainer, strict=True):
+        assert got["probabilities"] == pytest.approx(want, abs=2e-3 / min(1.0, coldest) ** 2)
+    r = server.client.post("/v1/completions", json={"model": "cls-ens", "prompt": "Hi",
+                                                    "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "ensemble_classifies_only", r.text
+    r = server.client.post("/v1/classify", json={"model": ["cls-ens", "cls-a"], "input": "ok"})
+    assert r.status_code == 400 and "request it alone" in r.text, r.text
+    # a member replaced after the fit: refused, naming it, until the ensemble is fitted again
+    before = server.gw.reg.current["cls-c"].identity
+    server.store.copy("cls-b", "cls-c", replace=True)
+    assert wait_for(lambda: server.gw.reg.current["cls-c"].identity != before, 10)
+    r = server.client.post("/v1/classify", json={"model": "cls-ens", "input": "ok"})
+    assert r.status_code == 503 and "'cls-c' changed after the ensemble was fitted" in r.text
+    ensembles.remove(server.store.root, "cls-ens")
+    assert wait_for(lambda: "cls-ens" not in server.gw.reg.ensembles, 10)
+    ids = [c["id"] for c in server.client.get("/v1/models").json()["data"]]
+    assert "cls-ens" not in ids and "cls-c" in ids
 
 
 def test_multi_token_labels_match_the_trainer_and_the_engine_lives(server):

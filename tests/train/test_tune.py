@@ -110,3 +110,40 @@ def test_search_section_is_validated_with_the_config(tiny_config):
     raw["search"] = {"space": {"lora.layers": {"choices": [None, [0, 1]]}}}
     assert build_config(raw).search.space["lora.layers"].choices == [None, [0, 1]]
     assert yaml.safe_dump(build_config(raw).model_dump(mode="json"))
+
+
+def test_ensemble_of_the_top_trials_is_fitted_and_stored(tiny_config, tmp_path, capsys):
+    from lorastack.adapters import ensembles
+
+    result = tune(_cfg(tiny_config, pruner="none"), trials=3, ensemble=2)
+    store = tmp_path / "store"
+    ens = ensembles.read(store, "tiny-sentiment-ensemble")
+    ranked = [r for r in result.summary["table"] if r["state"] == "complete"]
+    second = f"tiny-sentiment-trial{ranked[1]['trial']}"
+    assert list(ens.weights) == ["tiny-sentiment", second]
+    assert sum(ens.weights.values()) == pytest.approx(1.0, abs=1e-9) and ens.temperature > 0
+    # pinned to the members as they are in the user's store
+    assert [m.content_hash for m in ens.members] == [
+        AdapterStore(store).resolve(n).content_hash() for n in ens.weights]
+    assert ens.metrics.test["n"] == 12 and "macro_f1" in ens.metrics.validation
+    summary = json.loads((tmp_path / "runs" / "tiny-sentiment-tune" / "summary.json").read_text())
+    assert summary["ensemble"]["weights"] == ens.weights
+    assert set(summary["ensemble"]["members"]) == set(ens.weights)
+    assert (tmp_path / "runs" / "tiny-sentiment-ensemble" / "reliability.png").is_file()
+    assert "fitting the ensemble tiny-sentiment-ensemble" in capsys.readouterr().out
+
+
+def test_a_member_on_other_validation_data_is_refused(tiny_config, tmp_path):
+    from lorastack.train import train
+    from lorastack.train.data import DataError
+    from lorastack.train.ensemble import build_ensemble
+
+    raw = dict(tiny_config)
+    raw["training"] = {**raw["training"], "max_steps": 2, "eval_every": 2, "save_every": 2}
+    train(build_config(raw))
+    train(build_config({**raw, "name": "other-split",  # selected on the test file
+                        "data": {**raw["data"], "validation": raw["data"]["test"]}}))
+    with pytest.raises(DataError, match="different validation data"):
+        build_ensemble("ens", ["tiny-sentiment", "other-split"], store=tmp_path / "store")
+    with pytest.raises(DataError, match="at least two different members"):
+        build_ensemble("ens", ["tiny-sentiment", "tiny-sentiment"], store=tmp_path / "store")
