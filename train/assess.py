@@ -124,7 +124,9 @@ def calibrate_adapter(name: str, *, store: str | Path | None = None,
     base = resolve_base(manifest.base_model)
     check_base(manifest, base.fingerprint, adapter.path / "manifest.json")
     model, fmt = _load_model(cfg, base.path, list(manifest.labels), adapter.path, manifest)
-    splits = config_splits(cfg)
+    from lorastack.train.run import trained_splits
+
+    splits = trained_splits(cfg)  # the validation its run fitted on
     val = encode_records(fmt, splits.validation, "validation").examples
     test = encode_records(fmt, splits.test, "test").examples if cfg.evaluate_test else []
     plot = Path(runs_dir) / name / "reliability.png"

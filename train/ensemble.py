@@ -56,7 +56,7 @@ def build_ensemble(name: str, members: list[str], *, store: str | Path | None = 
     from lorastack.train.assess import _load_model, config_from_manifest
     from lorastack.train.calibration import fit_temperature, plot_reliability
     from lorastack.train.examples import encode_records
-    from lorastack.train.run import config_splits, manifest_numbers
+    from lorastack.train.run import manifest_numbers, trained_splits
 
     adapters = AdapterStore(store)
     if len(members) < 2 or len(set(members)) != len(members):
@@ -85,7 +85,7 @@ def build_ensemble(name: str, members: list[str], *, store: str | Path | None = 
         if not trained:
             raise DataError(f"{m.name!r} was imported: lorastack does not know its validation "
                             "data, so it cannot fit an ensemble's weights with it")
-        splits = config_splits(cfg)
+        splits = trained_splits(cfg)  # the records its run selected and tested on
         if val_records is None:
             val_records, test_records = splits.validation, splits.test
             where = f"{cfg.data.source} validation ({len(val_records)} examples)"

@@ -113,12 +113,7 @@ def _train(cfg: TrainConfig, base, dist, device, t_start: float, resume: bool,
     # 1. the base model's tokenizer; the data, as token examples
     tokenizer = load_tokenizer(base.path)
     d = cfg.data
-    splits = config_splits(cfg)
-    if d.limit_train:
-        splits.train = splits.train[:d.limit_train]
-    if d.limit_eval:
-        splits.validation = splits.validation[:d.limit_eval]
-        splits.test = splits.test[:d.limit_eval]
+    splits = trained_splits(cfg)
     labels = None
     if cfg.task.type == "classification":
         labels = cfg.task.labels or infer_labels(splits.train, cfg.task.label_field)
@@ -248,6 +243,18 @@ def config_splits(cfg: TrainConfig, columns: dict | None = None):
                        validation_fraction=d.validation_fraction, seed=cfg.training.seed,
                        stratify=cfg.task.label_field if cfg.task.type == "classification"
                        else None)
+
+
+def trained_splits(cfg: TrainConfig):
+    """config_splits as a run uses them: cut to data.limit_train and data.limit_eval."""
+    d = cfg.data
+    splits = config_splits(cfg)
+    if d.limit_train:
+        splits.train = splits.train[:d.limit_train]
+    if d.limit_eval:
+        splits.validation = splits.validation[:d.limit_eval]
+        splits.test = splits.test[:d.limit_eval]
+    return splits
 
 
 def _export(cfg: TrainConfig, model, base, fmt, labels, metrics, train_records,
