@@ -281,7 +281,7 @@ def _ensemble_table(result: dict) -> None:
     table = Table(title=escape(f"ensemble {result['name']}: temperature "
                                f"{result['temperature']:.3f}"))
     for col in ("model", "weight", "val macro-F1", "test macro-F1", "test accuracy", "test ECE"):
-        table.add_column(col, justify="right" if col != "model" else "left")
+        table.add_column(col, justify="right" if col != "model" else "left", overflow="fold")
 
     def cells(m: dict) -> list[str]:
         val, test = m.get("validation", {}), m.get("test", {})
