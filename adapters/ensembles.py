@@ -28,6 +28,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
+from lorastack.adapters import labels as label_scoring
 from lorastack.adapters.fsutil import atomic_write_text
 from lorastack.adapters.manifest import (
     AdapterError,
@@ -93,14 +94,13 @@ def mixture(members: Mapping[str, Mapping[str, float]], weights: Mapping[str, fl
     labels = list(next(iter(members.values())))
     mixed = {lab: sum(weights[name] * probs[lab] for name, probs in members.items())
              for lab in labels}
-    if temperature == 1.0:
-        total = sum(mixed.values())
-        return {lab: p / total for lab, p in mixed.items()}
-    logs = {lab: math.log(max(p, 1e-300)) / temperature for lab, p in mixed.items()}
-    top = max(logs.values())
-    exps = {lab: math.exp(v - top) for lab, v in logs.items()}
-    total = sum(exps.values())
-    return {lab: e / total for lab, e in exps.items()}
+    return label_scoring.probabilities(log_probabilities(mixed), temperature)
+
+
+def log_probabilities(probs: Mapping[str, float]) -> dict[str, float]:
+    """label -> log-probability (floored at 1e-300): scores that labels.probabilities turns
+    back into `probs` at temperature 1."""
+    return {lab: math.log(max(p, 1e-300)) for lab, p in probs.items()}
 
 
 def mixture_rows(member_rows: Mapping[str, Sequence[Mapping[str, float]]],

@@ -10,7 +10,6 @@ and for each member, so that the report compares them on the same examples.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +95,6 @@ def build_ensemble(name: str, members: list[str], *, store: str | Path | None = 
         check_base(m, base.fingerprint, adapter.path / "manifest.json")
         print(f"scoring member {m.name} ...")
         model, fmt = _load_model(cfg, base.path, labels, adapter.path, m)
-        order = [fmt.labels.index(lab) for lab in labels]
         val = encode_records(fmt, val_records, "validation").examples
         test = encode_records(fmt, test_records, "test").examples if (
             test_records and cfg.evaluate_test) else []
@@ -108,8 +106,7 @@ def build_ensemble(name: str, members: list[str], *, store: str | Path | None = 
             sums = ev.label_logprob_sums(model, fmt, examples, progress=True) if examples else []
             probs = ev.classification_from_scores(fmt, examples, sums, m.temperature)[1] \
                 if examples else []
-            scored[m.name][split + "_probs"] = [{labels[j]: p[fmt.labels[order[j]]]
-                                                 for j in range(len(labels))} for p in probs]
+            scored[m.name][split + "_probs"] = [{lab: p[lab] for lab in labels} for p in probs]
         del model
     names = [a.name for a in resolved]
     fmt = scored[names[0]]["fmt"]
@@ -119,7 +116,7 @@ def build_ensemble(name: str, members: list[str], *, store: str | Path | None = 
                            for n in names], truth)
     wmap = dict(zip(names, weights, strict=True))
     mixed_val = ensembles.mixture_rows({n: scored[n]["val_probs"] for n in names}, wmap)
-    temperature = fit_temperature([[math.log(max(p[lab], 1e-300)) for lab in labels]
+    temperature = fit_temperature([list(ensembles.log_probabilities(p).values())
                                    for p in mixed_val], truth)
     metrics: dict[str, dict] = {}
     curves = {}
@@ -155,13 +152,11 @@ def build_ensemble(name: str, members: list[str], *, store: str | Path | None = 
 
 def _metrics(fmt, examples: list, probs: list[dict[str, float]],
              temperature: float) -> dict:
-    """Classification metrics of label probabilities (as scored and at `temperature`)."""
-    from lorastack.train import evaluate as ev
+    """Classification metrics of label probabilities (at `temperature`, with the uncalibrated
+    ECE and NLL beside: calibration.metrics_at)."""
+    from lorastack.train.calibration import metrics_at
 
-    sums = [[math.log(max(p[lab], 1e-300)) for lab in fmt.labels] for p in probs]
-    out, _ = ev.classification_from_scores(fmt, examples, sums, temperature)
-    raw, _ = ev.classification_from_scores(fmt, examples, sums, 1.0)
+    sums = [[ensembles.log_probabilities(p)[lab] for lab in fmt.labels] for p in probs]
+    out = metrics_at(fmt, examples, sums, temperature)[0]
     out.pop("loss", None)  # the answer tokens' loss belongs to one model, not to a mixture
-    out.update(temperature=temperature, ece_uncalibrated=raw["ece"],
-               nll_uncalibrated=raw["nll"])
     return out
