@@ -163,7 +163,9 @@ def run(args) -> None:
         ens_test = ensemble["metrics"]["test"]
         weights = ", ".join(f"{w:.2f}" for w in ensemble["weights"].values())
         k = len(ensemble["weights"])
-        method = f"ensemble {ensemble['name']} of the top {k} trials (weights {weights})"
+        fitted = {"macro_f1": "macro-F1"}.get(ensemble.get("objective", "nll"), "NLL")
+        method = (f"ensemble {ensemble['name']} of the top {k} trials (weights {weights}, "
+                  f"fitted for validation {fitted})")
         cls_rows.insert(1, [method, f"{ens_test['accuracy']:.3f}", f"{ens_test['macro_f1']:.3f}",
                             neutral(ens_test), "(the search)"])
     ece, ece_raw = cls["test"].get("ece"), cls["test"].get("ece_uncalibrated")

@@ -18,6 +18,10 @@ data_app = typer.Typer(help="Example datasets: the catalog, fetching and caching
                        no_args_is_help=True)
 
 
+OBJECTIVE_HELP = ("what the ensemble's weights are fitted for on validation: nll (honest "
+                  "probabilities) or macro_f1 (the rare classes, at some cost in NLL)")
+
+
 @data_app.command("list")
 def data_list() -> None:
     """Show the dataset catalog and what is cached locally."""
@@ -200,6 +204,7 @@ def tune_command(
         [], "--set", help="override a setting: section.key=value (repeatable)"),
     ensemble: int = typer.Option(0, "--ensemble", metavar="K", help="also publish the top K "
                                  "trials and fit them as one ensemble, <name>-ensemble"),
+    objective: str = typer.Option("nll", "--objective", help=OBJECTIVE_HELP),
 ) -> None:
     """Search hyperparameters with Optuna; the best adapter goes into the store."""
     from lorastack.adapters.manifest import AdapterError
@@ -211,8 +216,11 @@ def tune_command(
         cfg = load_config(config, set_)
         if ensemble == 1 or ensemble < 0:
             raise ConfigError(f"--ensemble K needs K >= 2 members, got {ensemble}")
+        if objective != "nll" and not ensemble:
+            raise ConfigError(f"--objective {objective} is how an ensemble's weights are "
+                              "fitted: give --ensemble K with it")
         result = tune(cfg, trials=trials, timeout_min=timeout, resume=resume,
-                      ensemble=ensemble)
+                      ensemble=ensemble, ensemble_objective=objective)
     except (ConfigError, data.DataError, AdapterError, ModelError) as exc:
         raise fail(exc) from exc
     if result.ensemble is not None:
@@ -261,6 +269,7 @@ def ensemble_command(
     replace: bool = typer.Option(False, "--replace", help="fit an existing ensemble again"),
     runs_dir: str = typer.Option("runs", "--runs-dir", help="where reliability.png goes "
                                  "(<runs-dir>/<name>/)"),
+    objective: str = typer.Option("nll", "--objective", help=OBJECTIVE_HELP),
 ) -> None:
     """Fit an ensemble of classification adapters on their validation split (mixture weights,
     then a temperature) and store it; the gateway serves it under its name."""
@@ -270,7 +279,8 @@ def ensemble_command(
     from lorastack.train.ensemble import build_ensemble
 
     try:
-        result = build_ensemble(name, members, store=store, replace=replace, runs_dir=runs_dir)
+        result = build_ensemble(name, members, store=store, replace=replace, runs_dir=runs_dir,
+                                objective=objective)
     except (ConfigError, data.DataError, AdapterError, ModelError) as exc:
         raise fail(exc) from exc
     _ensemble_table(result)
@@ -278,7 +288,8 @@ def ensemble_command(
 
 def _ensemble_table(result: dict) -> None:
     """The ensemble against each of its members, on validation and test."""
-    table = Table(title=escape(f"ensemble {result['name']}: temperature "
+    table = Table(title=escape(f"ensemble {result['name']}: weights fitted for validation "
+                               f"{result['objective']}, temperature "
                                f"{result['temperature']:.3f}"))
     for col in ("model", "weight", "val macro-F1", "test macro-F1", "test accuracy", "test ECE"):
         table.add_column(col, justify="right" if col != "model" else "left", overflow="fold")

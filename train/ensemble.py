@@ -3,7 +3,9 @@
 The members are scored on the validation split they were all selected on (each at its own
 calibrated temperature, on the float base that vLLM serves). The mixture weights minimise the
 validation NLL of the true labels over the simplex (weights = softmax of free parameters,
-L-BFGS), then one temperature is fitted on the log of the mixture (train/calibration.py). Test
+L-BFGS), or, with objective "macro_f1", the validation macro-F1 of the mixture's argmax (a
+search over a grid on the simplex that includes the NLL weights, ties broken by NLL: NLL keeps
+the probabilities honest, macro-F1 buys the rare classes at their expense), then one temperature is fitted on the log of the mixture (train/calibration.py). Test
 metrics, when the config has a test split, are measured once, after the fit, for the ensemble
 and for each member, so that the report compares them on the same examples.
 """
@@ -18,37 +20,84 @@ from lorastack.adapters.manifest import Metrics
 from lorastack.adapters.store import AdapterStore
 from lorastack.train.data import DataError
 
+OBJECTIVES = ("nll", "macro_f1")
 
-def fit_weights(member_probs: list[list[list[float]]], truth: list[int]) -> list[float]:
-    """Simplex weights minimising the mean NLL of `truth` under sum_m w_m p_m.
+
+def check_objective(objective: str) -> None:
+    if objective not in OBJECTIVES:
+        raise DataError(f"unknown ensemble objective {objective!r}: use one of "
+                        f"{', '.join(OBJECTIVES)}")
+
+
+def fit_weights(member_probs: list[list[list[float]]], truth: list[int],
+                objective: str = "nll") -> list[float]:
+    """Simplex weights for sum_m w_m p_m: the mean NLL of `truth` at its minimum, or (objective
+    "macro_f1") the macro-F1 of the mixture's argmax at its maximum, ties broken by NLL.
 
     `member_probs[m][n][k]`: member m's probability of label k for example n."""
     import numpy as np
     from scipy.optimize import minimize
 
+    check_objective(objective)
     p = np.asarray(member_probs, dtype=np.float64)  # [M, N, K]
     y = np.asarray(truth)
+    m_count = p.shape[0]
     picked = p[:, np.arange(len(y)), y]  # [M, N]: each member's probability of the truth
 
-    def nll(theta: Any) -> float:
-        w = np.exp(theta - theta.max())
-        w /= w.sum()
+    def mean_nll(w: Any) -> float:
         return float(-np.log(np.maximum(w @ picked, 1e-300)).mean())
 
-    found = minimize(nll, np.zeros(p.shape[0]), method="L-BFGS-B",
-                     bounds=[(-20.0, 20.0)] * p.shape[0])
-    w = np.exp(found.x - found.x.max())
-    w /= w.sum()
-    if nll(found.x) > nll(np.zeros(p.shape[0])):  # never worse than the plain mean
-        w = np.full(p.shape[0], 1.0 / p.shape[0])
+    def simplex(theta: Any) -> Any:
+        w = np.exp(theta - theta.max())
+        return w / w.sum()
+
+    found = minimize(lambda t: mean_nll(simplex(t)), np.zeros(m_count), method="L-BFGS-B",
+                     bounds=[(-20.0, 20.0)] * m_count)
+    w = simplex(found.x)
+    mean = np.full(m_count, 1.0 / m_count)
+    if mean_nll(w) > mean_nll(mean):  # never worse than the plain mean
+        w = mean
+    if objective == "macro_f1":
+        w = _best_macro_f1(p, y, [w, *_simplex_grid(m_count)], mean_nll)
     w = np.round(w, 6)
     w[np.argmax(w)] += 1.0 - w.sum()  # exactly 1 after rounding
     return [float(x) for x in w]
 
 
+def _simplex_grid(m_count: int) -> list[Any]:
+    """Candidate weights: a regular grid on the simplex (steps of 1/20 up to 3 members, 1/10
+    for 4), a seeded Dirichlet sample beyond."""
+    import itertools
+
+    import numpy as np
+
+    if m_count > 4:
+        return list(np.random.default_rng(0).dirichlet(np.ones(m_count), size=3000))
+    steps = 20 if m_count <= 3 else 10
+    return [np.asarray(c, dtype=np.float64) / steps
+            for c in itertools.product(range(steps + 1), repeat=m_count) if sum(c) == steps]
+
+
+def _best_macro_f1(p: Any, y: Any, candidates: list[Any], mean_nll) -> Any:
+    import numpy as np
+    from sklearn.metrics import f1_score
+
+    labels = list(range(p.shape[2]))
+    best, key = candidates[0], (-1.0, 0.0)
+    for w in candidates:
+        pred = np.argmax(np.tensordot(w, p, axes=1), axis=1)
+        score = (float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
+                 -mean_nll(w))
+        if score > key:
+            best, key = w, score
+    return best
+
+
 def build_ensemble(name: str, members: list[str], *, store: str | Path | None = None,
-                   replace: bool = False, runs_dir: str | Path = "runs") -> dict:
-    """Fit and write ensemble `name` of the store's classification adapters `members`."""
+                   replace: bool = False, runs_dir: str | Path = "runs",
+                   objective: str = "nll") -> dict:
+    """Fit and write ensemble `name` of the store's classification adapters `members`, the
+    weights by `objective` (fit_weights)."""
     from lorastack.adapters.files import check_base
     from lorastack.adapters.models import resolve_base
     from lorastack.train import evaluate as ev
@@ -57,6 +106,7 @@ def build_ensemble(name: str, members: list[str], *, store: str | Path | None = 
     from lorastack.train.examples import encode_records
     from lorastack.train.run import manifest_numbers, trained_splits
 
+    check_objective(objective)
     adapters = AdapterStore(store)
     if len(members) < 2 or len(set(members)) != len(members):
         raise DataError(f"an ensemble needs at least two different members, got "
@@ -87,7 +137,8 @@ def build_ensemble(name: str, members: list[str], *, store: str | Path | None = 
         splits = trained_splits(cfg)  # the records its run selected and tested on
         if val_records is None:
             val_records, test_records = splits.validation, splits.test
-            where = f"{cfg.data.source} validation ({len(val_records)} examples)"
+            where = f"{cfg.data.source} validation ({len(val_records)} examples)" + (
+                ", weights by macro-F1" if objective == "macro_f1" else "")
         elif splits.validation != val_records:
             raise DataError(f"members were selected on different validation data: "
                             f"{m.name!r}'s validation split differs from {first.name!r}'s; an "
@@ -113,7 +164,7 @@ def build_ensemble(name: str, members: list[str], *, store: str | Path | None = 
     val_examples = scored[names[0]]["val"]
     truth = [labels.index(fmt.labels[ex.label]) for ex in val_examples]
     weights = fit_weights([[[p[lab] for lab in labels] for p in scored[n]["val_probs"]]
-                           for n in names], truth)
+                           for n in names], truth, objective)
     wmap = dict(zip(names, weights, strict=True))
     mixed_val = ensembles.mixture_rows({n: scored[n]["val_probs"] for n in names}, wmap)
     temperature = fit_temperature([list(ensembles.log_probabilities(p).values())
@@ -147,7 +198,7 @@ def build_ensemble(name: str, members: list[str], *, store: str | Path | None = 
                         test=manifest_numbers(metrics.get("test", {}))))
     path = ensembles.write(adapters.root, manifest, replace=replace)
     return {"name": name, "path": str(path), "weights": wmap, "temperature": temperature,
-            "metrics": metrics, "members": per_member, "plot": str(plot)}
+            "objective": objective, "metrics": metrics, "members": per_member, "plot": str(plot)}
 
 
 def _metrics(fmt, examples: list, probs: list[dict[str, float]],

@@ -45,14 +45,18 @@ class TuneResult:
 
 
 def tune(cfg: TrainConfig, *, trials: int, timeout_min: float | None = None,
-         resume: bool = False, ensemble: int = 0) -> TuneResult:
+         resume: bool = False, ensemble: int = 0,
+         ensemble_objective: str = "nll") -> TuneResult:
     """Run (or `resume`) the search until `trials` trials are done or `timeout_min` passes.
     With `ensemble` K >= 2, the top K trials are also published and fitted as one ensemble,
-    <name>-ensemble (train/ensemble.py)."""
+    <name>-ensemble (train/ensemble.py), its weights fitted for `ensemble_objective`."""
     import optuna
     from tqdm.auto import tqdm
 
     from lorastack.adapters.models import resolve_base
+    from lorastack.train.ensemble import check_objective
+
+    check_objective(ensemble_objective)  # before the search, not after it
 
     search = cfg.search
     if search is None:
@@ -136,15 +140,16 @@ def tune(cfg: TrainConfig, *, trials: int, timeout_min: float | None = None,
     bar.close()
     result = _finish(cfg, study, tune_dir, raw, layers, metric)
     if ensemble >= 2:
-        result.ensemble = _ensemble(cfg, study, tune_dir, raw, layers, ensemble)
+        result.ensemble = _ensemble(cfg, study, tune_dir, raw, layers, ensemble,
+                                     ensemble_objective)
         result.summary["ensemble"] = {k: result.ensemble[k] for k in (
-            "name", "weights", "temperature", "metrics", "members")}
+            "name", "objective", "weights", "temperature", "metrics", "members")}
         atomic_write_json(tune_dir / "summary.json", result.summary)
     return result
 
 
 def _ensemble(cfg: TrainConfig, study, tune_dir: Path, raw: dict, layers: int | None,
-              k: int) -> dict[str, Any]:
+              k: int, objective: str) -> dict[str, Any]:
     """The top `k` finished trials as adapters of the user's store (the best under the config's
     name, as _finish wrote it; the others as <name>-trial<N>), fitted as one ensemble."""
     import optuna
@@ -173,7 +178,7 @@ def _ensemble(cfg: TrainConfig, study, tune_dir: Path, raw: dict, layers: int | 
         members.append(name)
     print(f"fitting the ensemble {cfg.name}-ensemble of {', '.join(members)} on validation ...")
     return build_ensemble(f"{cfg.name}-ensemble", members, store=cfg.store, replace=True,
-                          runs_dir=cfg.runs_dir)
+                          runs_dir=cfg.runs_dir, objective=objective)
 
 
 def _run_trial(trial, cfg: TrainConfig, metric: str, deadline: float | None) -> float:

@@ -9,6 +9,7 @@ import pytest
 from lorastack.adapters import ensembles
 from lorastack.adapters.ensembles import EnsembleManifest, Member
 from lorastack.adapters.manifest import AdapterError, AdapterNotFoundError, ManifestError
+from lorastack.train.data import DataError
 from lorastack.train.ensemble import fit_weights
 
 HASH = "sha256:" + "ab" * 32
@@ -87,3 +88,35 @@ def test_fit_weights_favours_the_member_that_is_right():
     assert w[0] > 0.9 and w[2] < 0.05
     same = fit_weights([good, good], truth)  # nothing to choose between: the plain mean
     assert same == pytest.approx([0.5, 0.5], abs=1e-3)
+
+
+def test_fit_weights_for_macro_f1_buys_the_rare_class_and_says_what_it_costs():
+    """NLL weights follow the sharp member, which never names the rare class; macro-F1 weights
+    give the mixture the rare class (at the smallest weight that does, the NLL tie-break)."""
+    import numpy as np
+
+    truth = [0] * 8 + [1] * 8 + [2] * 2
+    sure = [
+        [0.9, 0.05, 0.05] if t == 0 else [0.05, 0.9, 0.05] if t == 1 else [0.45, 0.45, 0.1]
+        for t in truth]
+    rare = [[0.5, 0.3, 0.2] if t == 0 else [0.3, 0.5, 0.2] if t == 1 else [0.3, 0.3, 0.4]
+            for t in truth]
+    probs = np.asarray([sure, rare])
+
+    def predicted(w):
+        return list(np.argmax(np.tensordot(np.asarray(w), probs, axes=1), axis=1))
+
+    def nll(w):
+        mix = np.tensordot(np.asarray(w), probs, axes=1)
+        return float(-np.log(mix[np.arange(len(truth)), truth]).mean())
+
+    by_nll = fit_weights([sure, rare], truth)
+    by_f1 = fit_weights([sure, rare], truth, "macro_f1")
+    assert by_nll[0] > 0.5 and 2 not in predicted(by_nll)  # the rare class is never named
+    assert predicted(by_f1) == truth  # every example right: macro-F1 1
+    assert by_f1 == pytest.approx([0.2, 0.8], abs=1e-9)  # the least NLL among those
+    assert nll(by_f1) > nll(by_nll)  # what it costs
+    assert sum(by_f1) == pytest.approx(1.0, abs=1e-9)
+    with pytest.raises(DataError, match="unknown ensemble objective 'f1': use one of nll, "
+                       "macro_f1"):
+        fit_weights([sure, rare], truth, "f1")

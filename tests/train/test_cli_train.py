@@ -58,6 +58,19 @@ def test_bad_config_exits_with_a_message(tmp_path):
     assert result.stderr.startswith("error: ") and not result.stdout  # as `adapters` says it
 
 
+def test_ensemble_objective_is_checked_before_any_search(tmp_path):
+    store = str(tmp_path / "store")
+    alone = runner.invoke(app, ["tune", "reviews-classify", "--trials", "1", "--objective",
+                                "macro_f1", "--set", f"store={store}"])
+    assert "--objective macro_f1 is how an ensemble's weights are fitted: give --ensemble K" \
+        in _failed_cleanly(alone)
+    unknown = runner.invoke(app, ["tune", "reviews-classify", "--trials", "1", "--ensemble", "2",
+                                  "--objective", "auc", "--set", f"store={store}"])
+    assert "unknown ensemble objective 'auc': use one of nll, macro_f1" in _failed_cleanly(
+        unknown)
+    assert not (tmp_path / "store").exists()  # nothing was trained
+
+
 def test_eval_unknown_adapter_lists_what_there_is(tmp_path):
     result = runner.invoke(app, ["eval", "nope", "--store", str(tmp_path / "empty")])
     assert result.exit_code == 1 and "nope" in result.output

@@ -115,7 +115,8 @@ def test_search_section_is_validated_with_the_config(tiny_config):
 def test_ensemble_of_the_top_trials_is_fitted_and_stored(tiny_config, tmp_path, capsys):
     from lorastack.adapters import ensembles
 
-    result = tune(_cfg(tiny_config, pruner="none"), trials=3, ensemble=2)
+    result = tune(_cfg(tiny_config, pruner="none"), trials=3, ensemble=2,
+                  ensemble_objective="macro_f1")
     store = tmp_path / "store"
     ens = ensembles.read(store, "tiny-sentiment-ensemble")
     ranked = [r for r in result.summary["table"] if r["state"] == "complete"]
@@ -128,6 +129,8 @@ def test_ensemble_of_the_top_trials_is_fitted_and_stored(tiny_config, tmp_path, 
     assert ens.metrics.test["n"] == 12 and "macro_f1" in ens.metrics.validation
     summary = json.loads((tmp_path / "runs" / "tiny-sentiment-tune" / "summary.json").read_text())
     assert summary["ensemble"]["weights"] == ens.weights
+    assert summary["ensemble"]["objective"] == "macro_f1"
+    assert ens.fitted_on.endswith("weights by macro-F1"), ens.fitted_on
     assert set(summary["ensemble"]["members"]) == set(ens.weights)
     assert (tmp_path / "runs" / "tiny-sentiment-ensemble" / "reliability.png").is_file()
     assert "fitting the ensemble tiny-sentiment-ensemble" in capsys.readouterr().out
@@ -147,3 +150,6 @@ def test_a_member_on_other_validation_data_is_refused(tiny_config, tmp_path):
         build_ensemble("ens", ["tiny-sentiment", "other-split"], store=tmp_path / "store")
     with pytest.raises(DataError, match="at least two different members"):
         build_ensemble("ens", ["tiny-sentiment", "tiny-sentiment"], store=tmp_path / "store")
+    with pytest.raises(DataError, match="unknown ensemble objective 'auc'"):
+        build_ensemble("ens", ["tiny-sentiment", "other-split"], store=tmp_path / "store",
+                       objective="auc")
