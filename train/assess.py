@@ -184,7 +184,11 @@ def config_from_manifest(manifest) -> tuple[TrainConfig, bool]:
     """
     where = f"adapter {manifest.name}'s manifest (training)"
     if {"task", "data"} <= set(manifest.training):
-        return build_config(manifest.training, where=where), True
+        raw = manifest.training
+        if "split_seed" not in raw["data"]:  # trained before data.split_seed: carved by seed
+            raw = {**raw, "data": {**raw["data"],
+                                   "split_seed": raw.get("training", {}).get("seed", 0)}}
+        return build_config(raw, where=where), True
     task = {"type": manifest.task, "prompt": manifest.prompt_template}
     if manifest.labels:
         task.update(labels=list(manifest.labels), label_words=dict(manifest.label_words))

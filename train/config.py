@@ -60,6 +60,9 @@ class DataConfig(_Section):
     """Field name used by the task -> column name in the file, e.g. {text: review_body}."""
     validation_fraction: float = Field(0.15, ge=0.0, lt=0.9)
     """Share of train carved out as validation (stratified by label), 0.1-0.2 is typical."""
+    split_seed: int = 0
+    """Seed of that carving. Separate from training.seed, so that runs (and search trials or
+    ensemble members) with different training seeds are compared on the same validation set."""
     max_length: int = Field(384, ge=16, le=32768)
     """Tokens per example, prompt + answer. Longer examples have their text field cut."""
     text_field: str = "text"
@@ -125,6 +128,11 @@ class LoraConfig(_Section):
     """Weight-decomposed LoRA (DoRA). vLLM cannot serve it: needs for_serving: false."""
     use_rslora: bool = False
     """Rank-stabilised scaling alpha/sqrt(r), better for high ranks."""
+    init: Literal["default", "pissa"] = "default"
+    """default: A random, B zero (the update starts at 0). pissa: A and B start from the
+    weights' top-r singular vectors and the base keeps the residual (peft's PiSSA); the store
+    gets it converted back to a plain LoRA on the untouched base, of rank 2r. Float bases only
+    (quantization: none). LoftQ is not offered: its adapter only fits a base rewritten by it."""
     for_serving: bool = True
     """Refuse settings the serving layer cannot load (rank, modules, DoRA)."""
     serving_rank: int = Field(ServingLimits.max_rank, ge=1)
@@ -148,6 +156,9 @@ class TrainingConfig(_Section):
     """Share of the steps spent warming up linearly from 0."""
     weight_decay: float = Field(0.0, ge=0.0, le=1.0)
     """AdamW weight decay on the LoRA weights."""
+    loraplus_lr_ratio: float | None = Field(None, ge=1.0, le=256.0)
+    """LoRA+: the B matrices learn at lr x this ratio (the paper suggests 16), through peft's
+    create_loraplus_optimizer; None: one learning rate for A and B."""
     max_grad_norm: float | None = Field(1.0, gt=0)
     """Gradient clipping norm; None disables it."""
     batch_size: int | Literal["auto"] = 8
@@ -210,6 +221,11 @@ class TrainingConfig(_Section):
         return value
 
 
+def served_rank(lora: LoraConfig) -> int:
+    """The rank the store and the server see: PiSSA's converted adapter has twice the rank."""
+    return 2 * lora.r if lora.init == "pissa" else lora.r
+
+
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -255,16 +271,29 @@ class TrainConfig(_Section):
         if not lora.for_serving:
             return self
         # the rule the server applies; target modules depend on the base: check_against_base
-        bad = unservable_lora(lora.r, [], lora.use_dora, ServingLimits(max_rank=lora.serving_rank))
+        served = served_rank(lora)
+        bad = unservable_lora(served, [], lora.use_dora, ServingLimits(max_rank=lora.serving_rank))
         problems = []
         if "rank" in bad:
-            problems.append(f"lora.r={lora.r} is above the server's max rank "
-                            f"{lora.serving_rank} (lora.serving_rank)")
+            problems.append(f"lora.r={lora.r}" + (f" (served as rank {served}: lora.init=pissa "
+                                                   "doubles it)" if served != lora.r else "")
+                            + f" is above the server's max rank {lora.serving_rank} "
+                            f"(lora.serving_rank)")
         if "use_dora" in bad:
             problems.append("lora.use_dora=true: vLLM cannot serve DoRA adapters")
         if problems:
             raise ValueError("; ".join(problems) + ". Fix them, or set lora.for_serving=false "
                              "for an adapter not meant for serving.")
+        return self
+
+    @model_validator(mode="after")
+    def _pissa_on_a_float_base(self) -> TrainConfig:
+        if self.lora.init == "pissa" and (self.quantization != "none" or self.lora.use_dora):
+            raise ValueError(
+                "lora.init=pissa needs quantization: none and lora.use_dora: false (PiSSA "
+                "rewrites the base weights as their residual; on a quantized base the served "
+                "float base would not be the one trained on): set quantization: none, or "
+                "lora.init: default")
         return self
 
     @model_validator(mode="after")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,10 +137,18 @@ def _train(cfg: TrainConfig, base, dist, device, t_start: float, resume: bool,
 
     # 2. the model: frozen base (quantized as configured) + a fresh LoRA
     model = attach_lora(cfg, load_base(cfg, base.path, device))
+    if cfg.lora.init == "pissa" and dist.is_main:
+        # PiSSA's starting A, B (the same on resume: the SVD is deterministic), so that the
+        # store gets the trained update as a plain LoRA on the untouched base (_export)
+        model.save_pretrained(run_dir / PISSA_INIT)
     check_answer_logits(model, tokenizer)  # the loss's logits are the model's own, or refuse
     trainable, total = trainable_parameters(model)
-    _say(f"model: {cfg.base} ({cfg.quantization}) on {device}; LoRA r={cfg.lora.r} trains "
-         f"{trainable:,} of {total:,} parameters ({trainable / total:.2%})")
+    _say(f"model: {cfg.base} ({cfg.quantization}) on {device}; LoRA r={cfg.lora.r}"
+         + (f" (PiSSA init, stored as rank {2 * cfg.lora.r})" if cfg.lora.init == "pissa"
+            else "")
+         + (f", LoRA+ B lr x{cfg.training.loraplus_lr_ratio:g}"
+            if cfg.training.loraplus_lr_ratio else "")
+         + f" trains {trainable:,} of {total:,} parameters ({trainable / total:.2%})")
     if dist.active:
         per = -(-cfg.training.batch_size // dist.world)
         _say(f"data parallel: {dist.world} processes, each up to {per} of every global batch "
@@ -236,11 +245,11 @@ def _train_sample(examples: list, n: int, seed: int) -> list:
 
 def config_splits(cfg: TrainConfig, columns: dict | None = None):
     """The train/validation/test records a config trains and evaluates on (validation carved
-    with the run's seed, stratified by label for classification)."""
+    with data.split_seed, stratified by label for classification)."""
     d = cfg.data
     return load_splits(d.source, validation=d.validation, test=d.test,
                        columns=columns if columns is not None else d.columns,
-                       validation_fraction=d.validation_fraction, seed=cfg.training.seed,
+                       validation_fraction=d.validation_fraction, seed=d.split_seed,
                        stratify=cfg.task.label_field if cfg.task.type == "classification"
                        else None)
 
@@ -259,13 +268,20 @@ def trained_splits(cfg: TrainConfig):
 
 def _export(cfg: TrainConfig, model, base, fmt, labels, metrics, train_records,
             validation_records, temperature: float = 1.0):
+    from peft import LoraConfig
+
     from lorastack.adapters.manifest import AdapterManifest, LoraSettings, Metrics
     from lorastack.adapters.store import AdapterStore
 
     store = AdapterStore(cfg.store)
-    peft_cfg = model.peft_config["default"]
     with tempfile.TemporaryDirectory(prefix="lorastack-export-") as tmp:
-        model.save_pretrained(tmp)  # adapter_config.json + adapter_model.safetensors
+        # adapter_config.json + adapter_model.safetensors; PiSSA's is converted by peft into a
+        # plain LoRA of rank 2r on the untouched base: [A; A0], [B, -B0]
+        init = Path(cfg.runs_dir) / cfg.name / PISSA_INIT if cfg.lora.init == "pissa" else None
+        with warnings.catch_warnings():  # peft's advice to convert, given while converting
+            warnings.filterwarnings("ignore", message="PiSSA changes the base weights")
+            model.save_pretrained(tmp, path_initial_model_for_weight_conversion=init and str(init))
+        peft_cfg = LoraConfig.from_pretrained(tmp)
         manifest = AdapterManifest(
             name=cfg.name, task=cfg.task.type, base_model=cfg.base,
             base_fingerprint=base.fingerprint,
@@ -288,6 +304,9 @@ def _export(cfg: TrainConfig, model, base, fmt, labels, metrics, train_records,
             data_fingerprint=fingerprint_records(train_records),
             versions=library_versions())
         return store.write(cfg.name, Path(tmp), manifest, replace=cfg.replace)
+
+
+PISSA_INIT = "pissa-init"  # in the run directory: PiSSA's initial adapter
 
 
 def _examples(records: list[dict], field: str, n: int = 6) -> tuple[str, ...]:

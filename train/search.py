@@ -24,6 +24,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 TOP_LAYERS = "lora.top_layers"  # shorthand: the top k transformer layers -> lora.layers
 _PRIMITIVE = (str, int, float, bool, type(None))
+# Settings that decide what the trials are measured on: a search over them would compare
+# trials on different validation sets (or labels), so their scores would not be comparable.
+UNSEARCHABLE = ("data.source", "data.validation", "data.test", "data.validation_fraction",
+                "data.split_seed", "data.limit_eval", "data.columns", "task.labels",
+                "task.label_field", "search")
 
 
 class SearchParam(BaseModel):
@@ -98,6 +103,18 @@ class SearchConfig(BaseModel):
     which stops the trials that collapse onto one label at once)."""
     seed: int = 0
     """Seed of the sampler: the same study draws the same trials."""
+
+    @model_validator(mode="after")
+    def _comparable(self) -> SearchConfig:
+        fixed = [p for p in self.space
+                 if any(p == u or p.startswith(u + ".") for u in UNSEARCHABLE)]
+        if fixed:
+            raise ValueError(
+                f"search.space cannot vary {', '.join(fixed)}: it decides the data the trials "
+                "are scored on, so their validation scores would not be comparable; fix it in "
+                "the config and search the training settings (training.seed may vary: the "
+                "validation split is carved with data.split_seed)")
+        return self
 
 
 def set_path(raw: dict, path: str, value: Any) -> None:

@@ -133,3 +133,20 @@ def test_train_refuses_them_before_any_model_or_data_loads(tiny_config, monkeypa
     with pytest.raises(ConfigError, match=r"lora.layers: \[7\] out of range"):
         run.train(tiny_config)
     assert not (tmp_path / "runs" / "tiny-sentiment").exists()  # the run directory untouched
+
+
+def test_a_manifest_from_before_split_seed_keeps_the_validation_it_was_selected_on():
+    """Before data.split_seed, validation was carved with training.seed: a stored adapter's
+    config must still name the split it was selected on (ensembles, lorastack eval)."""
+    from types import SimpleNamespace
+
+    from lorastack.train.assess import config_from_manifest
+    from lorastack.train.config import build_config
+
+    raw = build_config({"training": {"seed": 3}}).model_dump(mode="json", exclude={"search"})
+    del raw["data"]["split_seed"]
+    old = SimpleNamespace(name="old", training=raw)
+    cfg, trained = config_from_manifest(old)
+    assert trained and cfg.data.split_seed == 3 and cfg.training.seed == 3
+    new = SimpleNamespace(name="new", training={**raw, "data": {**raw["data"], "split_seed": 0}})
+    assert config_from_manifest(new)[0].data.split_seed == 0

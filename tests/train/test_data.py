@@ -55,6 +55,23 @@ def test_validation_is_carved_from_train_with_a_fixed_seed(reviews):
         "positive": 58, "negative": 24, "neutral": 8}
 
 
+def test_a_run_carves_validation_with_split_seed_not_training_seed(reviews):
+    from lorastack.train.config import build_config
+    from lorastack.train.run import config_splits
+
+    def val_ids(**over):
+        raw = {"task": {"type": "classification", "labels": ["positive", "negative", "neutral"]},
+               "data": {"source": "drug-reviews", **over.pop("data", {})},
+               "training": over}
+        return [r["id"] for r in config_splits(build_config(raw)).validation]
+
+    default = val_ids()
+    assert default == [r["id"] for r in load_splits(
+        "drug-reviews", validation_fraction=0.15, seed=0, stratify="label").validation]
+    assert val_ids(seed=7) == default  # other training seeds, same validation set
+    assert val_ids(data={"split_seed": 7}) != default
+
+
 def test_carve_keeps_a_training_row_per_class():
     rows = [{"label": "a"}] * 10 + [{"label": "rare"}]
     train, val = carve_validation(rows, 0.5, seed=0)

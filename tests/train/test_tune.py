@@ -107,6 +107,10 @@ def test_search_section_is_validated_with_the_config(tiny_config):
     raw["search"] = {"space": {"training.lr": {"low": 0, "high": 1e-3, "log": True}}}
     with pytest.raises(ConfigError, match="log: true needs low > 0"):
         build_config(raw)
+    raw["search"] = {"space": {"data.split_seed": {"choices": [0, 1]},
+                               "training.seed": {"choices": [0, 1]}}}
+    with pytest.raises(ConfigError, match=r"cannot vary data.split_seed: .*not be comparable"):
+        build_config(raw)
     raw["search"] = {"space": {"lora.layers": {"choices": [None, [0, 1]]}}}
     assert build_config(raw).search.space["lora.layers"].choices == [None, [0, 1]]
     assert yaml.safe_dump(build_config(raw).model_dump(mode="json"))
