@@ -76,8 +76,15 @@ class Trainer:
                         if balance == "weights" else None)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self._set_examples(examples)
-        self.optimizer = torch.optim.AdamW(self.params, lr=self.t.lr,
-                                           weight_decay=self.t.weight_decay)
+        if self.t.loraplus_lr_ratio is not None:  # LoRA+: B at lr x ratio, as peft groups it
+            from peft.optimizers import create_loraplus_optimizer
+
+            self.optimizer = create_loraplus_optimizer(
+                model, torch.optim.AdamW, lr=self.t.lr, loraplus_lr_ratio=self.t.loraplus_lr_ratio,
+                loraplus_weight_decay=self.t.weight_decay)
+        else:
+            self.optimizer = torch.optim.AdamW(self.params, lr=self.t.lr,
+                                               weight_decay=self.t.weight_decay)
         self.batches_per_epoch = math.ceil(len(examples) / self.t.batch_size)
         steps_per_epoch = math.ceil(self.batches_per_epoch / self.t.grad_accum)
         self.total_steps = self.t.max_steps or max(1, math.ceil(self.t.epochs * steps_per_epoch))

@@ -129,7 +129,8 @@ def lora_config(cfg: TrainConfig, model):
     return LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
         target_modules=targets, layers_to_transform=lora.layers,
-        use_dora=lora.use_dora, use_rslora=lora.use_rslora, bias="none", task_type="CAUSAL_LM")
+        use_dora=lora.use_dora, use_rslora=lora.use_rslora, bias="none", task_type="CAUSAL_LM",
+        init_lora_weights="pissa" if lora.init == "pissa" else True)
 
 
 def linear_module_names(model) -> list[str]:

@@ -284,3 +284,66 @@ def test_augmentation_is_drawn_afresh_every_epoch(tiny_config, monkeypatch):
     train(tiny_config)
     assert sorted(drawn) == [0, 1, 2]  # epoch e draws with seed + e
     assert drawn[0] != drawn[1] != drawn[2]  # three different copies, not one
+
+
+def test_pissa_is_stored_as_a_plain_lora_of_twice_the_rank_on_the_untouched_base(tiny_config):
+    """lora.init=pissa trains on the residual base; the store gets peft's conversion, which the
+    float base as served (no PiSSA, no residual) must score exactly as the trainer did."""
+    from peft import LoraConfig
+
+    from lorastack.train.assess import evaluate_adapter
+
+    tiny_config["lora"].update(init="pissa")
+    result = train(tiny_config)
+    adapter = AdapterStore(tiny_config["store"]).resolve("tiny-sentiment")
+    stored = LoraConfig.from_pretrained(adapter.path)
+    assert (stored.r, stored.lora_alpha, stored.init_lora_weights) == (8, 16, True)
+    assert adapter.manifest.lora.rank == 8 and adapter.manifest.training["lora"]["init"] == "pissa"
+    a = next(v for k, v in _tensors(adapter.path).items() if "lora_A" in k)
+    assert a.shape[0] == 8
+    served = evaluate_adapter("tiny-sentiment", split="validation", store=tiny_config["store"])
+    for key in ("loss", "accuracy", "macro_f1"):
+        assert served[key] == pytest.approx(result.metrics["validation"][key], abs=1e-4), key
+
+
+def test_pissa_and_its_served_rank_are_checked_in_the_config(tiny_config):
+    with pytest.raises(ValueError, match="lora.init=pissa needs quantization: none"):
+        build_config(dict(tiny_config, quantization="4bit", lora={"r": 4, "init": "pissa"}))
+    with pytest.raises(ValueError, match=r"lora.r=16 \(served as rank 32: lora.init=pissa "
+                                         r"doubles it\) is above the server's max rank 16"):
+        build_config(dict(tiny_config, lora={"r": 16, "init": "pissa"}))
+    assert build_config(dict(tiny_config, lora={"r": 16, "init": "pissa",
+                                                "serving_rank": 32})).lora.init == "pissa"
+
+
+def test_loraplus_gives_b_its_own_learning_rate_and_resumes_exactly(tiny_config, monkeypatch):
+    import peft.optimizers
+
+    made = []
+    real = peft.optimizers.create_loraplus_optimizer
+
+    def spy(model, *args, **kwargs):
+        optimizer = real(model, *args, **kwargs)
+        kind = {id(p): n.split(".")[-3] for n, p in model.named_parameters()}  # lora_A.default.
+        made.append([(g["lr"], g["weight_decay"], {kind[id(p)] for p in g["params"]})
+                     for g in optimizer.param_groups if g["params"]])
+        return optimizer
+
+    monkeypatch.setattr(peft.optimizers, "create_loraplus_optimizer", spy)
+    tiny_config["training"].update(loraplus_lr_ratio=16.0, weight_decay=0.01)
+    reference = train(dict(tiny_config, name="plus"))
+    assert made[0] == [(5e-3, 0.01, {"lora_A"}), (pytest.approx(0.08), 0.01, {"lora_B"})]
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_step_3(state):
+        if state.step == 3:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(dict(tiny_config, name="plus-cut"), on_step=crash_at_step_3)
+    resumed = train(dict(tiny_config, name="plus-cut"), resume=True)
+    a, b = _tensors(reference.adapter_dir), _tensors(resumed.adapter_dir)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
