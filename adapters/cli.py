@@ -231,8 +231,10 @@ def adapters_show(name: str = typer.Argument(..., help="adapter name"),
         adapter = AdapterStore(store).resolve(name)
     except AdapterError as exc:
         raise fail(exc) from exc
+    from lorastack.adapters.store import version_id
+
     console.print(f"[bold]{escape(adapter.name)}[/bold]  {escape(str(adapter.path))}  "
-                  f"weights {_size(adapter.weights_bytes)}")
+                  f"weights {_size(adapter.weights_bytes)}  version {version_id(adapter)}")
     console.print_json(adapter.manifest.to_json())
 
 

@@ -17,6 +17,7 @@ import contextlib
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +47,9 @@ from lorastack.adapters.manifest import (
     ManifestError,
     Metrics,
     MissingFileError,
+    ServingLimits,
     check_name,
+    check_servable,
 )
 from lorastack.adapters.models import DEFAULT_BASE, BaseModel, ModelError, resolve_base
 
@@ -301,3 +304,43 @@ def _resolve_base(base: str, name: str) -> BaseModel:
         raise AdapterError(f"cannot fingerprint its base model {base!r}: {exc}", name, None,
                            f"run `lorastack models pull {base}` first, or pass the base "
                            f"model's directory") from None
+
+
+def version_id(adapter: Adapter) -> str:
+    """`<name>@<first 16 hex of its content hash>`: one version of an adapter, as the gateway
+    and the vLLM resolver name it to vLLM (which must never see one name for two weights)."""
+    return f"{adapter.name}@{adapter.content_hash().split(':', 1)[1][:16]}"
+
+
+def pin(adapter: Adapter, into: Path, *, base_fingerprint: str,
+        limits: ServingLimits | None = None) -> Adapter:
+    """A private, immutable copy of `adapter` at `into`/<name>@<digest>/<name>, checked again
+    after the copy (base, servability), for a server to load: the store's directory may be
+    replaced at any time, and vLLM may re-read the path later. Idempotent per version."""
+    name = adapter.name
+    into.mkdir(parents=True, exist_ok=True)
+    tmp = into / f".{name}.{uuid.uuid4().hex[:8]}.partial" / name
+    tmp.mkdir(parents=True)
+    try:
+        copy_consistent(adapter.path, tmp)
+        copy = read_adapter(tmp, base_fingerprint=base_fingerprint)
+        check_servable(copy, limits)
+        final = into / version_id(copy)
+        if not final.exists():
+            os.rename(tmp.parent, final)
+    finally:
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+    return read_adapter(final / name)
+
+
+def copy_consistent(src: Path, dst: Path) -> None:
+    """Copy the adapter's files through one directory handle, so that all three come from the
+    same version even if a writer renames a replacement into `src` meanwhile."""
+    dir_fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for file in (MANIFEST_FILE, CONFIG_FILE, WEIGHTS_FILE):
+            fd = os.open(file, os.O_RDONLY, dir_fd=dir_fd)
+            with os.fdopen(fd, "rb") as fin, open(dst / file, "wb") as fout:
+                shutil.copyfileobj(fin, fout, 1 << 20)
+    finally:
+        os.close(dir_fd)

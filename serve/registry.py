@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import shutil
 import time
-import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,12 +30,8 @@ from typing import Any
 from lorastack.adapters import ensembles
 from lorastack.adapters.ensembles import EnsembleManifest
 from lorastack.adapters.files import (
-    CONFIG_FILE,
     EXPORT_FILE,
-    MANIFEST_FILE,
-    WEIGHTS_FILE,
     Adapter,
-    read_adapter,
 )
 from lorastack.adapters.manifest import (
     AdapterError,
@@ -46,7 +40,7 @@ from lorastack.adapters.manifest import (
     check_servable,
 )
 from lorastack.adapters.models import BaseModel
-from lorastack.adapters.store import AdapterStore, StoreSnapshot
+from lorastack.adapters.store import AdapterStore, StoreSnapshot, pin, version_id
 from lorastack.serve.engine import Engine, EngineError
 
 log = logging.getLogger("lorastack.serve")
@@ -396,35 +390,9 @@ class Registry:
         return self._snapshot(adapter)
 
     def _snapshot(self, adapter: Adapter) -> Served:
-        name = adapter.name
-        self.snapshots.mkdir(parents=True, exist_ok=True)
-        tmp = self.snapshots / f".{name}.{uuid.uuid4().hex[:8]}.partial" / name
-        tmp.mkdir(parents=True)
-        try:
-            _copy_consistent(adapter.path, tmp)
-            copy = read_adapter(tmp, base_fingerprint=self.base.fingerprint)
-            check_servable(copy, self.limits)
-            digest = copy.content_hash().split(":", 1)[1][:16]
-            final = self.snapshots / f"{name}@{digest}"
-            if not final.exists():
-                os.rename(tmp.parent, final)
-        finally:
-            shutil.rmtree(tmp.parent, ignore_errors=True)
-        path = final / name
-        return Served(name, read_adapter(path), f"{name}@{digest}", path)
-
-
-def _copy_consistent(src: Path, dst: Path) -> None:
-    """Copy the adapter's files through one directory handle, so that all three come from the
-    same version even if a writer renames a replacement into `src` meanwhile."""
-    dir_fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        for file in (MANIFEST_FILE, CONFIG_FILE, WEIGHTS_FILE):
-            fd = os.open(file, os.O_RDONLY, dir_fd=dir_fd)
-            with os.fdopen(fd, "rb") as fin, open(dst / file, "wb") as fout:
-                shutil.copyfileobj(fin, fout, 1 << 20)
-    finally:
-        os.close(dir_fd)
+        copy = pin(adapter, self.snapshots, base_fingerprint=self.base.fingerprint,
+                   limits=self.limits)
+        return Served(adapter.name, copy, version_id(copy), copy.path)
 
 
 async def _quietly(coro) -> None:

@@ -184,6 +184,9 @@ class VllmProcess(ChildProcess):
 
     def environment(self) -> dict[str, str]:
         env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+        # the gateway loads its own adapters: a store resolver from the user's environment
+        # would let its vLLM load others behind its back
+        env.pop("LORASTACK_RESOLVER_STORE", None)
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{self.settings.kv_cache_gb:g}")
         if self.settings.vllm_threads == "all":  # see ServeSettings.vllm_threads
             env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")

@@ -8,7 +8,9 @@ What it does: on the CPU platform, it points vLLM at `GroupedPunicaWrapperCPU`, 
 run one matmul per adapter in the batch instead of gathering a weight matrix per token, and
 leave tokens without an adapter untouched (vLLM 0.32's CPU ops give them the last slot's LoRA);
 and it makes seeded sampling survive chunked prefill on the CPU (seeded.py: vLLM 0.32's engine
-dies there).
+dies there). On any platform, with LORASTACK_RESOLVER_STORE set, it registers a LoRA resolver
+that serves adapters from a lorastack store by name (resolver.py); the `vllm.endpoint_plugins`
+entry (endpoint.py) puts the resolver's reasons into vLLM's 404s.
 It acts only on versions it was verified against and stands aside elsewhere, saying so.
 `LORASTACK_VLLM_PATCHES=0` turns it off.
 """
@@ -24,10 +26,14 @@ GROUPED_WRAPPER = "lorastack.serve.vllm_plugin.punica.GroupedPunicaWrapperCPU"
 
 
 def register() -> None:
-    """vLLM's entry point: install the grouped CPU LoRA ops where they apply."""
+    """vLLM's entry point: install the grouped CPU LoRA ops where they apply, and the store
+    resolver when LORASTACK_RESOLVER_STORE asks for it (resolver.py)."""
     status = install()
     level = logging.INFO if status.startswith("active") else logging.WARNING
     _logger().log(level, "lorastack vLLM plugin: %s", status)
+    from lorastack.serve.vllm_plugin import resolver
+
+    _logger().info("lorastack vLLM plugin: %s", resolver.register())
 
 
 def install() -> str:

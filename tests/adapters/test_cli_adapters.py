@@ -130,6 +130,8 @@ def test_show_prints_the_manifest(store, add_adapter):
     result = run("show", "reviews", "--store", str(store.root))
     assert result.exit_code == 0, result.output
     assert '"prompt_template"' in result.output and '"negative"' in result.output
+    digest = store.resolve("reviews").content_hash().split(":", 1)[1][:16]
+    assert f"version reviews@{digest}" in result.output  # what the vLLM resolver accepts
 
 
 def test_show_unknown_name_lists_what_there_is(store, add_adapter):
