@@ -22,7 +22,7 @@ SECTIONS = {
     "performance": ("Performance", ["training", "memory", "memory_plan", "serving", "hotswap", "classify",
                                     "engine_tuning", "fuzz", "lora_ops", "label_eval",
                                     "ceilings"]),
-    "quality": ("Quality", ["quality"]),
+    "quality": ("Quality", ["quality", "lora_variants"]),
     "support": ("Model families", ["families"]),
 }
 INTRO = {

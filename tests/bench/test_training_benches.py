@@ -94,6 +94,20 @@ def test_quality_reports_adapters_and_baselines(results):
     assert data["goals"][1]["value"] == cls["test"]["per_class"]["neutral"]["f1"]
 
 
+def test_lora_variants_trains_a_variant_and_reports_it(tmp_path, base_model):
+    """One variant (PiSSA, the one with its own export path) on a 1-step run; LoRA+ and
+    PiSSA themselves are tested in tests/train/test_trainer.py."""
+    _run("bench.lora_variants", tmp_path, "--variants", "pissa")
+    data = _load(tmp_path, "lora_variants")
+    (run,) = data["runs"]
+    assert (run["variant"], run["seed"], run["rank_stored"]) == ("pissa", 0, 32)  # 2 x r=16
+    assert run["settings"] == {"lora": {"init": "pissa", "serving_rank": 32}}
+    assert run["test"]["n"] == 4 and _positive(run["train_seconds"]) and run["steps"] == 1
+    (row,) = data["tables"][0]["rows"]
+    assert row[:2] == ["pissa", 0] and row[4] == f"{run['test']['macro_f1']:.3f}"
+    assert row[5] == f"{run['test']['neutral_f1']:.3f}" and set(data["means"]) == {"pissa"}
+
+
 def test_ceilings_measure_the_machine_and_the_fractions(results):
     data = _load(results, "ceilings")
     assert _positive(data["matmul"]["gflops"]["median"])
