@@ -27,8 +27,17 @@ from pathlib import Path
 
 import httpx
 
+from lorastack.adapters import ensembles
 from lorastack.adapters import labels as label_scoring
+from lorastack.adapters.ensembles import EnsembleManifest
 from lorastack.serve.engine import EngineError
+from lorastack.serve.protocol import (
+    Classification,
+    ClassifyResponse,
+    ClassifyUsage,
+    LabelScore,
+    MemberAnswer,
+)
 from lorastack.serve.registry import Served
 
 
@@ -158,3 +167,29 @@ def _lookup(entry: dict, key: str) -> float:
         raise EngineError(f"vLLM's answer lacks the log-probability of token {key}", 502)
     return value["logprob"] if isinstance(value, dict) else float(value)
 
+
+
+Answer = tuple[int, list[dict[str, float]]]  # one model's prompt tokens, per-input probabilities
+
+
+def classify_response(model: str, labels: list[str], models: list[str], answers: list[Answer],
+                      n_inputs: int, top_k: int | None,
+                      ensemble: EnsembleManifest | None = None) -> ClassifyResponse:
+    """The /v1/classify answer from each model's probabilities: one model's, a stored
+    ensemble's mixture, or the plain mean of several (each member's answer beside it). The
+    gateway and the vLLM replicas' route (vllm_plugin/endpoint.py) answer through it."""
+    data = []
+    for i in range(n_inputs):
+        per_member = {name: {lab: probs[i][lab] for lab in labels}
+                      for name, (_, probs) in zip(models, answers, strict=True)}
+        probs = ensembles.mixture(per_member, ensemble.weights, ensemble.temperature) \
+            if ensemble is not None else label_scoring.ensemble(list(per_member.values()))
+        ranked = sorted(labels, key=lambda lab: -probs[lab])[:top_k or len(labels)]
+        data.append(Classification(
+            index=i, label=label_scoring.predict(probs), probabilities=probs,
+            top=[LabelScore(label=lab, probability=probs[lab]) for lab in ranked],
+            members={name: MemberAnswer(label=label_scoring.predict(p), probabilities=p)
+                     for name, p in per_member.items()} if len(models) > 1 else None))
+    tokens = sum(t for t, _ in answers)
+    return ClassifyResponse(model=model, labels=labels, data=data,
+                            usage=ClassifyUsage(prompt_tokens=tokens, total_tokens=tokens))

@@ -7,22 +7,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 
-from lorastack.adapters import ensembles
 from lorastack.adapters import labels as label_scoring
 from lorastack.adapters.ensembles import EnsembleManifest
 from lorastack.adapters.manifest import AdapterError
 from lorastack.serve.crashes import shape_of
-from lorastack.serve.protocol import (
-    ApiError,
-    Classification,
-    ClassifyRequest,
-    ClassifyResponse,
-    ClassifyUsage,
-    LabelScore,
-    MemberAnswer,
-)
+from lorastack.serve.protocol import ApiError, ClassifyRequest, ClassifyResponse
 from lorastack.serve.routes.common import GatewayDep, documented, json_body, require_api_key
-from lorastack.serve.scoring import build_rows, score
+from lorastack.serve.scoring import build_rows, classify_response, score
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 Body = Annotated[ClassifyRequest, json_body(ClassifyRequest, code="invalid_request")]
@@ -78,22 +69,9 @@ async def classify(request: Request, gw: GatewayDep, req: Body) -> ClassifyRespo
         return answer
 
     answers = await asyncio.gather(*(replayable(name) for name in models))
-    tokens = sum(t for t, _ in answers)
-    gw.metrics.tokens.labels(request.state.model, "prompt").inc(tokens)
-    data = []
-    for i in range(len(req.records)):
-        per_member = {name: {lab: probs[i][lab] for lab in labels}
-                      for name, (_, probs) in zip(models, answers, strict=True)}
-        probs = ensembles.mixture(per_member, ensemble.weights, ensemble.temperature) \
-            if ensemble is not None else label_scoring.ensemble(list(per_member.values()))
-        ranked = sorted(labels, key=lambda lab: -probs[lab])[:req.top_k or len(labels)]
-        data.append(Classification(
-            index=i, label=label_scoring.predict(probs), probabilities=probs,
-            top=[LabelScore(label=lab, probability=probs[lab]) for lab in ranked],
-            members={name: MemberAnswer(label=label_scoring.predict(p), probabilities=p)
-                     for name, p in per_member.items()} if len(models) > 1 else None))
-    return ClassifyResponse(model=request.state.model, labels=labels, data=data,
-                            usage=ClassifyUsage(prompt_tokens=tokens, total_tokens=tokens))
+    gw.metrics.tokens.labels(request.state.model, "prompt").inc(sum(t for t, _ in answers))
+    return classify_response(request.state.model, labels, models, answers, len(req.records),
+                             req.top_k, ensemble)
 
 
 def _expand(reg, names: list[str]) -> tuple[list[str], EnsembleManifest | None]:

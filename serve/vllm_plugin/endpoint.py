@@ -1,16 +1,27 @@
 """lorastack's `vllm.endpoint_plugins` entry: what it adds to vLLM's own API server.
 
 vLLM loads endpoint plugins only when VLLM_PLUGINS names them (VLLM_PLUGINS=lorastack, which
-also keeps the general plugin of the same name). Today it adds one thing: when the store
-resolver (resolver.py) refused an adapter, vLLM's 404 for that model ("The model `x` does not
-exist") carries lorastack's reason, so a client learns what to fix without reading the log.
+also keeps the general plugin of the same name). With the store resolver on (resolver.py):
+- POST /v1/classify on every vLLM replica, the gateway's request and answer (serve/protocol.py)
+  and its scoring path (serve/scoring.py: the same prompt and label-continuation ids, the same
+  logprob queries, the manifest's temperature), for the store's classification adapters, so
+  that replicas behind Ray or Kubernetes answer it without the gateway. Each adapter is asked
+  for by its version (name@hash), so the manifest scored with is the one vLLM loaded. Not here:
+  stored ensembles, auth beyond vLLM's own --api-key, the gateway's limits and metrics.
+- when the resolver refused an adapter, vLLM's 404 for that model ("The model `x` does not
+  exist") carries lorastack's reason, so a client learns what to fix without reading the log.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+from pathlib import Path
 from typing import Any
+
+from fastapi import Request  # a module global: FastAPI resolves the route's annotations here
+from fastapi.responses import JSONResponse
 
 _NOT_FOUND = re.compile(r"The model `(?P<name>.+?)` does not exist")
 
@@ -24,8 +35,108 @@ class LorastackEndpoints:
     def attach_router(self, app: Any) -> None:
         app.add_middleware(RefusalReasons)
 
+        @app.post("/v1/classify")
+        async def classify(request: Request) -> JSONResponse:
+            from lorastack.serve.protocol import ApiError
+
+            try:
+                answer = await _classify(request)
+            except ApiError as exc:
+                return JSONResponse(exc.body(), status_code=exc.status)
+            return JSONResponse(answer.model_dump(exclude_none=True))
+
     async def init_state(self, engine_client: Any, state: Any, args: Any) -> None:
-        return None
+        from lorastack.serve.scoring import Tokenizer
+
+        state.lorastack = Replica(f"http://127.0.0.1:{args.port}", Path(str(args.model)),
+                                  Tokenizer(Path(str(args.model))))
+
+
+class Replica:
+    """What the replica's /v1/classify keeps: where its own vLLM answers, the base model's
+    tokenizer, and each adapter version's label continuations (tokenized once)."""
+
+    MAX_BATCH, MAX_BODY_BYTES, MAX_PROMPT_TOKENS = 64, 1 << 20, 768
+
+    def __init__(self, url: str, base: Path, tok: Any) -> None:
+        self.url, self.base, self.tok = url, base, tok
+        self.versions: dict[str, Any] = {}  # name@hash -> registry.Served
+
+
+async def _classify(request: Any):
+    import httpx
+    from pydantic import ValidationError
+
+    from lorastack.adapters import labels as label_scoring
+    from lorastack.adapters.files import read_adapter
+    from lorastack.adapters.store import version_id
+    from lorastack.serve.engine import EngineError
+    from lorastack.serve.protocol import ApiError, ClassifyRequest
+    from lorastack.serve.registry import Served
+    from lorastack.serve.routes.common import validation_message
+    from lorastack.serve.scoring import PromptTooLong, build_rows, classify_response, score
+    from lorastack.serve.vllm_plugin import resolver
+
+    active, replica = resolver.ACTIVE, getattr(request.app.state, "lorastack", None)
+    if active is None or replica is None:
+        raise ApiError(503, "/v1/classify on vLLM needs lorastack's store resolver: start vLLM "
+                       f"with {resolver.STORE_ENV} set (README: the store resolver)",
+                       "resolver_off")
+    raw = await request.body()
+    if len(raw) > replica.MAX_BODY_BYTES:
+        raise ApiError(413, f"the body is {len(raw)} bytes, over {replica.MAX_BODY_BYTES}",
+                       "body_too_large")
+    try:
+        req = ClassifyRequest.model_validate(json.loads(raw))
+    except (ValueError, RecursionError) as exc:
+        message = validation_message(exc, ClassifyRequest) if isinstance(exc, ValidationError) \
+            else f"the body is not a JSON object ({exc})"
+        raise ApiError(422 if isinstance(exc, ValidationError) else 400, message,
+                       "invalid_request") from None
+    if len(req.records) > replica.MAX_BATCH:
+        raise ApiError(400, f"{len(req.records)} inputs is over the batch limit "
+                       f"{replica.MAX_BATCH}; split the request", "batch_too_large", "input")
+    members = []
+    for name in req.models:
+        try:
+            path = await asyncio.to_thread(active.fetch, str(replica.base), name)
+        except resolver.Refused as exc:
+            raise ApiError(404, f"the store resolver refused {name!r}: {exc}", "model_not_found",
+                           "model") from None
+        adapter = read_adapter(path)
+        identity = version_id(adapter)
+        served = replica.versions.setdefault(identity, Served(name, adapter, identity, path))
+        if served.manifest.task != "classification":
+            raise ApiError(400, f"{name!r} is a {served.manifest.task} adapter; /v1/classify "
+                           "needs classification adapters", "not_a_classifier", "model")
+        members.append(served)
+    labels = list(members[0].manifest.labels)
+    if any(set(m.manifest.labels) != set(labels) for m in members[1:]):
+        raise ApiError(400, "several models need one label set", "label_sets_differ", "model")
+    headers = {k: v for k, v in request.headers.items() if k.lower() == "authorization"}
+
+    async with httpx.AsyncClient(base_url=replica.url, timeout=600, headers=headers) as client:
+        async def send(body: dict):
+            return await client.post("/v1/completions", json=body)
+
+        async def one(served):
+            rows = await asyncio.to_thread(build_rows, replica.tok, served, req.records,
+                                           replica.MAX_PROMPT_TOKENS)
+            sums = await score(send, served.identity, rows)
+            return rows.prompt_tokens(), [
+                label_scoring.probabilities(row, served.manifest.temperature) for row in sums]
+
+        try:
+            answers = list(await asyncio.gather(*(one(m) for m in members)))
+        except PromptTooLong as exc:
+            raise ApiError(400, str(exc), "prompt_too_long", "input") from None
+        except EngineError as exc:
+            raise ApiError(exc.status, str(exc), "engine_error") from None
+        except httpx.HTTPError as exc:
+            raise ApiError(502, f"this replica's vLLM did not answer its own scoring requests "
+                           f"({type(exc).__name__}: {exc})", "engine_error") from None
+    return classify_response(",".join(req.models), labels, req.models, answers,
+                             len(req.records), req.top_k)
 
 
 class RefusalReasons:

@@ -140,6 +140,26 @@ def test_vllms_404_carries_the_refusal_reason(monkeypatch):
         assert client.post("/v1/completions", json={"model": "base"}).json() == {"ok": True}
 
 
+def test_the_replica_classify_route_says_what_is_missing(monkeypatch):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    app = FastAPI()
+    endpoint.LorastackEndpoints().attach_router(app)
+    monkeypatch.setattr(resolver, "ACTIVE", None)
+    with TestClient(app) as client:
+        off = client.post("/v1/classify", json={"model": "x", "input": "y"})
+        assert off.status_code == 503 and resolver.STORE_ENV in off.json()["error"]["message"]
+        app.state.lorastack = endpoint.Replica("http://127.0.0.1:9", Path("/nowhere"), None)
+        monkeypatch.setattr(resolver, "ACTIVE", StoreResolver("/nowhere", Path("/nowhere")))
+        bad = client.post("/v1/classify", json={"model": "x"})
+        assert bad.status_code == 422 and "input" in bad.json()["error"]["message"]
+        garbled = client.post("/v1/classify", content=b"{not json")
+        assert garbled.status_code == 400 and "not a JSON object" in garbled.text
+        many = client.post("/v1/classify", json={"model": "x", "input": ["a"] * 65})
+        assert many.status_code == 400 and "batch limit 64" in many.text
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_real_vllm_serves_a_store_adapter_written_after_it_started(tmp_path, base_model):
@@ -153,7 +173,7 @@ def test_real_vllm_serves_a_store_adapter_written_after_it_started(tmp_path, bas
     store.root.mkdir()
     port = free_port()
     command = VllmProcess(ServeSettings(store=store.root, vllm_port=port, max_loras=2,
-                                        capacity=2, max_model_len=512),
+                                        capacity=2, max_model_len=1024),
                           base_model.path, "smollm2-135m", tmp_path / "vllm.log").command()
     assert command[:3] == [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
     vllm = ChildProcess("vLLM", port, tmp_path / "vllm.log", command, env={
@@ -165,6 +185,8 @@ def test_real_vllm_serves_a_store_adapter_written_after_it_started(tmp_path, bas
         late = random_adapter(store, "late", base_model, seed=3, tmp=tmp_path)
         write_fake_adapter(store, "alien", fingerprint=FAKE_FINGERPRINT, tmp=tmp_path)
         random_adapter(store, "wide", base_model, seed=4, tmp=tmp_path, rank=32)
+        random_adapter(store, "sentiment", base_model, seed=5, tmp=tmp_path,
+                       labels=("positive", "negative", "neutral"))
 
         def complete(model: str) -> httpx.Response:
             return httpx.post(f"{vllm.url}/v1/completions", timeout=300, json={
@@ -190,6 +212,23 @@ def test_real_vllm_serves_a_store_adapter_written_after_it_started(tmp_path, bas
         assert httpx.get(f"{vllm.url}/health").status_code == 200
         models = [m["id"] for m in httpx.get(f"{vllm.url}/v1/models").json()["data"]]
         assert {"late", version} <= set(models)
+        # /v1/classify on the replica itself: the gateway's scoring path, the trainer's numbers
+        from lorastack.train.assess import adapter_probabilities
+
+        texts = ["Works great, no side effects.", "It made me sick.", "Some days are better."]
+        classified = httpx.post(f"{vllm.url}/v1/classify", timeout=300, json={
+            "model": "sentiment", "input": texts, "top_k": 2})
+        assert classified.status_code == 200, classified.text
+        body = classified.json()
+        assert body["labels"] == ["positive", "negative", "neutral"] and body["usage"]["prompt_tokens"]
+        want = adapter_probabilities(store.path("sentiment"), texts)
+        for item, expected in zip(body["data"], want, strict=True):
+            assert item["probabilities"] == pytest.approx(expected, abs=1e-3)
+            assert [t["label"] for t in item["top"]] == sorted(expected, key=lambda k: -expected[k])[:2]
+        not_cls = httpx.post(f"{vllm.url}/v1/classify", json={"model": "late", "input": "x"})
+        assert not_cls.status_code == 400 and "generation adapter" in not_cls.text
+        refused_cls = httpx.post(f"{vllm.url}/v1/classify", json={"model": "alien", "input": "x"})
+        assert refused_cls.status_code == 404 and "trained on base" in refused_cls.text
         log = (tmp_path / "vllm.log").read_text(errors="replace")
         assert "lorastack vLLM plugin: store resolver over" in log
         assert json.loads((store.path("late") / "manifest.json").read_text())["name"] == "late"
