@@ -327,7 +327,11 @@ def pin(adapter: Adapter, into: Path, *, base_fingerprint: str,
         check_servable(copy, limits)
         final = into / version_id(copy)
         if not final.exists():
-            os.rename(tmp.parent, final)
+            try:
+                os.rename(tmp.parent, final)
+            except OSError:  # pinned by another thread or process meanwhile: same bytes
+                if not final.is_dir():
+                    raise
     finally:
         shutil.rmtree(tmp.parent, ignore_errors=True)
     return read_adapter(final / name)

@@ -500,3 +500,31 @@ def test_import_explains_bad_options_and_missing_base(store, tmp_path, fake, fak
     with pytest.raises(AdapterError) as info:
         store.import_dir(src, "x", "generation", base="smollm2-135m")  # not cached here
     explains(info.value, "x", "", "lorastack models pull smollm2-135m")
+
+
+def test_pin_gives_every_thread_the_same_checked_copy(store, add_adapter, tmp_path, fake,
+                                                      monkeypatch):
+    """The gateway's snapshots and the vLLM resolver's copies: one directory per version, even
+    when several threads pin the same version at once (the replica's /v1/classify and vLLM's own
+    resolution of it)."""
+    from lorastack.adapters.store import pin, version_id
+
+    adapter = add_adapter("reviews")
+    into = tmp_path / "pinned"
+    with ThreadPoolExecutor(8) as pool:
+        copies = list(pool.map(lambda _: pin(adapter, into, base_fingerprint=fake.FINGERPRINT),
+                               range(16)))
+    assert {c.path for c in copies} == {into / version_id(adapter) / "reviews"}
+    assert version_id(adapter) == "reviews@" + adapter.content_hash().split(":")[1][:16]
+    assert [p.name for p in into.iterdir()] == [version_id(adapter)]  # no partial copies left
+    assert copies[0].content_hash() == adapter.content_hash()
+    # the race itself: another pinner renamed its copy in between the check and the rename
+    real_exists = type(into).exists
+    monkeypatch.setattr(type(into), "exists", lambda p: False if p.name == version_id(adapter)
+                        else real_exists(p))
+    assert pin(adapter, into, base_fingerprint=fake.FINGERPRINT).path == copies[0].path
+    monkeypatch.undo()
+    with pytest.raises(BaseMismatchError):
+        pin(adapter, into, base_fingerprint=fake.OTHER_FINGERPRINT)
+    with pytest.raises(NotServableError):
+        pin(adapter, into, base_fingerprint=fake.FINGERPRINT, limits=ServingLimits(max_rank=4))
