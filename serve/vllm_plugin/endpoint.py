@@ -56,10 +56,14 @@ class Replica:
     """What the replica's /v1/classify keeps: where its own vLLM answers, the base model's
     tokenizer, and each adapter version's label continuations (tokenized once)."""
 
-    MAX_BATCH, MAX_BODY_BYTES, MAX_PROMPT_TOKENS = 64, 1 << 20, 768
-
     def __init__(self, url: str, base: Path, tok: Any) -> None:
+        from lorastack.serve.settings import ServeSettings
+
         self.url, self.base, self.tok = url, base, tok
+        limits = ServeSettings.model_fields  # the gateway's defaults: one declaration
+        self.max_batch = limits["max_batch"].default
+        self.max_body_bytes = limits["max_body_bytes"].default
+        self.max_prompt_tokens = limits["max_prompt_tokens"].default
         self.versions: dict[str, Any] = {}  # name@hash -> registry.Served
 
 
@@ -83,8 +87,8 @@ async def _classify(request: Any):
                        f"with {resolver.STORE_ENV} set (README: the store resolver)",
                        "resolver_off")
     raw = await request.body()
-    if len(raw) > replica.MAX_BODY_BYTES:
-        raise ApiError(413, f"the body is {len(raw)} bytes, over {replica.MAX_BODY_BYTES}",
+    if len(raw) > replica.max_body_bytes:
+        raise ApiError(413, f"the body is {len(raw)} bytes, over {replica.max_body_bytes}",
                        "body_too_large")
     try:
         req = ClassifyRequest.model_validate(json.loads(raw))
@@ -93,9 +97,9 @@ async def _classify(request: Any):
             else f"the body is not a JSON object ({exc})"
         raise ApiError(422 if isinstance(exc, ValidationError) else 400, message,
                        "invalid_request") from None
-    if len(req.records) > replica.MAX_BATCH:
+    if len(req.records) > replica.max_batch:
         raise ApiError(400, f"{len(req.records)} inputs is over the batch limit "
-                       f"{replica.MAX_BATCH}; split the request", "batch_too_large", "input")
+                       f"{replica.max_batch}; split the request", "batch_too_large", "input")
     members = []
     for name in req.models:
         try:
@@ -121,7 +125,7 @@ async def _classify(request: Any):
 
         async def one(served):
             rows = await asyncio.to_thread(build_rows, replica.tok, served, req.records,
-                                           replica.MAX_PROMPT_TOKENS)
+                                           replica.max_prompt_tokens)
             sums = await score(send, served.identity, rows)
             return rows.prompt_tokens(), [
                 label_scoring.probabilities(row, served.manifest.temperature) for row in sums]

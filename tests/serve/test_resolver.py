@@ -156,8 +156,11 @@ def test_the_replica_classify_route_says_what_is_missing(monkeypatch):
         assert bad.status_code == 422 and "input" in bad.json()["error"]["message"]
         garbled = client.post("/v1/classify", content=b"{not json")
         assert garbled.status_code == 400 and "not a JSON object" in garbled.text
-        many = client.post("/v1/classify", json={"model": "x", "input": ["a"] * 65})
-        assert many.status_code == 400 and "batch limit 64" in many.text
+        from lorastack.serve.settings import ServeSettings
+
+        limit = ServeSettings().max_batch  # the gateway's own limit
+        many = client.post("/v1/classify", json={"model": "x", "input": ["a"] * (limit + 1)})
+        assert many.status_code == 400 and f"batch limit {limit};" in many.text
 
 
 @pytest.mark.slow
