@@ -316,8 +316,14 @@ def pin(adapter: Adapter, into: Path, *, base_fingerprint: str,
         limits: ServingLimits | None = None) -> Adapter:
     """A private, immutable copy of `adapter` at `into`/<name>@<digest>/<name>, checked again
     after the copy (base, servability), for a server to load: the store's directory may be
-    replaced at any time, and vLLM may re-read the path later. Idempotent per version."""
+    replaced at any time, and vLLM may re-read the path later. Idempotent per version: a
+    version pinned before is checked again and returned without a second copy."""
     name = adapter.name
+    pinned = into / version_id(adapter) / name
+    if pinned.is_dir():  # this version was pinned before: check it for this caller, no copy
+        copy = read_adapter(pinned, base_fingerprint=base_fingerprint)
+        check_servable(copy, limits)
+        return copy
     into.mkdir(parents=True, exist_ok=True)
     tmp = into / f".{name}.{uuid.uuid4().hex[:8]}.partial" / name
     tmp.mkdir(parents=True)

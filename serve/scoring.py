@@ -32,13 +32,14 @@ from lorastack.adapters import labels as label_scoring
 from lorastack.adapters.ensembles import EnsembleManifest
 from lorastack.serve.engine import EngineError
 from lorastack.serve.protocol import (
+    ApiError,
     Classification,
     ClassifyResponse,
     ClassifyUsage,
     LabelScore,
     MemberAnswer,
 )
-from lorastack.serve.registry import Served
+from lorastack.serve.registry import MergedBase, Served
 
 
 class Tokenizer:
@@ -167,6 +168,42 @@ def _lookup(entry: dict, key: str) -> float:
         raise EngineError(f"vLLM's answer lacks the log-probability of token {key}", 502)
     return value["logprob"] if isinstance(value, dict) else float(value)
 
+
+
+def check_batch(records: Sequence[dict], limit: int) -> None:
+    """400 when a /v1/classify request holds more inputs than `limit`."""
+    if len(records) > limit:
+        raise ApiError(400, f"{len(records)} inputs is over the batch limit {limit}; split the "
+                       f"request", "batch_too_large", "input")
+
+
+def check_classifiers(members: Sequence[Served | MergedBase],
+                      records: Sequence[dict]) -> list[str]:
+    """The label set the members share, after refusing what /v1/classify cannot score: a
+    generation adapter (400), a record without a field a prompt template fills in (422),
+    members with different label sets (400). The gateway's route and the replicas' use it."""
+    for served in members:
+        if served.manifest.task != "classification":
+            raise ApiError(400, f"{served.name!r} is a {served.manifest.task} adapter; "
+                           f"/v1/classify needs classification adapters (use /v1/completions "
+                           f"for generation)", "not_a_classifier", "model")
+    for served in members:
+        needed = label_scoring.template_fields(served.manifest.prompt_template)
+        for i, record in enumerate(records):
+            missing = [f for f in needed if f not in record]
+            if missing:
+                template = served.manifest.prompt_template
+                raise ApiError(422, f"input {i} lacks the field(s) {', '.join(missing)}: "
+                               f"adapter {served.name!r} builds its prompt from {template!r}; "
+                               f"send records with {', '.join(needed)} (a plain string is "
+                               f"{{\"text\": ...}})", "missing_field", "input")
+    labels = list(members[0].manifest.labels)
+    for served in members[1:]:
+        if set(served.manifest.labels) != set(labels):
+            raise ApiError(400, f"an ensemble needs one label set: {members[0].name!r} has "
+                           f"{labels}, {served.name!r} has {list(served.manifest.labels)}",
+                           "label_sets_differ", "model")
+    return labels
 
 
 Answer = tuple[int, list[dict[str, float]]]  # one model's prompt tokens, per-input probabilities

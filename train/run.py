@@ -25,6 +25,7 @@ from lorastack.train.config import (
     build_config,
     check_against_base,
     load_config,
+    served_rank,
 )
 from lorastack.train.data import fingerprint_records, load_splits
 
@@ -144,8 +145,8 @@ def _train(cfg: TrainConfig, base, dist, device, t_start: float, resume: bool,
     check_answer_logits(model, tokenizer)  # the loss's logits are the model's own, or refuse
     trainable, total = trainable_parameters(model)
     _say(f"model: {cfg.base} ({cfg.quantization}) on {device}; LoRA r={cfg.lora.r}"
-         + (f" (PiSSA init, stored as rank {2 * cfg.lora.r})" if cfg.lora.init == "pissa"
-            else "")
+         + (f" (PiSSA init, stored as rank {served_rank(cfg.lora)})"
+            if cfg.lora.init == "pissa" else "")
          + (f", LoRA+ B lr x{cfg.training.loraplus_lr_ratio:g}"
             if cfg.training.loraplus_lr_ratio else "")
          + f" trains {trainable:,} of {total:,} parameters ({trainable / total:.2%})")

@@ -13,7 +13,13 @@ from lorastack.adapters.manifest import AdapterError
 from lorastack.serve.crashes import shape_of
 from lorastack.serve.protocol import ApiError, ClassifyRequest, ClassifyResponse
 from lorastack.serve.routes.common import GatewayDep, documented, json_body, require_api_key
-from lorastack.serve.scoring import build_rows, classify_response, score
+from lorastack.serve.scoring import (
+    build_rows,
+    check_batch,
+    check_classifiers,
+    classify_response,
+    score,
+)
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 Body = Annotated[ClassifyRequest, json_body(ClassifyRequest, code="invalid_request")]
@@ -24,9 +30,7 @@ Body = Annotated[ClassifyRequest, json_body(ClassifyRequest, code="invalid_reque
 async def classify(request: Request, gw: GatewayDep, req: Body) -> ClassifyResponse:
     request.state.model = ",".join(req.models)
     s, reg = gw.settings, gw.reg
-    if len(req.records) > s.max_batch:
-        raise ApiError(400, f"{len(req.records)} inputs is over the batch limit {s.max_batch}; "
-                       f"split the request", "batch_too_large", "input")
+    check_batch(req.records, s.max_batch)
     models, ensemble = _expand(reg, req.models)
     for name in models:
         if name == reg.base_name and reg.merged is None:  # served, but it has no label set
@@ -36,19 +40,7 @@ async def classify(request: Request, gw: GatewayDep, req: Body) -> ClassifyRespo
     # 404 with the available names; the base when it is a merged classifier (lorastack export)
     members = [reg.merged if name == reg.base_name and reg.merged else reg.get(name)
                for name in models]
-    for served in members:
-        if served.manifest.task != "classification":
-            raise ApiError(400, f"{served.name!r} is a {served.manifest.task} adapter; "
-                           f"/v1/classify needs classification adapters (use /v1/completions "
-                           f"for generation)", "not_a_classifier", "model")
-    for served in members:
-        _check_fields(served, req.records)
-    labels = list(members[0].manifest.labels)
-    for served in members[1:]:
-        if set(served.manifest.labels) != set(labels):
-            raise ApiError(400, f"an ensemble needs one label set: {members[0].name!r} has "
-                           f"{labels}, {served.name!r} has {list(served.manifest.labels)}",
-                           "label_sets_differ", "model")
+    labels = check_classifiers(members, req.records)
 
     async def one(name: str):
         async with reg.use(name) as (served, engine):  # this version's manifest and weights
@@ -91,16 +83,3 @@ def _expand(reg, names: list[str]) -> tuple[list[str], EnsembleManifest | None]:
                        "ensemble_unavailable", "model") from None
     assert ensemble is not None
     return [m.adapter for m in ensemble.members], ensemble
-
-
-def _check_fields(served, records: list[dict[str, str]]) -> None:
-    """422 naming the field when a record lacks one the adapter's prompt template fills in."""
-    needed = label_scoring.template_fields(served.manifest.prompt_template)
-    for i, record in enumerate(records):
-        missing = [f for f in needed if f not in record]
-        if missing:
-            template = served.manifest.prompt_template
-            raise ApiError(422, f"input {i} lacks the field(s) {', '.join(missing)}: adapter "
-                           f"{served.name!r} builds its prompt from {template!r}; send records "
-                           f"with {', '.join(needed)} (a plain string is {{\"text\": ...}})",
-                           "missing_field", "input")

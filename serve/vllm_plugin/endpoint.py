@@ -72,13 +72,19 @@ async def _classify(request: Any):
     from pydantic import ValidationError
 
     from lorastack.adapters import labels as label_scoring
-    from lorastack.adapters.files import read_adapter
     from lorastack.adapters.store import version_id
     from lorastack.serve.engine import EngineError
     from lorastack.serve.protocol import ApiError, ClassifyRequest
     from lorastack.serve.registry import Served
     from lorastack.serve.routes.common import validation_message
-    from lorastack.serve.scoring import PromptTooLong, build_rows, classify_response, score
+    from lorastack.serve.scoring import (
+        PromptTooLong,
+        build_rows,
+        check_batch,
+        check_classifiers,
+        classify_response,
+        score,
+    )
     from lorastack.serve.vllm_plugin import resolver
 
     active, replica = resolver.ACTIVE, getattr(request.app.state, "lorastack", None)
@@ -97,26 +103,18 @@ async def _classify(request: Any):
             else f"the body is not a JSON object ({exc})"
         raise ApiError(422 if isinstance(exc, ValidationError) else 400, message,
                        "invalid_request") from None
-    if len(req.records) > replica.max_batch:
-        raise ApiError(400, f"{len(req.records)} inputs is over the batch limit "
-                       f"{replica.max_batch}; split the request", "batch_too_large", "input")
+    check_batch(req.records, replica.max_batch)
     members = []
     for name in req.models:
-        try:
-            path = await asyncio.to_thread(active.fetch, str(replica.base), name)
+        try:  # pinned and checked by the resolver; scored by the version vLLM loads
+            adapter = await asyncio.to_thread(active.fetch, str(replica.base), name)
         except resolver.Refused as exc:
             raise ApiError(404, f"the store resolver refused {name!r}: {exc}", "model_not_found",
                            "model") from None
-        adapter = read_adapter(path)
         identity = version_id(adapter)
-        served = replica.versions.setdefault(identity, Served(name, adapter, identity, path))
-        if served.manifest.task != "classification":
-            raise ApiError(400, f"{name!r} is a {served.manifest.task} adapter; /v1/classify "
-                           "needs classification adapters", "not_a_classifier", "model")
-        members.append(served)
-    labels = list(members[0].manifest.labels)
-    if any(set(m.manifest.labels) != set(labels) for m in members[1:]):
-        raise ApiError(400, "several models need one label set", "label_sets_differ", "model")
+        members.append(replica.versions.setdefault(
+            identity, Served(name, adapter, identity, adapter.path)))
+    labels = check_classifiers(members, req.records)
     headers = {k: v for k, v in request.headers.items() if k.lower() == "authorization"}
 
     async with httpx.AsyncClient(base_url=replica.url, timeout=600, headers=headers) as client:

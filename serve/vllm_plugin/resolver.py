@@ -34,7 +34,13 @@ import re
 import tempfile
 from pathlib import Path
 
-from lorastack.adapters.files import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, read_adapter
+from lorastack.adapters.files import (
+    CONFIG_FILE,
+    MANIFEST_FILE,
+    WEIGHTS_FILE,
+    Adapter,
+    read_adapter,
+)
 from lorastack.adapters.home import lorastack_home
 from lorastack.adapters.manifest import AdapterError, ServingLimits, check_name
 from lorastack.adapters.models import ModelError, resolve_base
@@ -66,7 +72,7 @@ class StoreResolver:
         from vllm.lora.request import LoRARequest
 
         try:
-            path = await asyncio.to_thread(self.fetch, base_model_name, lora_name)
+            path = (await asyncio.to_thread(self.fetch, base_model_name, lora_name)).path
         except Refused as exc:
             self.refusals[lora_name] = str(exc)
             log.warning("lorastack resolver: %r refused: %s", lora_name, exc)
@@ -75,8 +81,9 @@ class StoreResolver:
         log.info("lorastack resolver: %r -> %s", lora_name, path)
         return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=str(path))
 
-    def fetch(self, base_model_name: str, lora_name: str) -> Path:
-        """The checked, pinned directory of adapter `lora_name` for vLLM's base model."""
+    def fetch(self, base_model_name: str, lora_name: str) -> Adapter:
+        """Adapter `lora_name` for vLLM's base model, checked and pinned (its .path is what
+        vLLM loads)."""
         m = _VERSION.fullmatch(lora_name)
         name, want = (m["name"], m["hash"]) if m else (lora_name, None)
         try:
@@ -92,14 +99,13 @@ class StoreResolver:
         except (AdapterError, ModelError) as exc:
             raise Refused(str(exc)) from None
 
-    def _pin(self, adapter, want: str | None, fingerprint: str) -> Path:
+    def _pin(self, adapter: Adapter, want: str | None, fingerprint: str) -> Adapter:
         held = adapter.content_hash().split(":", 1)[1]
         if want and not held.startswith(want):
             raise Refused(f"the store holds {adapter.name} at content hash {held[:16]}, not "
                           f"{want}: ask for {adapter.name} (the store's current version) or "
                           f"{adapter.name}@{held[:16]}")
-        return pin(adapter, self._cache(), base_fingerprint=fingerprint,
-                   limits=self.limits).path
+        return pin(adapter, self._cache(), base_fingerprint=fingerprint, limits=self.limits)
 
     def _cache(self) -> Path:
         self.cache.mkdir(parents=True, exist_ok=True)
@@ -116,7 +122,7 @@ class StoreResolver:
                     from None
         return self._fingerprints[name]
 
-    def _download(self, name: str, into: Path, fingerprint: str):
+    def _download(self, name: str, into: Path, fingerprint: str) -> Adapter:
         """A remote store's adapter, copied into `into` and read with a local one's checks."""
         import fsspec
 

@@ -518,12 +518,19 @@ def test_pin_gives_every_thread_the_same_checked_copy(store, add_adapter, tmp_pa
     assert version_id(adapter) == "reviews@" + adapter.content_hash().split(":")[1][:16]
     assert [p.name for p in into.iterdir()] == [version_id(adapter)]  # no partial copies left
     assert copies[0].content_hash() == adapter.content_hash()
-    # the race itself: another pinner renamed its copy in between the check and the rename
-    real_exists = type(into).exists
+    # the race itself: another pinner renamed its copy in between the checks and the rename
+    real_exists, real_is_dir = type(into).exists, type(into).is_dir
     monkeypatch.setattr(type(into), "exists", lambda p: False if p.name == version_id(adapter)
                         else real_exists(p))
+    monkeypatch.setattr(type(into), "is_dir", lambda p: False if p.parent.name ==
+                        version_id(adapter) else real_is_dir(p))
     assert pin(adapter, into, base_fingerprint=fake.FINGERPRINT).path == copies[0].path
     monkeypatch.undo()
+    copied = []  # a version pinned before is checked again for each caller, not copied
+    monkeypatch.setattr("lorastack.adapters.store.copy_consistent",
+                        lambda *a: copied.append(a))
+    assert pin(adapter, into, base_fingerprint=fake.FINGERPRINT).path == copies[0].path
+    assert copied == []
     with pytest.raises(BaseMismatchError):
         pin(adapter, into, base_fingerprint=fake.OTHER_FINGERPRINT)
     with pytest.raises(NotServableError):

@@ -32,12 +32,12 @@ def test_resolves_a_pinned_checked_copy_by_name_or_version(stores, tmp_path, bas
     store, good = stores
     r = StoreResolver(str(store.root), tmp_path / "cache", base=base_model.name)
     digest = good.content_hash().split(":", 1)[1]
-    path = r.fetch(base_model.path, "good")
+    path = r.fetch(base_model.path, "good").path
     assert path == tmp_path / "cache" / f"good@{digest[:16]}" / "good"
     assert sorted(p.name for p in path.iterdir()) == [
         "adapter_config.json", "adapter_model.safetensors", "manifest.json"]
-    assert r.fetch(base_model.path, f"good@{digest[:8]}") == path  # one version, one directory
-    assert r.fetch(base_model.path, f"good@sha256:{digest}") == path
+    assert r.fetch(base_model.path, f"good@{digest[:8]}").path == path  # one version, one dir
+    assert r.fetch(base_model.path, f"good@sha256:{digest}").path == path
     with pytest.raises(Refused, match=rf"holds good at content hash {digest[:16]}, not "
                                       r"deadbeef: ask for good .* or good@"):
         r.fetch(base_model.path, "good@deadbeef")
@@ -74,7 +74,7 @@ def test_a_remote_store_is_downloaded_and_checked_the_same_way(stores, tmp_path,
     fs.pipe("/remote-store/pickled/adapter_model.bin", b"not safetensors")
     fs.pipe("/remote-store/bare/adapter_config.json", b"{}")
     r = StoreResolver("memory://remote-store", tmp_path / "cache", base=base_model.name)
-    path = r.fetch(base_model.path, "good")
+    path = r.fetch(base_model.path, "good").path
     assert AdapterStore(path.parent).resolve("good").content_hash() == good.content_hash()
     with pytest.raises(Refused, match=r"memory://remote-store/alien/manifest.json\): it was "
                                       r"trained on base 'smollm2-135m'"):
@@ -230,6 +230,9 @@ def test_real_vllm_serves_a_store_adapter_written_after_it_started(tmp_path, bas
             assert [t["label"] for t in item["top"]] == sorted(expected, key=lambda k: -expected[k])[:2]
         not_cls = httpx.post(f"{vllm.url}/v1/classify", json={"model": "late", "input": "x"})
         assert not_cls.status_code == 400 and "generation adapter" in not_cls.text
+        fieldless = httpx.post(f"{vllm.url}/v1/classify", json={"model": "sentiment",
+                                                                 "input": [{"drug": "x"}]})
+        assert fieldless.status_code == 422 and "lacks the field(s) text" in fieldless.text
         refused_cls = httpx.post(f"{vllm.url}/v1/classify", json={"model": "alien", "input": "x"})
         assert refused_cls.status_code == 404 and "trained on base" in refused_cls.text
         log = (tmp_path / "vllm.log").read_text(errors="replace")
