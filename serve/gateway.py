@@ -21,6 +21,7 @@ from lorastack.adapters.models import BaseModel, resolve_base
 from lorastack.adapters.store import AdapterStore
 from lorastack.serve.crashes import CrashGuard
 from lorastack.serve.engine import Engine
+from lorastack.serve.leases import registered
 from lorastack.serve.metrics import Metrics
 from lorastack.serve.registry import Registry
 from lorastack.serve.scoring import Tokenizer
@@ -28,6 +29,7 @@ from lorastack.serve.settings import ServeSettings, fit_context
 from lorastack.serve.vllm_proc import VllmProcess, VllmStartError
 
 log = logging.getLogger("lorastack.serve")
+LEASE_BEAT_S = 5.0  # how often this gateway's leases are renewed (they expire after 30 s)
 
 
 def say(message: str) -> None:
@@ -125,6 +127,9 @@ class Gateway:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if self.registry is not None:  # what no other gateway holds is unloaded from upstreams
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.registry.close(), 30)
         for engine in self.engines:
             if engine.process is not None:
                 await asyncio.to_thread(engine.process.stop)
@@ -134,6 +139,9 @@ class Gateway:
 
     async def _start_engines(self) -> list[Engine]:
         s = self.settings
+        if s.upstream_dir is not None:
+            say(f"following the vLLM servers registered in {s.upstream_dir}")
+            return []  # _follow_upstreams adds them as they come
         if s.upstream:
             engines = []
             for url in s.upstream:
@@ -167,12 +175,20 @@ class Gateway:
                 log.exception("store watcher")
 
     async def _supervise(self) -> None:
-        last_health = 0.0
+        last_health = last_beat = 0.0
         while True:
             await asyncio.sleep(0.5)
             check_health = time.monotonic() - last_health > 2.0
             if check_health:
                 last_health = time.monotonic()
+            try:
+                if time.monotonic() - last_beat > LEASE_BEAT_S:  # other gateways see it alive
+                    last_beat = time.monotonic()
+                    await asyncio.to_thread(self.reg.leases.heartbeat)
+                if check_health and self.settings.upstream_dir is not None:
+                    await self._follow_upstreams(self.settings.upstream_dir)
+            except Exception:
+                log.exception("supervisor")
             for engine in self.engines:
                 try:
                     if engine.process is not None and engine.process.exit_code() is not None:
@@ -182,6 +198,26 @@ class Gateway:
                 except Exception:
                     log.exception("supervisor")
                 self.metrics.vllm_up.labels(engine.url).set(int(engine.up))
+
+    async def _follow_upstreams(self, folder: Path) -> None:
+        """Engines for the servers registered in `folder` (serve/leases.py's registrations);
+        one whose registration went away (stopped, or silent past the lease TTL) is dropped."""
+        urls = await asyncio.to_thread(registered, folder)
+        for engine in [e for e in self.engines if e.url not in urls]:
+            say(f"vLLM at {engine.url} left ({folder}); its requests go to the others")
+            self.engines.remove(engine)
+            engine.up, engine.reason = False, "deregistered"
+            self.reg.leases.forget_engine(engine.url)
+            self.metrics.vllm_up.labels(engine.url).set(0)
+            await engine.aclose()
+        known = {e.url for e in self.engines}
+        for url in sorted(urls - known):
+            engine = Engine(url, timeout_s=self.settings.request_timeout_s)
+            engine.up = await engine.healthy()
+            engine.reason = "ok" if engine.up else "not answering /health"
+            engine.base_id = await engine.served_base() if engine.up else None
+            self.engines.append(engine)
+            say(f"vLLM at {url} joined ({folder})")
 
     async def _check(self, engine: Engine) -> None:
         healthy = await engine.healthy()

@@ -13,7 +13,10 @@ Rules that keep requests alive across swaps:
 - a replaced or removed version is retired: unloaded, and its snapshot deleted, only when its
   last request has finished;
 - eviction (over `capacity` adapters on an engine) takes the least recently used version that
-  has no request in flight; when every one is busy it loads anyway (vLLM's own cache copes).
+  has no request in flight; when every one is busy it loads anyway (vLLM's own cache copes);
+- gateways sharing a work dir and engines agree through leases (serve/leases.py): a version
+  another gateway holds on an engine is never unloaded there, nor its snapshot deleted, and
+  the engine's occupancy counts every gateway's adapters.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from lorastack.adapters.manifest import (
 from lorastack.adapters.models import BaseModel
 from lorastack.adapters.store import AdapterStore, StoreSnapshot, pin, version_id
 from lorastack.serve.engine import Engine, EngineError
+from lorastack.serve.leases import Leases
 
 log = logging.getLogger("lorastack.serve")
 
@@ -123,6 +127,7 @@ class Registry:
         self.merged = merged_classifier(base)  # the base, when it is a merged classifier
         self.capacity, self.limits, self.metrics = capacity, limits, metrics
         self.snapshots = work_dir / "snapshots"
+        self.leases = Leases(work_dir / "leases")
         self.current: dict[str, Served] = {}
         self.draining: list[Served] = []
         self.disabled: set[str] = set()  # unloaded by hand: the watcher leaves them alone
@@ -188,11 +193,13 @@ class Registry:
         return live[self._rr % len(live)]
 
     def down_reason(self) -> str:
-        reasons = "; ".join(f"{e.url}: {e.reason}" for e in self.engines)
+        reasons = "; ".join(f"{e.url}: {e.reason}" for e in self.engines) or "none registered"
         return f"no vLLM engine is available ({reasons}); retry in a few seconds"
 
     def loaded_count(self, engine: Engine) -> int:
-        return sum(s.is_loaded(engine) for s in [*self.current.values(), *self.draining])
+        """Versions loaded on `engine` by this gateway or another one sharing the work dir."""
+        mine = sum(s.is_loaded(engine) for s in [*self.current.values(), *self.draining])
+        return max(mine, self.leases.loaded_on(engine.url))
 
     # -- following the store ---------------------------------------------------------------
 
@@ -265,6 +272,7 @@ class Registry:
             old = self.current.get(name)
             if old is not None and old.identity == fresh.identity:
                 served = old  # same bytes (touched, or asked again): nothing to swap
+                await self._forget(fresh)
             else:
                 served = fresh
                 served.last_used = time.monotonic()
@@ -272,7 +280,12 @@ class Registry:
             if live and not any(served.is_loaded(e) for e in live) and (
                     eager or old is not None or
                     any(self.loaded_count(e) < self.capacity for e in live)):
-                await self._load_somewhere(served)
+                try:
+                    await self._load_somewhere(served)
+                except EngineError:
+                    if served is fresh:
+                        await self._forget(fresh)
+                    raise
             self.current[name] = served
             if old is not None and old is not served:
                 await self._retire(old)
@@ -322,13 +335,24 @@ class Registry:
             before = [s for s in self.current.values()
                       if s.loaded.get(engine) == previous_generation]
             before.sort(key=lambda s: s.last_used, reverse=True)
+            self.leases.forget_engine(engine.url)
             for served in before[:self.capacity]:
                 try:
-                    await engine.load_lora(served.identity, str(served.path))
-                    served.loaded[engine] = engine.generation
-                    self._count("loads")
+                    await self._load(engine, served)
                 except EngineError as exc:
                     log.warning("could not reload %s after a restart: %s", served.name, exc)
+
+    async def close(self) -> None:
+        """On shutdown: let go of every version, unloading (from upstreams) and deleting what
+        no other gateway holds."""
+        async with self._lock:
+            for served in [*self.current.values(), *self.draining]:
+                for engine in [e for e in list(served.loaded) if e.process is not None]:
+                    served.loaded.pop(engine)  # its own vLLM child stops with it
+                await self._unload_everywhere(served, others=[])
+            self.current.clear()
+            self.draining.clear()
+        self.leases.release_all()
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -341,22 +365,39 @@ class Registry:
             return holders[0]
         engine = min(live, key=self.loaded_count)
         await self._make_room(engine, keep=served)
-        await engine.load_lora(served.identity, str(served.path))
+        await self._load(engine, served)
+        return engine
+
+    async def _load(self, engine: Engine, served: Served) -> None:
+        async with self.leases.locked(served.name):  # no other gateway unloads it meanwhile
+            self.leases.hold(engine.url, served.identity)
+            try:
+                await engine.load_lora(served.identity, str(served.path))
+            except EngineError:
+                self.leases.release(engine.url, served.identity)
+                raise
         served.loaded[engine] = engine.generation
         self._count("loads")
-        return engine
 
     async def _make_room(self, engine: Engine, keep: Served) -> None:
         while self.loaded_count(engine) >= self.capacity:
             idle = [s for s in self.current.values()
-                    if s is not keep and s.inflight == 0 and s.is_loaded(engine)]
+                    if s is not keep and s.inflight == 0 and s.is_loaded(engine)
+                    and not self.leases.held_elsewhere(engine.url, s.identity)]
             if not idle:
                 return  # all busy: go over by one; vLLM's own LRU cache reloads as needed
             victim = min(idle, key=lambda s: s.last_used)
             victim.loaded.pop(engine, None)
             self._count("evictions")
             log.info("evicted %s from %s (least recently used)", victim.name, engine.url)
-            await _quietly(engine.unload_lora(victim.identity))
+            await self._unload(engine, victim)
+
+    async def _unload(self, engine: Engine, served: Served) -> None:
+        """Unload `served` from `engine` unless another gateway still holds it there."""
+        async with self.leases.locked(served.name):
+            if self.leases.release(engine.url, served.identity):
+                await _quietly(engine.unload_lora(served.identity))
+                self._count("unloads")
 
     async def _retire(self, served: Served) -> None:
         served.retired = True
@@ -371,13 +412,23 @@ class Registry:
                 self.draining.remove(served)
                 await self._unload_everywhere(served)
 
-    async def _unload_everywhere(self, served: Served) -> None:
+    async def _unload_everywhere(self, served: Served, others: list[Served] | None = None) \
+            -> None:
+        if others is None:  # this gateway's other Served of the same version (removed, re-added)
+            others = [s for s in [*self.current.values(), *self.draining]
+                      if s is not served and s.identity == served.identity]
         for engine in [e for e in list(served.loaded) if served.is_loaded(e)]:
-            await _quietly(engine.unload_lora(served.identity))
-            self._count("unloads")
+            if not any(o.is_loaded(engine) for o in others):
+                await self._unload(engine, served)
         served.loaded.clear()
-        if all(s.path != served.path for s in self.current.values()):
-            shutil.rmtree(served.path.parent, ignore_errors=True)
+        await self._forget(served)
+
+    async def _forget(self, served: Served) -> None:
+        """`served` is no longer used: its snapshot goes when nothing here or in another
+        gateway refers to that version."""
+        async with self.leases.locked(served.name):
+            if self.leases.unref(served.identity):
+                await asyncio.to_thread(shutil.rmtree, served.path.parent, ignore_errors=True)
 
     def _count(self, what: str) -> None:
         if self.metrics is not None:
@@ -390,9 +441,13 @@ class Registry:
         return self._snapshot(adapter)
 
     def _snapshot(self, adapter: Adapter) -> Served:
-        copy = pin(adapter, self.snapshots, base_fingerprint=self.base.fingerprint,
-                   limits=self.limits)
-        return Served(adapter.name, copy, version_id(copy), copy.path)
+        # under the name's lock: no gateway deletes the pinned version before it is referred to
+        with self.leases.locked_sync(adapter.name):
+            copy = pin(adapter, self.snapshots, base_fingerprint=self.base.fingerprint,
+                       limits=self.limits)
+            served = Served(adapter.name, copy, version_id(copy), copy.path)
+            self.leases.ref(served.identity)
+        return served
 
 
 async def _quietly(coro) -> None:

@@ -88,6 +88,17 @@ class ServeSettings(BaseSettings):
     """Where the gateway keeps adapter snapshots and the vLLM log (default: a temporary dir)."""
     restart_vllm: bool = True
     """Restart the vLLM child when it dies."""
+    upstream_dir: Path | None = None
+    """Follow the vLLM servers registered in this directory (lorastack's Ray app: each replica
+    writes its URL there) instead of --upstream; none is started."""
+
+    backend: Literal["local", "ray"] = "local"
+    """`ray`: run on Ray Serve (serve/ray_app.py): --replicas vLLM replicas as one deployment
+    and --gateways gateway replicas as its ingress, on a local Ray or RAY_ADDRESS's cluster."""
+    replicas: int = Field(1, ge=1)
+    """With --backend ray: vLLM replicas (each one vLLM server with multi-LoRA)."""
+    gateways: int = Field(1, ge=1)
+    """With --backend ray: gateway replicas behind Ray's HTTP proxy (they share --work-dir)."""
 
     @field_validator("upstream", "api_keys", "vllm_args", mode="before")
     @classmethod
@@ -112,6 +123,8 @@ class ServeSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> ServeSettings:
+        if self.upstream and self.upstream_dir:
+            raise ValueError("give --upstream or --upstream-dir, not both")
         if not self.upstream and self.capacity < self.max_loras:  # only the child's flags
             raise ValueError(f"capacity ({self.capacity}) must be >= max_loras "
                              f"({self.max_loras}); vLLM needs max-cpu-loras >= max-loras")

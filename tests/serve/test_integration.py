@@ -404,6 +404,66 @@ def test_upstream_mode_on_a_running_vllm(server, tmp_path):
         thread.join(60)
 
 
+def test_two_gateways_over_one_vllm_agree_on_what_is_loaded(server, tmp_path):
+    """Two gateways behind one load balancer: one upstream vLLM, one store, one work dir, and
+    capacity 1 each for two adapters, so each would evict what the other uses if it did not see
+    the other's leases. Through replacements and unloads on one gateway, no request on either
+    fails, and an old version's snapshot goes only when both have let it go."""
+    from conftest import serve_in_thread
+
+    from lorastack.adapters.store import version_id
+
+    store = AdapterStore(tmp_path / "store")
+    for src, name in (("cls-a", "cls-ha"), ("cls-b", "cls-hb")):
+        server.staging.copy(src, name, into=store)
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    settings = {"upstream": [server.gw.engines[0].url], "capacity": 1, "max_loras": 2,
+                "api_keys": [KEY], "admin_key": ADMIN, "poll_interval_s": 0.25}
+    with serve_in_thread(store, tmp_path, **settings) as (one, g1), \
+            serve_in_thread(store, tmp_path, **settings) as (two, g2):
+        assert g1.work_dir == g2.work_dir and g1.reg.leases.gateway != g2.reg.leases.gateway
+        urls = [SimpleNamespace(url=str(c.base_url)) for c in (one, two)]
+        versions = lambda gw: gw.reg.current["cls-ha"].identity
+        loads = []
+        with Load(urls[0], ["cls-ha", "cls-hb"]) as load1, \
+                Load(urls[1], ["cls-ha", "cls-hb"]) as load2:
+            loads += [load1, load2]
+            for src in ("cls-c", "cls-b", "cls-a"):  # the last one is the first version again
+                time.sleep(1)
+                want = version_id(server.staging.copy(src, "cls-ha", into=store, replace=True))
+                assert wait_for(lambda w=want: versions(g1) == versions(g2) == w, timeout=30)
+        # one gateway's admin unloads and loads cls-hb; the other one's requests for it run on
+        with Load(urls[0], ["cls-ha"]) as load1, \
+                Load(urls[1], ["cls-ha", "cls-hb"]) as load2:
+            loads += [load1, load2]
+            for _ in range(3):
+                r = one.post("/v1/classify", json={"model": "cls-hb", "input": TEXTS[0]},
+                             headers=admin)  # loaded on this gateway's side too
+                assert r.status_code == 200, r.text
+                time.sleep(0.5)
+                r = one.post("/v1/adapters/unload", json={"name": "cls-hb"}, headers=admin)
+                assert r.status_code == 200, r.text
+                time.sleep(1)
+                r = one.post("/v1/adapters/load", json={"name": "cls-hb"}, headers=admin)
+                assert r.status_code == 200, r.text
+            time.sleep(1)
+        for load in loads:
+            assert len(load.codes) > 10 and not load.failures, load.failures[:3]
+        # capacity 1, two adapters: each gateway counts the other's on the engine, and evicts
+        # none of them, as the other holds them (without leases: an unload at every switch)
+        assert all(gw.reg.loaded_count(gw.engines[0]) == 2 for gw in (g1, g2))
+        evictions = sum(gw.metrics.adapter_events.labels("evictions")._value.get()
+                        for gw in (g1, g2))
+        current = {versions(g1), g1.reg.current["cls-hb"].identity}
+        assert wait_for(lambda: {p.name for p in (g1.work_dir / "snapshots").iterdir()}
+                        == current, timeout=10)  # the three old versions of cls-ha are gone
+    print(f"\n{sum(len(load.codes) for load in loads)} requests over two gateways, "
+          f"{evictions:.0f} evictions, none failed")
+    # both stopped: nothing of theirs is left on the shared vLLM
+    models = httpx.get(server.gw.engines[0].url + "/v1/models").json()["data"]
+    assert {m["id"] for m in models if m["id"].startswith("cls-h")} == set()
+
+
 def test_vllm_killed_and_recovered(server):
     engine = server.gw.engines[0]
     pid = engine.process.pid
