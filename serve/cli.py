@@ -94,6 +94,11 @@ def run(settings, log_level: str = "info") -> None:
 
     logging.basicConfig(level=logging.INFO, format="lorastack serve: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per vLLM call is noise
+    if settings.backend == "ray":
+        from lorastack.serve import ray_app
+
+        ray_app.run(settings)
+        return
     app = create_app(settings)
     # held from the start: see listening_socket
     sock = _bind(settings.host, settings.port)
