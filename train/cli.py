@@ -196,7 +196,7 @@ def tune_command(
     trials: int = typer.Option(..., "--trials", help="trials in the study, counting those an "
                                "earlier --resume'd run finished"),
     timeout: float = typer.Option(None, "--timeout", help="stop the search after MIN minutes "
-                                  "(the trial in flight stops at its next evaluation)"),
+                                  "(the trial in flight stops at its next optimizer step)"),
     resume: bool = typer.Option(False, "--resume", help="continue the study in "
                                 "runs/<name>-tune/study.db; a trial cut short reruns from its "
                                 "last checkpoint"),

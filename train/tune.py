@@ -191,6 +191,9 @@ def _run_trial(trial, cfg: TrainConfig, metric: str, deadline: float | None) -> 
     resume = any((run_dir / "checkpoints").glob("step-*"))  # the same point, cut short before
 
     def on_step(state) -> None:
+        if deadline is not None and time.monotonic() > deadline:  # at any step: --timeout holds
+            trial.set_user_attr("pruned_at_step", state.step)
+            raise optuna.TrialPruned("the search's time is up")
         last = state.history[-1] if state.history else None
         if last is None or last.get("step") != state.step or metric not in last:
             return
@@ -199,9 +202,6 @@ def _run_trial(trial, cfg: TrainConfig, metric: str, deadline: float | None) -> 
             trial.set_user_attr("pruned_at_step", state.step)
             raise optuna.TrialPruned(f"validation {metric}={last[metric]:.4f} at step "
                                      f"{state.step} trails the median of earlier trials")
-        if deadline is not None and time.monotonic() > deadline:
-            trial.set_user_attr("pruned_at_step", state.step)
-            raise optuna.TrialPruned("the search's time is up")
 
     try:
         result = train(cfg, resume=resume, on_step=on_step)

@@ -157,3 +157,22 @@ def test_a_member_on_other_validation_data_is_refused(tiny_config, tmp_path):
     with pytest.raises(DataError, match="unknown ensemble objective 'auc'"):
         build_ensemble("ens", ["tiny-sentiment", "other-split"], store=tmp_path / "store",
                        objective="auc")
+
+
+def test_the_timeout_stops_the_trial_in_flight_at_its_next_step(tiny_config, tmp_path,
+                                                                  monkeypatch):
+    """--timeout holds to an optimizer step, not to the next evaluation (every 2 steps here)."""
+    import types
+
+    import optuna
+
+    from lorastack.train import tune as tune_module
+
+    clock = iter(range(0, 10_000, 10))  # every reading of the clock: 10 s later
+    monkeypatch.setattr(tune_module, "time", types.SimpleNamespace(monotonic=lambda: next(clock)))
+    with pytest.raises(ConfigError, match="no trial of the search finished"):
+        tune(_cfg(tiny_config), trials=3, timeout_min=0.4)  # 24 s: past it at the first step
+    study = optuna.load_study(study_name="tiny-sentiment", storage="sqlite:///" + str(
+        tmp_path / "runs" / "tiny-sentiment-tune" / "study.db"))
+    assert study.trials and all(t.state == optuna.trial.TrialState.PRUNED
+                                and t.user_attrs["pruned_at_step"] == 1 for t in study.trials)
