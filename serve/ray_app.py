@@ -15,7 +15,8 @@ Two Serve deployments:
 Why not Ray's LLM API (ray.serve.llm): here its ingress knows only `base:adapter` names, takes
 LoRA adapters only from s3/gs/azure, and does not pass /v1/classify on (deploy/ray/probe.py).
 Both deployments share the work dir, which vLLM reads snapshots from: one node, or a volume
-mounted at the same path on every node (then vLLM must bind the node's address, not loopback).
+mounted at the same path on every node, with `--vllm-host 0.0.0.0` so that gateways on other
+nodes reach each replica at its node's address (on a private cluster network only).
 """
 
 from __future__ import annotations
@@ -62,7 +63,13 @@ class VllmReplica:
         self.proc = VllmProcess(s, base.path, base.name, work / "vllm" / f"{key}.log")
         self.proc.start()
         await self.proc.wait_healthy(s.start_timeout_s, print)
-        self.path = register(work / "upstreams", key, self.proc.url)
+        url = self.proc.url
+        if s.vllm_host in ("0.0.0.0", "::"):  # every address: gateways on other nodes use this one
+            import ray
+
+            url = f"http://{ray.util.get_node_ip_address()}:{self.proc.port}"
+        self.path = register(work / "upstreams", key, url)
+        self.url_registered = url
         self._stop = threading.Event()
         threading.Thread(target=self._renew, daemon=True).start()
 
@@ -72,7 +79,7 @@ class VllmReplica:
                 self.path.touch()
 
     def url(self) -> str:
-        return self.proc.url
+        return self.url_registered
 
     def check_health(self) -> None:
         code = self.proc.exit_code()
@@ -142,6 +149,9 @@ def run(settings: ServeSettings) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        print("lorastack serve: SIGINT is ignored in this process (started in the background); "
+              "stop it with SIGTERM", file=sys.stderr, flush=True)
     try:
         while True:
             time.sleep(3600)

@@ -73,7 +73,11 @@ class ServeSettings(BaseSettings):
     request_timeout_s: float = Field(600, gt=0)
     """Longest a forwarded request may take."""
     vllm_port: int = Field(0, ge=0, le=65535)
-    """Loopback port of the vLLM child (0: a free one)."""
+    """Port of the vLLM child (0: a free one)."""
+    vllm_host: str = "127.0.0.1"
+    """Address vLLM binds (the child, or the Ray app's replicas). Anything but loopback opens its
+    unauthenticated LoRA load routes to that network: only on a private cluster network (Ray on
+    several nodes: 0.0.0.0, registered under the node's address)."""
     kv_cache_gb: float = Field(2, gt=0)
     """KV cache size of the vLLM child on CPU (VLLM_CPU_KVCACHE_SPACE)."""
     vllm_threads: Literal["all", "vllm"] = "all"

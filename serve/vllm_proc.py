@@ -3,7 +3,8 @@ ChildProcess, the supervision of every server lorastack starts as a process).
 
 Its runtime LoRA endpoints (/v1/load_lora_adapter, /v1/unload_lora_adapter) are enabled, which
 is why it binds 127.0.0.1 on a port only the gateway knows: they must never be reachable from
-outside. Its output goes to a log file whose last lines are shown when it fails.
+outside (`--vllm-host` changes that, for a private cluster network only). Its output goes to a
+log file whose last lines are shown when it fails.
 """
 
 from __future__ import annotations
@@ -69,8 +70,9 @@ class ChildProcess:
 
     def __init__(self, name: str, port: int, log_file: Path, command: list[str] | None = None,
                  *, env: dict[str, str] | None = None, cwd: Path | None = None,
-                 slow_hint: str = "") -> None:
+                 slow_hint: str = "", host: str = "127.0.0.1") -> None:
         self.name, self.port, self.log_file = name, port, log_file
+        self.host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # where to reach it
         self.args, self.env, self.cwd = list(command or []), dict(env or {}), cwd
         self.slow_hint = slow_hint  # what to do when it is not healthy in time
         self.proc: subprocess.Popen | None = None
@@ -78,7 +80,7 @@ class ChildProcess:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def pid(self) -> int | None:
@@ -173,13 +175,13 @@ class VllmProcess(ChildProcess):
         super().__init__("vLLM", port, log_file, [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server",
             "--model", str(model_dir), "--served-model-name", served_name,
-            "--host", "127.0.0.1", "--port", str(port),
+            "--host", s.vllm_host, "--port", str(port),
             *(["--enable-lora", "--max-lora-rank", str(s.max_lora_rank),
                "--max-loras", str(s.max_loras), "--max-cpu-loras", str(s.capacity)]
               if s.lora else []),
             "--dtype", s.dtype, "--max-model-len", str(s.max_model_len),
             "--disable-uvicorn-access-log", *s.vllm_args],
-            slow_hint=" (raise --start-timeout on a slow machine)")
+            slow_hint=" (raise --start-timeout on a slow machine)", host=s.vllm_host)
         self.settings = settings
 
     def environment(self) -> dict[str, str]:

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
+from conftest import serve_in_thread
 
 from lorastack.adapters.store import AdapterStore
 from lorastack.train.assess import adapter_probabilities as trainer_probabilities
@@ -409,8 +410,6 @@ def test_two_gateways_over_one_vllm_agree_on_what_is_loaded(server, tmp_path):
     capacity 1 each for two adapters, so each would evict what the other uses if it did not see
     the other's leases. Through replacements and unloads on one gateway, no request on either
     fails, and an old version's snapshot goes only when both have let it go."""
-    from conftest import serve_in_thread
-
     from lorastack.adapters.store import version_id
 
     store = AdapterStore(tmp_path / "store")

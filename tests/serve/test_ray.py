@@ -40,7 +40,7 @@ def test_ray_serves_adapters_over_replicas_behind_gateways(tmp_path, base_model)
              str(port), "--api-key", "key", "--admin-key", "admin", "--kv-cache-gb", "1",
              "--max-loras", "2", "--capacity", "2"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "LORASTACK_POLL_INTERVAL_S": "0.25"})
+            env={**os.environ, "LORASTACK_POLL_INTERVAL_S": "0.25", "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
 
     def health() -> dict:
@@ -95,7 +95,7 @@ def test_ray_serves_adapters_over_replicas_behind_gateways(tmp_path, base_model)
             engines = health()["vllm"]
             assert sum(e["adapters_loaded"] for e in engines) >= 3  # spread over the replicas
     finally:
-        driver.send_signal(signal.SIGINT)  # Ctrl-C: Serve stops the replicas, they stop vLLM
+        driver.send_signal(signal.SIGTERM)  # as Ctrl-C: Serve stops the replicas, they stop vLLM
         try:
             code = driver.wait(120)
         except subprocess.TimeoutExpired:

@@ -27,6 +27,13 @@ def test_command_keeps_vllm_private_and_lora_enabled(tmp_path):
     assert "--enable-lora" in cmd
     assert cmd[cmd.index("--max-cpu-loras") + 1] == "6"
     assert cmd[cmd.index("--max-loras") + 1] == "3"
+    assert proc.url == f"http://127.0.0.1:{proc.port}"
+    # --vllm-host (a private cluster network): bound to every address, still checked locally
+    wide = VllmProcess(ServeSettings(vllm_host="0.0.0.0"), tmp_path, "base", tmp_path / "v.log")
+    assert wide.command()[wide.command().index("--host") + 1] == "0.0.0.0"
+    assert wide.url == f"http://127.0.0.1:{wide.port}"
+    node = VllmProcess(ServeSettings(vllm_host="10.0.0.7"), tmp_path, "base", tmp_path / "v.log")
+    assert node.url == f"http://10.0.0.7:{node.port}"
 
 
 @pytest.mark.slow
