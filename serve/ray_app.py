@@ -61,6 +61,7 @@ class VllmReplica:
         work = Path(s.work_dir or ".")
         key = _serve().get_replica_context().replica_id.unique_id
         self.proc = VllmProcess(s, base.path, base.name, work / "vllm" / f"{key}.log")
+        self.proc.die_with_parent = True  # Ray may kill the replica (memory) without __del__
         self.proc.start()
         await self.proc.wait_healthy(s.start_timeout_s, print)
         url = self.proc.url

@@ -30,6 +30,14 @@ from lorastack.serve.settings import ServeSettings
 CRASH_IN_LOG = b"EngineCore encountered a fatal error"
 
 
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM it when the process that started it dies, so
+    that a Ray replica killed without its destructor leaves no vLLM behind."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class StartError(RuntimeError):
     """A child server exited or did not become healthy; the message carries its last log
     lines."""
@@ -77,6 +85,7 @@ class ChildProcess:
         self.slow_hint = slow_hint  # what to do when it is not healthy in time
         self.proc: subprocess.Popen | None = None
         self.log_offset = 0  # where this start's lines begin in the log file
+        self.die_with_parent = False  # SIGTERM when the starting thread dies (a Ray replica)
 
     @property
     def url(self) -> str:
@@ -99,9 +108,11 @@ class ChildProcess:
             log.write(f"\n=== lorastack: starting {self.name}: {' '.join(command)}\n".encode())
             log.flush()
             self.log_offset = log.tell()
+            hook = _die_with_parent if self.die_with_parent else None
             self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, env=self.environment(),
-                                         cwd=self.cwd, start_new_session=True)
+                                         cwd=self.cwd, start_new_session=True,
+                                         preexec_fn=hook)  # noqa: PLW1509 (one prctl call)
         return self
 
     def exit_code(self) -> int | None:
