@@ -21,7 +21,7 @@ from lorastack.adapters.models import BaseModel, resolve_base
 from lorastack.adapters.store import AdapterStore
 from lorastack.serve.crashes import CrashGuard
 from lorastack.serve.engine import Engine
-from lorastack.serve.leases import registered
+from lorastack.serve.leases import RENEW_S, registered
 from lorastack.serve.metrics import Metrics
 from lorastack.serve.registry import Registry
 from lorastack.serve.scoring import Tokenizer
@@ -29,7 +29,6 @@ from lorastack.serve.settings import ServeSettings, fit_context
 from lorastack.serve.vllm_proc import VllmProcess, VllmStartError
 
 log = logging.getLogger("lorastack.serve")
-LEASE_BEAT_S = 5.0  # how often this gateway's leases are renewed (they expire after 30 s)
 
 
 def say(message: str) -> None:
@@ -101,11 +100,7 @@ class Gateway:
         if not self.engines:
             self.engines = await self._start_engines()
         for engine in self.engines:
-            engine.up = await engine.healthy()
-            engine.reason = "ok" if engine.up else "not answering /health"
-            if engine.up and engine.base_id is None:
-                engine.base_id = await engine.served_base()
-            self.metrics.vllm_up.labels(engine.url).set(int(engine.up))
+            await self._probe(engine)
         store = AdapterStore(s.store)
         self.registry = Registry(store, base, self.engines, capacity=s.capacity,
                                  limits=ServingLimits(max_rank=s.max_lora_rank,
@@ -182,7 +177,7 @@ class Gateway:
             if check_health:
                 last_health = time.monotonic()
             try:
-                if time.monotonic() - last_beat > LEASE_BEAT_S:  # other gateways see it alive
+                if time.monotonic() - last_beat > RENEW_S:  # other gateways see it alive
                     last_beat = time.monotonic()
                     await asyncio.to_thread(self.reg.leases.heartbeat)
                 if check_health and self.settings.upstream_dir is not None:
@@ -213,11 +208,17 @@ class Gateway:
         known = {e.url for e in self.engines}
         for url in sorted(urls - known):
             engine = Engine(url, timeout_s=self.settings.request_timeout_s)
-            engine.up = await engine.healthy()
-            engine.reason = "ok" if engine.up else "not answering /health"
-            engine.base_id = await engine.served_base() if engine.up else None
+            await self._probe(engine)
             self.engines.append(engine)
             say(f"vLLM at {url} joined ({folder})")
+
+    async def _probe(self, engine: Engine) -> None:
+        """A first look at an engine: up or not, and the base model's name on it."""
+        engine.up = await engine.healthy()
+        engine.reason = "ok" if engine.up else "not answering /health"
+        if engine.up and engine.base_id is None:
+            engine.base_id = await engine.served_base()
+        self.metrics.vllm_up.labels(engine.url).set(int(engine.up))
 
     async def _check(self, engine: Engine) -> None:
         healthy = await engine.healthy()

@@ -32,6 +32,9 @@ from collections import Counter
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
+TTL_S = 30.0  # a lease or registration not renewed for this long belongs to a process that died
+RENEW_S = 5.0  # how often the living renew theirs
+
 
 def engine_key(url: str) -> str:
     """A directory name for an engine: every gateway must name it by the same URL."""
@@ -39,7 +42,7 @@ def engine_key(url: str) -> str:
 
 
 class Leases:
-    def __init__(self, root: Path, *, ttl_s: float = 30.0, gateway: str | None = None) -> None:
+    def __init__(self, root: Path, *, ttl_s: float = TTL_S, gateway: str | None = None) -> None:
         self.root, self.ttl_s = root, ttl_s
         self.gateway = gateway or f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._mine: set[Path] = set()
@@ -193,7 +196,7 @@ def register(folder: Path, key: str, url: str) -> Path:
     return path
 
 
-def registered(folder: Path, ttl_s: float = 30.0) -> set[str]:
+def registered(folder: Path, ttl_s: float = TTL_S) -> set[str]:
     """The URLs registered in `folder` and renewed within `ttl_s`."""
     cutoff, urls = time.time() - ttl_s, set()
     try:

@@ -31,10 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lorastack.serve.leases import register
+from lorastack.serve.leases import RENEW_S, register
 from lorastack.serve.settings import ServeSettings
-
-RENEW_S = 5.0
 
 
 def _serve():
@@ -70,7 +68,6 @@ class VllmReplica:
 
             url = f"http://{ray.util.get_node_ip_address()}:{self.proc.port}"
         self.path = register(work / "upstreams", key, url)
-        self.url_registered = url
         self._stop = threading.Event()
         threading.Thread(target=self._renew, daemon=True).start()
 
@@ -78,9 +75,6 @@ class VllmReplica:
         while not self._stop.wait(RENEW_S):
             if self.proc.exit_code() is None:
                 self.path.touch()
-
-    def url(self) -> str:
-        return self.url_registered
 
     def check_health(self) -> None:
         code = self.proc.exit_code()

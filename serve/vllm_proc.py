@@ -85,7 +85,7 @@ class ChildProcess:
         self.slow_hint = slow_hint  # what to do when it is not healthy in time
         self.proc: subprocess.Popen | None = None
         self.log_offset = 0  # where this start's lines begin in the log file
-        self.die_with_parent = False  # SIGTERM when the starting thread dies (a Ray replica)
+        self.die_with_parent = False  # SIGTERM it when its starter dies (a Ray replica)
 
     @property
     def url(self) -> str:

@@ -1,5 +1,7 @@
-"""`lorastack serve --backend ray` for real (serve/ray_app.py): a local Ray cluster, two vLLM
-replicas as a Serve deployment, two gateways as Serve's ingress, started as the README says."""
+"""`lorastack serve --backend ray` for real (serve/ray_app.py): a local Ray cluster, a vLLM
+replica as a Serve deployment, two gateways as Serve's ingress, started as the README says. (One
+replica: beside the suite's other servers, two overrun 24 GB and Ray's memory monitor kills
+them; alone, two pass.)"""
 
 from __future__ import annotations
 
@@ -51,8 +53,8 @@ def test_ray_serves_adapters_over_replicas_behind_gateways(tmp_path, base_model)
 
     started = time.monotonic()
     try:
-        # Ray's proxy sends each /health to either gateway: both see both replicas when a
-        # run of answers in a row says so
+        # Ray's proxy sends each /health to either gateway: both see the replica when a run of
+        # answers in a row says so
         up = lambda: all(len([e for e in health().get("vllm", []) if e["up"]]) == 1
                          for _ in range(8))
         assert wait_for(lambda: up() or driver.poll() is not None, timeout=600) and up(), \
