@@ -10,7 +10,7 @@ precision chosen from the memory plan (train/plan.py) before the model loads.
 
 The budget is `memory_budget` (a size, or a share of the device), else 90% of the device.
 On CPU the plan is held to CPU_MARGIN of it: bench/memory_plan.py measured CPU peaks up to
-1.26x the plan at large batches (glibc keeps freed memory; README, Memory plan vs measured).
+1.30x the plan at large batches (glibc keeps freed memory; README, Memory plan vs measured).
 With N processes on one machine each has its own copy of the base: on CPU the budget is
 shared by N; on GPUs each process has its own device. The plan sizes one process's share of
 the global batch.
@@ -22,8 +22,8 @@ from lorastack.train.config import TrainConfig, parse_memory
 
 AUTO_MAX = 32  # auto never picks a larger forward batch: beyond it LoRA gains nothing per step
 DEFAULT_SHARE = 0.9  # of the device, when batch_size is auto and no memory_budget is given
-# bench/memory_plan.py measured CPU peaks up to 1.26x the plan (large batches): plans are held
-# to 75% of the budget there, so that the worst measured row still fits (1.26 x 0.75 < 1)
+# bench/memory_plan.py measured CPU peaks up to 1.30x the plan (large batches): plans are held
+# to 75% of the budget there, so that the worst measured row still fits (1.30 x 0.75 < 1)
 CPU_MARGIN = 0.75
 _LOWER = {"none": ("8bit", "4bit"), "8bit": ("4bit",), "4bit": ()}
 

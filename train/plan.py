@@ -46,10 +46,12 @@ RUNTIME_BYTES = {"cpu": 660 * MiB, "cuda": 600 * MiB}
 # (135M, 0.5B, 1B): 0.58-0.76 A without checkpointing, 0.51-0.59 A with it; their means are
 # used for every row (the bench's HELD_OUT rows, other batch shapes, were not used to set
 # them). CUDA: the caching allocator's fragmentation, 15% of the activations
-# (an estimate, not measured here). The share grows with the batch (0.8-1.0 A at 1000-1800
-# tokens, where the plan then runs 13-21% low); with glibc's dynamic mmap threshold fixed
-# (MALLOC_MMAP_THRESHOLD_=131072) it vanishes: SmolLM2 8 x 224 float32 peaked at 4837 MiB vs
-# 4914 planned without slack (8443 MiB with glibc's default).
+# (an estimate, not measured here). The share is not fixed: the same row run twice in fresh
+# processes peaks up to 27% apart, and it runs larger at 1000-1800 tokens (0.8-1.0 A, where
+# the plan then runs up to 23% low; README, Memory plan vs measured). With glibc's dynamic
+# mmap threshold fixed (MALLOC_MMAP_THRESHOLD_=131072) it vanishes: SmolLM2 8 x 224 float32
+# peaked at 4837-4851 MiB vs 4914 planned without slack (7671-8443 MiB with glibc's default),
+# but steps ran 35-60% slower.
 CPU_SLACK = {False: 0.68, True: 0.56}
 CUDA_SLACK = 0.15
 # CPU, quantized base: every linear weight is dequantized to a float32 copy for its matmul and

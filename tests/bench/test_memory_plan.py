@@ -31,6 +31,8 @@ def test_memory_plan_tiny(tmp_path, base_model):
         assert r["predicted_bytes"] > 0 and r["measured_bytes"] > r["runtime_bytes"] > 0, r
         assert r["predicted_bytes"] == sum(r["rows"].values())
         assert r["error"] == pytest.approx(r["predicted_bytes"] / r["measured_bytes"] - 1)
+        # the tiny setting runs each row once: that run is the row's measurement, no spread
+        assert r["runs_bytes"] == [r["measured_bytes"]] and r["spread"] == 0
     (table,) = data["tables"]
     assert len(table["rows"]) == len(rows)
     assert all(len(row) == len(table["columns"]) for row in table["rows"])
@@ -44,3 +46,17 @@ def test_memory_plan_tiny(tmp_path, base_model):
     assert auto["value"] == pytest.approx(headroom) and auto["met"] == (headroom <= 1)
     png = tmp_path / data["figure"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_a_repeated_row_is_held_to_its_worst_run():
+    """Every run is a measurement the 15% goal holds the plan to: the row reports the run the
+    plan is furthest from, every run's peak and how far they lie apart."""
+    from bench.memory_plan import _row
+
+    pred = {"predicted_bytes": 1000, "rows": {"x": 1000}}
+    runs = [{"measured_bytes": 950, "runtime_bytes": 1},
+            {"measured_bytes": 1250, "runtime_bytes": 2}]
+    row = _row("m", "none", False, 2, 64, True, pred, runs)
+    assert row["measured_bytes"] == 1250 and row["runtime_bytes"] == 2
+    assert row["error"] == pytest.approx(1000 / 1250 - 1)
+    assert row["runs_bytes"] == [950, 1250] and row["spread"] == pytest.approx(1250 / 950 - 1)
