@@ -1,6 +1,6 @@
 """The memory plan (lorastack.train.plan) against measured peaks: predicted vs measured.
 
-    .venv/bin/python -m bench.memory_plan          # ~13 min on 2 cores; bench/results/memory_plan.*
+    .venv/bin/python -m bench.memory_plan          # ~15 min on 2 cores (2 runs a row)
     .venv/bin/python -m bench.memory_plan --tiny --out /tmp/b   # ~30 s: a tiny random Llama
     .venv/bin/python -m bench.memory_plan --rebuild   # re-plan the stored measurements
 
