@@ -152,10 +152,11 @@ def rebuild(args) -> None:
     for r in old["rows"]:
         pred = _predict(Shape(**r["shape"]), r["quantization"], r["gradient_checkpointing"],
                         r["batch_size"], r["max_length"])
-        peaks = r.get("runs_bytes", [r["measured_bytes"]])
-        measured = max(peaks, key=lambda b: abs(pred["predicted_bytes"] / b - 1))
-        results.append({**r, **pred, "measured_bytes": measured,
-                        "error": pred["predicted_bytes"] / measured - 1})
+        peaks = r.get("runs_bytes", [r["measured_bytes"]])  # records from before --repeats
+        measured = _worst(pred["predicted_bytes"], peaks)
+        results.append({**r, **pred, "measured_bytes": measured, "runs_bytes": peaks,
+                        "spread": max(peaks) / min(peaks) - 1,
+                        "error": _error(pred["predicted_bytes"], measured)})
     args.steps, args.tiny = old["settings"]["steps"], old["setting"] == "tiny"
     args.repeats = old["settings"].get("repeats", 1)
     _write(results, args, kept=common.measurement_record(old))
@@ -189,7 +190,7 @@ def run(args) -> None:
                     meas = common.run_worker("bench.memory_plan", [
                         str(base), quant, "1" if ckpt else "0", str(b), str(t),
                         str(args.steps)], label)
-                    err = pred["predicted_bytes"] / meas["measured_bytes"] - 1
+                    err = _error(pred["predicted_bytes"], meas["measured_bytes"])
                     common.log(f"{label} run {i + 1}/{args.repeats}: predicted "
                                f"{pred['predicted_bytes'] / 2**20:.0f} MiB, measured "
                                f"{meas['measured_bytes'] / 2**20:.0f} MiB, error {err:+.1%}")
@@ -203,12 +204,21 @@ def _row(name: str, quant: str, ckpt: bool, batch: int, length: int, held_out: b
     """One measured row: the run the plan is furthest from stands for it (every run is a
     measurement the goal holds the plan to); `runs_bytes` keeps every run's peak and `spread`
     how far the same row's peaks lie apart (largest / smallest - 1)."""
-    worst = max(runs, key=lambda m: abs(pred["predicted_bytes"] / m["measured_bytes"] - 1))
     peaks = [m["measured_bytes"] for m in runs]
+    worst = runs[peaks.index(_worst(pred["predicted_bytes"], peaks))]
     return {"model": name, "quantization": quant, "gradient_checkpointing": ckpt,
             "batch_size": batch, "max_length": length, "held_out": held_out, **pred, **worst,
             "runs_bytes": peaks, "spread": max(peaks) / min(peaks) - 1,
-            "error": pred["predicted_bytes"] / worst["measured_bytes"] - 1}
+            "error": _error(pred["predicted_bytes"], worst["measured_bytes"])}
+
+
+def _error(predicted: int, measured: int) -> float:
+    return predicted / measured - 1
+
+
+def _worst(predicted: int, peaks: list[int]) -> int:
+    """The measured peak the plan is furthest from."""
+    return max(peaks, key=lambda b: abs(_error(predicted, b)))
 
 
 def _write(results: list[dict], args, kept: dict | None = None) -> None:
@@ -218,9 +228,9 @@ def _write(results: list[dict], args, kept: dict | None = None) -> None:
     rows = [[r["model"], r["quantization"], "on" if r["gradient_checkpointing"] else "off",
              f"{r['batch_size']} x {r['max_length']}", "yes" if r.get("held_out") else "no",
              f"{r['predicted_bytes'] / mib:.0f}",
-             " / ".join(f"{b / mib:.0f}" for b in r.get("runs_bytes", [r["measured_bytes"]])),
+             " / ".join(f"{b / mib:.0f}" for b in r["runs_bytes"]),
              f"{r['error']:+.1%}"] for r in results]
-    repeated = [r for r in results if len(r.get("runs_bytes", [])) > 1]
+    repeated = [r for r in results if len(r["runs_bytes"]) > 1]
     spread = max((r["spread"] for r in repeated), default=None)
     held = [abs(r["error"]) for r in results if r.get("held_out")]
     from lorastack.train.autobatch import CPU_MARGIN
@@ -231,7 +241,8 @@ def _write(results: list[dict], args, kept: dict | None = None) -> None:
     runtime = sorted(r["runtime_bytes"] for r in results)[len(results) // 2] / mib
     summary = (f"The memory plan, from the model config alone, against the measured peak "
                f"resident memory of {len(results)} training rows ({args.repeats} fresh "
-               f"process{'es' if args.repeats > 1 else ''} a row, {args.steps} steps each): worst error {worst:.1%}, "
+               f"process{'es' if args.repeats > 1 else ''} a row, {args.steps} steps each): "
+               f"worst error {worst:.1%}, "
                f"{len(results) - len(misses)} of {len(results)} rows within "
                f"{TARGET:.0%}" + (f"; on the {len(held)} held-out rows (batch shapes the "
                                   f"plan's constants were not fitted on) worst "

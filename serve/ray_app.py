@@ -51,7 +51,7 @@ class VllmReplica:
         # (Serve awaits an async constructor: the replica is ready once vLLM is healthy)
         from lorastack.adapters.models import resolve_base
         from lorastack.serve.settings import fit_context
-        from lorastack.serve.vllm_proc import VllmProcess
+        from lorastack.serve.vllm_proc import WILDCARD_HOSTS, VllmProcess
 
         s = ServeSettings(**settings)
         base = resolve_base(s.base)
@@ -63,7 +63,7 @@ class VllmReplica:
         self.proc.start()
         await self.proc.wait_healthy(s.start_timeout_s, print)
         url = self.proc.url
-        if s.vllm_host in ("0.0.0.0", "::"):  # every address: gateways on other nodes use this one
+        if s.vllm_host in WILDCARD_HOSTS:  # every address: gateways on other nodes use this one
             import ray
 
             url = f"http://{ray.util.get_node_ip_address()}:{self.proc.port}"

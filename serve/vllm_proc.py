@@ -28,6 +28,8 @@ from lorastack.serve.settings import ServeSettings
 
 # what vLLM 0.32 logs when an exception ends EngineCore (not when it is killed from outside)
 CRASH_IN_LOG = b"EngineCore encountered a fatal error"
+# Addresses that bind every interface: the process is then reached at loopback on its own host
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
 
 def _die_with_parent() -> None:
@@ -80,7 +82,7 @@ class ChildProcess:
                  *, env: dict[str, str] | None = None, cwd: Path | None = None,
                  slow_hint: str = "", host: str = "127.0.0.1") -> None:
         self.name, self.port, self.log_file = name, port, log_file
-        self.host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # where to reach it
+        self.host = "127.0.0.1" if host in WILDCARD_HOSTS else host  # where to reach it
         self.args, self.env, self.cwd = list(command or []), dict(env or {}), cwd
         self.slow_hint = slow_hint  # what to do when it is not healthy in time
         self.proc: subprocess.Popen | None = None
