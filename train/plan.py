@@ -50,8 +50,8 @@ RUNTIME_BYTES = {"cpu": 660 * MiB, "cuda": 600 * MiB}
 # processes peaks up to 27% apart, and it runs larger at 1000-1800 tokens (0.8-1.0 A, where
 # the plan then runs up to 23% low; README, Memory plan vs measured). With glibc's dynamic
 # mmap threshold fixed (MALLOC_MMAP_THRESHOLD_=131072) it vanishes: SmolLM2 8 x 224 float32
-# peaked at 4837-4851 MiB vs 4914 planned without slack (7671-8443 MiB with glibc's default),
-# but steps ran 35-60% slower.
+# peaked at 4851 MiB vs 4914 planned without slack (7379-8177 MiB with glibc's default), but
+# 6-step runs ran 18-60% slower.
 CPU_SLACK = {False: 0.68, True: 0.56}
 CUDA_SLACK = 0.15
 # CPU, quantized base: every linear weight is dequantized to a float32 copy for its matmul and
