@@ -15,15 +15,10 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lorastack import __version__
-from lorastack.adapters.manifest import AdapterError
-from lorastack.adapters.validation import explain_errors
-from lorastack.serve.engine import EngineError
 from lorastack.serve.gateway import Gateway
-from lorastack.serve.protocol import ApiError, ErrorResponse, error_body
-from lorastack.serve.registry import UnknownModelError
+from lorastack.serve.protocol import ErrorResponse, error_body
 from lorastack.serve.routes import adapters, classify, openai, ops
-from lorastack.serve.routes.common import BODIES
-from lorastack.serve.scoring import PromptTooLong
+from lorastack.serve.routes.common import BODIES, DOMAIN_ERRORS, as_api_error, validation_message
 from lorastack.serve.settings import ServeSettings
 
 log = logging.getLogger("lorastack.serve")
@@ -93,32 +88,16 @@ def _json_error(status: int, message: str, code: str, param: str | None = None,
 
 
 def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def api_error(_: Request, exc: ApiError):
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+    async def domain_error(_: Request, exc: Exception):
+        err = as_api_error(exc)
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
-    @app.exception_handler(UnknownModelError)
-    async def unknown_model(_: Request, exc: UnknownModelError):
-        return _json_error(exc.status, str(exc), exc.code, "model")
-
-    @app.exception_handler(EngineError)
-    async def engine_error(_: Request, exc: EngineError):
-        return _json_error(exc.status, str(exc), "engine_unavailable" if exc.status == 503
-                           else "engine_error", headers={"Retry-After": "5"}
-                           if exc.status == 503 else None)
-
-    @app.exception_handler(PromptTooLong)
-    async def prompt_too_long(_: Request, exc: PromptTooLong):
-        return _json_error(400, str(exc), "prompt_too_long", "input")
-
-    @app.exception_handler(AdapterError)
-    async def adapter_error(_: Request, exc: AdapterError):
-        return _json_error(422, str(exc), "adapter_not_servable", "model")
+    for kind in DOMAIN_ERRORS:
+        app.add_exception_handler(kind, domain_error)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError):
-        return _json_error(422, "invalid request: " + explain_errors(exc.errors()),
-                           "invalid_request")
+        return _json_error(422, validation_message(exc), "invalid_request")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException):

@@ -66,6 +66,7 @@ def serve_command(**given: Any) -> None:
     (plus /v1/classify), hot-swapping adapters as they are written."""
     from pydantic import ValidationError
 
+    from lorastack.adapters.validation import explain_errors
     from lorastack.serve.settings import ServeSettings, SettingsError
 
     log_level = given.pop("log_level", "info")
@@ -74,7 +75,9 @@ def serve_command(**given: Any) -> None:
                                     if v is not None and v != [] and v != ""})
         settings.check_exposure()
     except (ValidationError, SettingsError) as exc:
-        typer.echo(f"lorastack serve: {exc}", err=True)
+        why = explain_errors(exc.errors(), ServeSettings) if isinstance(exc, ValidationError) \
+            else str(exc)
+        typer.echo(f"lorastack serve: {why}", err=True)
         raise typer.Exit(2) from None
     run(settings, log_level)
 
@@ -90,7 +93,7 @@ def run(settings, log_level: str = "info") -> None:
     import uvicorn
 
     from lorastack.serve.app import create_app
-    from lorastack.serve.vllm_proc import VllmStartError
+    from lorastack.serve.vllm_proc import StartError
 
     logging.basicConfig(level=logging.INFO, format="lorastack serve: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per vLLM call is noise
@@ -106,7 +109,7 @@ def run(settings, log_level: str = "info") -> None:
                             log_level=log_level, timeout_graceful_shutdown=30)
     try:
         uvicorn.Server(config).run(sockets=[sock])
-    except VllmStartError as exc:
+    except StartError as exc:
         typer.echo(f"lorastack serve: {exc}", err=True)
         raise typer.Exit(1) from None
 

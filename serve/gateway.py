@@ -26,7 +26,7 @@ from lorastack.serve.metrics import Metrics
 from lorastack.serve.registry import Registry
 from lorastack.serve.scoring import Tokenizer
 from lorastack.serve.settings import ServeSettings, fit_context
-from lorastack.serve.vllm_proc import VllmProcess, VllmStartError
+from lorastack.serve.vllm_proc import StartError, VllmProcess
 
 log = logging.getLogger("lorastack.serve")
 
@@ -151,7 +151,7 @@ class Gateway:
         proc.start()
         try:
             self.startup_s = await proc.wait_healthy(s.start_timeout_s, say)
-        except VllmStartError as exc:
+        except StartError as exc:
             proc.stop()
             say(f"vLLM failed to start: {exc}")  # plainly, before the server's traceback
             raise
@@ -254,7 +254,7 @@ class Gateway:
         proc.start()
         try:
             seconds = await proc.wait_healthy(self.settings.start_timeout_s, say)
-        except VllmStartError as exc:
+        except StartError as exc:
             engine.reason = f"restart failed: {str(exc).splitlines()[0]}; retrying"
             say(str(exc))
             await asyncio.sleep(5)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import sys
 import tempfile
 import threading
 import time
@@ -126,6 +125,8 @@ def run(settings: ServeSettings) -> None:
     serve = _serve()
     import ray
 
+    from lorastack.serve.gateway import say
+
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
     else:  # a local cluster: the vLLM replicas take one logical CPU each, the gateways none
@@ -136,17 +137,17 @@ def run(settings: ServeSettings) -> None:
     work = Path(settings.work_dir or tempfile.mkdtemp(prefix="lorastack-ray-"))
     settings = settings.model_copy(update={"work_dir": work})
     serve.run(build_app(settings), name="lorastack", route_prefix="/", blocking=False)
-    print(f"lorastack serve: Ray Serve app 'lorastack' running on http://{settings.host}:"
-          f"{settings.port} after {time.monotonic() - started:.0f} s ({settings.replicas} vLLM "
-          f"replica(s), {settings.gateways} gateway(s)); Ctrl-C stops it", file=sys.stderr,
-          flush=True)
+    say(f"Ray Serve app 'lorastack' running on http://{settings.host}:{settings.port} after "
+        f"{time.monotonic() - started:.0f} s ({settings.replicas} vLLM replica(s), "
+        f"{settings.gateways} gateway(s)); Ctrl-C stops it")
+
     def stop(*_):  # SIGTERM (docker stop, Kubernetes) stops the app as Ctrl-C does
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-        print("lorastack serve: SIGINT is ignored in this process (started in the background); "
-              "stop it with SIGTERM", file=sys.stderr, flush=True)
+        say("SIGINT is ignored in this process (started in the background); stop it with "
+            "SIGTERM")
     try:
         while True:
             time.sleep(3600)

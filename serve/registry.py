@@ -41,6 +41,7 @@ from lorastack.adapters.manifest import (
     AdapterManifest,
     ServingLimits,
     check_servable,
+    short_hash,
 )
 from lorastack.adapters.models import BaseModel
 from lorastack.adapters.store import AdapterStore, StoreSnapshot, pin, version_id
@@ -173,10 +174,10 @@ class Registry:
                 raise AdapterError(f"its member {member.adapter!r} cannot be served ({why})",
                                    name, None, "put the member back, or fit the ensemble again "
                                    "with `lorastack ensemble`")
-            if served.identity.rsplit("@", 1)[-1] != member.content_hash[7:23]:
+            if served.identity.rsplit("@", 1)[-1] != short_hash(member.content_hash, 16):
                 raise AdapterError(f"its member {member.adapter!r} changed after the ensemble "
                                    f"was fitted (it is now {served.identity}, the fit used "
-                                   f"{member.adapter}@{member.content_hash[7:23]})", name, None,
+                                   f"{member.adapter}@{short_hash(member.content_hash, 16)})", name, None,
                                    f"fit it again: lorastack ensemble {name} --members "
                                    f"{' '.join(ensemble.weights)} --replace")
         return ensemble

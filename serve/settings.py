@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from lorastack.adapters.manifest import ServingLimits
 from lorastack.adapters.models import DEFAULT_BASE
 
 CommaList = Annotated[list[str], NoDecode]
@@ -53,7 +54,7 @@ class ServeSettings(BaseSettings):
     capacity: int = Field(8, ge=1, le=1024)
     """Adapters kept loaded per engine (vLLM --max-cpu-loras); beyond it the least recently used
     idle one is unloaded, and loaded again when asked for."""
-    max_lora_rank: int = Field(16, ge=1)
+    max_lora_rank: int = Field(ServingLimits.max_rank, ge=1)
     """Largest LoRA rank served (vLLM --max-lora-rank: 8, 16, 32, 64, ...)."""
     max_model_len: int = Field(1024, ge=64)
     """Context length vLLM allocates per sequence (prompt + completion)."""

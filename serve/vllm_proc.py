@@ -45,9 +45,6 @@ class StartError(RuntimeError):
     lines."""
 
 
-VllmStartError = StartError  # what the gateway catches around its vLLM child
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -97,14 +94,11 @@ class ChildProcess:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
-    def command(self) -> list[str]:
-        return self.args
-
     def environment(self) -> dict[str, str]:
         return {**os.environ, **self.env}
 
     def start(self) -> Self:
-        command = self.command()
+        command = self.args
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "ab") as log:
             log.write(f"\n=== lorastack: starting {self.name}: {' '.join(command)}\n".encode())

@@ -11,12 +11,38 @@ from typing import Annotated, Any, TypeVar
 from fastapi import Depends, Request
 from pydantic import BaseModel, ValidationError
 
+from lorastack.adapters.manifest import AdapterError
 from lorastack.adapters.validation import explain_errors
+from lorastack.serve.engine import EngineError
 from lorastack.serve.gateway import Gateway
 from lorastack.serve.protocol import ApiError
+from lorastack.serve.registry import UnknownModelError
+from lorastack.serve.scoring import PromptTooLong
 
 M = TypeVar("M", bound=BaseModel)
 BODIES: dict[Callable[..., Any], type[BaseModel]] = {}  # json_body's readers -> their models
+
+
+# the domain errors of the engine, the registry, label scoring and the adapter contract, which
+# routes let through to the app's handler (the gateway's) or the replica route's (endpoint.py)
+DOMAIN_ERRORS = (ApiError, UnknownModelError, EngineError, PromptTooLong, AdapterError)
+
+
+def as_api_error(exc: Exception) -> ApiError:
+    """The HTTP answer to one of DOMAIN_ERRORS: the one mapping from domain errors to HTTP."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, UnknownModelError):
+        return ApiError(exc.status, str(exc), exc.code, "model")
+    if isinstance(exc, EngineError):
+        busy = exc.status == 503
+        return ApiError(exc.status, str(exc), "engine_unavailable" if busy else "engine_error",
+                        headers={"Retry-After": "5"} if busy else None)
+    if isinstance(exc, PromptTooLong):
+        return ApiError(400, str(exc), "prompt_too_long", "input")
+    if isinstance(exc, AdapterError):
+        return ApiError(422, str(exc), "adapter_not_servable", "model")
+    raise TypeError(f"not a domain error: {exc!r}")
 
 
 def gateway(request: Request) -> Gateway:
@@ -131,6 +157,6 @@ def documented(model: type[BaseModel]) -> dict:
         "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
 
 
-def validation_message(exc: ValidationError, model: type[BaseModel] | None = None) -> str:
-    """Every error of `exc`, as `field: what is wrong` (lorastack.adapters.validation)."""
+def validation_message(exc: Any, model: type[BaseModel] | None = None) -> str:
+    """Every error of `exc` (pydantic's or FastAPI's RequestValidationError), as `field: what is wrong` (lorastack.adapters.validation)."""
     return "invalid request: " + explain_errors(exc.errors(), model)

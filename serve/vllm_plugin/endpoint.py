@@ -76,7 +76,7 @@ async def _classify(request: Any):
     from lorastack.serve.engine import EngineError
     from lorastack.serve.protocol import ApiError, ClassifyRequest
     from lorastack.serve.registry import Served
-    from lorastack.serve.routes.common import validation_message
+    from lorastack.serve.routes.common import as_api_error, validation_message
     from lorastack.serve.scoring import (
         PromptTooLong,
         build_rows,
@@ -130,10 +130,8 @@ async def _classify(request: Any):
 
         try:
             answers = list(await asyncio.gather(*(one(m) for m in members)))
-        except PromptTooLong as exc:
-            raise ApiError(400, str(exc), "prompt_too_long", "input") from None
-        except EngineError as exc:
-            raise ApiError(exc.status, str(exc), "engine_error") from None
+        except (PromptTooLong, EngineError) as exc:
+            raise as_api_error(exc) from None
         except httpx.HTTPError as exc:
             raise ApiError(502, f"this replica's vLLM did not answer its own scoring requests "
                            f"({type(exc).__name__}: {exc})", "engine_error") from None

@@ -37,18 +37,18 @@ from pathlib import Path
 from lorastack.adapters.files import (
     CONFIG_FILE,
     MANIFEST_FILE,
+    PICKLE_SUFFIXES,
     WEIGHTS_FILE,
     Adapter,
     read_adapter,
 )
 from lorastack.adapters.home import lorastack_home
-from lorastack.adapters.manifest import AdapterError, ServingLimits, check_name
+from lorastack.adapters.manifest import AdapterError, ServingLimits, check_name, short_hash
 from lorastack.adapters.models import ModelError, resolve_base
-from lorastack.adapters.store import AdapterStore, pin
+from lorastack.adapters.store import AdapterStore, pin, version_id
 
 STORE_ENV, BASE_ENV = "LORASTACK_RESOLVER_STORE", "LORASTACK_RESOLVER_BASE"
 CACHE_ENV, RANK_ENV = "LORASTACK_RESOLVER_CACHE", "LORASTACK_MAX_LORA_RANK"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 _VERSION = re.compile(r"(?P<name>[^@]+)@(?:sha256:)?(?P<hash>[0-9a-f]{8,64})")
 
 log = logging.getLogger("lorastack.resolver")
@@ -100,11 +100,11 @@ class StoreResolver:
             raise Refused(str(exc)) from None
 
     def _pin(self, adapter: Adapter, want: str | None, fingerprint: str) -> Adapter:
-        held = adapter.content_hash().split(":", 1)[1]
+        held = short_hash(adapter.content_hash(), 64)
         if want and not held.startswith(want):
             raise Refused(f"the store holds {adapter.name} at content hash {held[:16]}, not "
                           f"{want}: ask for {adapter.name} (the store's current version) or "
-                          f"{adapter.name}@{held[:16]}")
+                          f"{version_id(adapter)}")
         return pin(adapter, self._cache(), base_fingerprint=fingerprint, limits=self.limits)
 
     def _cache(self) -> Path:

@@ -177,7 +177,7 @@ def test_real_vllm_serves_a_store_adapter_written_after_it_started(tmp_path, bas
     port = free_port()
     command = VllmProcess(ServeSettings(store=store.root, vllm_port=port, max_loras=2,
                                         capacity=2, max_model_len=1024),
-                          base_model.path, "smollm2-135m", tmp_path / "vllm.log").command()
+                          base_model.path, "smollm2-135m", tmp_path / "vllm.log").args
     assert command[:3] == [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
     vllm = ChildProcess("vLLM", port, tmp_path / "vllm.log", command, env={
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_PLUGINS": "lorastack",

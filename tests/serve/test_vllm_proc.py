@@ -14,7 +14,6 @@ from lorastack.serve.vllm_proc import (
     ChildProcess,
     StartError,
     VllmProcess,
-    VllmStartError,
     free_port,
 )
 
@@ -22,7 +21,7 @@ from lorastack.serve.vllm_proc import (
 def test_command_keeps_vllm_private_and_lora_enabled(tmp_path):
     proc = VllmProcess(ServeSettings(capacity=6, max_loras=3), tmp_path, "base",
                        tmp_path / "vllm.log")
-    cmd = proc.command()
+    cmd = proc.args
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
     assert "--enable-lora" in cmd
     assert cmd[cmd.index("--max-cpu-loras") + 1] == "6"
@@ -30,7 +29,7 @@ def test_command_keeps_vllm_private_and_lora_enabled(tmp_path):
     assert proc.url == f"http://127.0.0.1:{proc.port}"
     # --vllm-host (a private cluster network): bound to every address, still checked locally
     wide = VllmProcess(ServeSettings(vllm_host="0.0.0.0"), tmp_path, "base", tmp_path / "v.log")
-    assert wide.command()[wide.command().index("--host") + 1] == "0.0.0.0"
+    assert wide.args[wide.args.index("--host") + 1] == "0.0.0.0"
     assert wide.url == f"http://127.0.0.1:{wide.port}"
     node = VllmProcess(ServeSettings(vllm_host="10.0.0.7"), tmp_path, "base", tmp_path / "v.log")
     assert node.url == f"http://10.0.0.7:{node.port}"
@@ -43,7 +42,7 @@ def test_failed_start_reports_the_last_log_lines(tmp_path):
     proc = VllmProcess(ServeSettings(), missing, "base", tmp_path / "vllm.log")
     proc.start()
     try:
-        with pytest.raises(VllmStartError) as err:
+        with pytest.raises(StartError) as err:
             asyncio.run(proc.wait_healthy(240))
     finally:
         proc.stop()
