@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from lorastack.adapters import models
+from lorastack.adapters.manifest import short_hash
 
 console = Console()
 err_console = Console(stderr=True)
@@ -35,7 +36,7 @@ def models_list() -> None:
         alias = row["alias"] + (" (default)" if row["default"] else "")
         table.add_row(escape(alias), row["kind"], "yes" if row["cached"] else "no",
                       str(row["size_mb"]) if row["cached"] else "",
-                      row["fingerprint"].split(":")[-1][:12], escape(row["source"]),
+                      short_hash(row["fingerprint"]), escape(row["source"]),
                       escape(row["description"]))
     console.print(table)
 
@@ -170,7 +171,7 @@ def _adapter_row(a) -> dict[str, str]:
     m = a.manifest
     key = m.key_metric()
     return {"name": a.name, "task": m.task + (f" ({len(m.labels)} labels)" if m.labels else ""),
-            "base": f"{m.base_model} {m.base_fingerprint.split(':')[-1][:8]}",
+            "base": f"{m.base_model} {short_hash(m.base_fingerprint, 8)}",
             "rank": str(m.lora.rank), "size": _size(a.weights_bytes),
             "key metric": f"{key[1]} {key[2]:.4g} ({key[0]})" if key else "",
             "created": m.created_at[:10]}

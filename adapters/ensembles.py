@@ -22,18 +22,18 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
 from lorastack.adapters import labels as label_scoring
-from lorastack.adapters.fsutil import atomic_write_text
+from lorastack.adapters.fsutil import atomic_write_json, utc_now
 from lorastack.adapters.manifest import (
     AdapterError,
     AdapterName,
     AdapterNotFoundError,
+    Fingerprint,
     ManifestError,
     Metrics,
     Number,
@@ -50,7 +50,7 @@ class Member(_Part):
     """A classification adapter of the same store."""
     weight: Annotated[Number, Field(ge=0, le=1)]
     """Its share of the mixture; the weights sum to 1."""
-    content_hash: Annotated[str, Field(pattern=r"^sha256:[0-9a-f]{64}$")]
+    content_hash: Fingerprint
     """The member's content hash (files.Adapter.content_hash) when the ensemble was fitted."""
 
 
@@ -68,8 +68,7 @@ class EnsembleManifest(_Part):
     metrics: Metrics = Field(default_factory=Metrics)
     fitted_on: str = ""
     """Where the weights and temperature were fitted (e.g. "drug-reviews validation")."""
-    created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(
-        timespec="seconds"))
+    created_at: str = Field(default_factory=utc_now)
 
     @model_validator(mode="after")
     def _weights(self) -> EnsembleManifest:
@@ -174,7 +173,7 @@ def write(root: Path, ensemble: EnsembleManifest, *, replace: bool = False) -> P
     if path.exists() and not replace:
         raise AdapterError("an ensemble of this name exists", name, path,
                            "pass --replace to fit it again under the same name")
-    atomic_write_text(path, json.dumps(ensemble.model_dump(mode="json"), indent=2) + "\n")
+    atomic_write_json(path, ensemble.model_dump(mode="json"))
     return path
 
 

@@ -11,14 +11,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorastack.adapters.fsutil import atomic_write_json, staging_dir
+from lorastack.adapters.fsutil import atomic_write_json, staging_dir, utc_now
 from lorastack.adapters.home import OFFLINE_ENV, is_offline, lorastack_home
 
 
@@ -54,7 +53,7 @@ def build_from_wheel(wheel: WheelFile, target: Path, meta_file: str,
     with staging_dir(target) as tmp:
         meta = build(download, tmp)
         atomic_write_json(tmp / meta_file, {
-            **meta, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+            **meta, "created_at": utc_now()})
     if not keep_download:
         download.unlink(missing_ok=True)
 

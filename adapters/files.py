@@ -37,6 +37,7 @@ from lorastack.adapters.manifest import (
     MissingFileError,
     UnsafeWeightsError,
     check_name,
+    short_hash,
 )
 
 CONFIG_FILE = "adapter_config.json"
@@ -288,7 +289,7 @@ def _refuse_pickles(names: list[str], path: Path, name: str) -> None:
 
 
 def _short(fingerprint: str) -> str:
-    return fingerprint.split(":", 1)[-1][:12] or "(none)"
+    return short_hash(fingerprint) or "(none)"
 
 
 # -- writing ---------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,11 @@ def atomic_write_text(path: Path, text: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def utc_now() -> str:
+    """Now as ISO 8601 in UTC to the second (2026-12-04T01:02:03+00:00): every record's time."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def atomic_write_json(path: Path, data: Any) -> None:

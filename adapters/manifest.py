@@ -19,7 +19,7 @@ import re
 import string
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Self
 
@@ -34,6 +34,7 @@ from pydantic import (
     model_validator,
 )
 
+from lorastack.adapters.fsutil import utc_now
 from lorastack.adapters.validation import explain_errors
 
 FORMAT_VERSION = 1
@@ -148,6 +149,14 @@ Number = Annotated[float, Field(strict=True),  # strict: not a bool, not "1"
                    _rule(lambda v: not math.isinf(v), "must be a finite number")]
 
 
+def short_hash(fingerprint: str, digits: int = 12) -> str:
+    """The first `digits` hex digits of a "sha256:<hex>" fingerprint or content hash."""
+    return fingerprint.split(":", 1)[-1][:digits]
+
+
+Fingerprint = Annotated[str, _rule(_FINGERPRINT.fullmatch, "must be 'sha256:' and 64 hex digits")]
+
+
 class _Part(BaseModel):
     """A frozen, checked part of manifest.json; unknown keys (a newer writer's) are ignored."""
 
@@ -206,8 +215,7 @@ class AdapterManifest(_Part):
     """"classification" (answers one of `labels`, scored not sampled) or "generation"."""
     base_model: Annotated[str, Field(min_length=1)]
     """The base model as named when training: a catalog alias, hub id or directory."""
-    base_fingerprint: Annotated[str, _rule(_FINGERPRINT.fullmatch,
-                                           "must be 'sha256:' and 64 hex digits")]
+    base_fingerprint: Fingerprint
     """"sha256:<hex>" over the base weights; the server refuses an adapter whose base differs."""
     lora: LoraSettings
     """LoRA hyperparameters (mirrors adapter_config.json)."""
@@ -249,7 +257,7 @@ class AdapterManifest(_Part):
     versions: dict[str, str] = Field(default_factory=dict)
     """Library versions at training time (lorastack, torch, transformers, peft, ...)."""
     created_at: Annotated[str, _rule(datetime.fromisoformat, "must be an ISO 8601 time")] = Field(
-        default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+        default_factory=utc_now)
     """When the adapter was written, ISO 8601 with a UTC offset."""
     format_version: int = FORMAT_VERSION
     """Version of this file's format; readers refuse versions they do not know."""

@@ -31,8 +31,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lorastack.adapters.fetch import FetchError, WheelFile, build_from_wheel
-from lorastack.adapters.fsutil import atomic_write_json, staging_dir
+from lorastack.adapters.fsutil import atomic_write_json, staging_dir, utc_now
 from lorastack.adapters.home import OFFLINE_ENV, is_offline, lorastack_home
+from lorastack.adapters.manifest import short_hash
 
 DEFAULT_BASE = "smollm2-135m"
 META_FILE = "lorastack-model.json"
@@ -79,7 +80,7 @@ class BaseModel:
 
     @property
     def short_fingerprint(self) -> str:
-        return self.fingerprint.split(":", 1)[-1][:12]
+        return short_hash(self.fingerprint)
 
 
 def models_dir() -> Path:
@@ -180,7 +181,7 @@ def add_alias(name: str, target: str, *, replace: bool = False) -> dict:
         raise ModelError(f"{target} does not exist and is not a hub id (org/name): give an "
                          f"existing GGUF file, model directory, or a hub id")
     entry = {"target": target, "kind": kind,
-             "added_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+             "added_at": utc_now()}
     atomic_write_json(lorastack_home() / USER_MODELS_FILE, {"aliases": {**aliases, name: entry}})
     return entry
 
@@ -384,7 +385,7 @@ def _convert_gguf_file(gguf: Path, sha: str, target: Path) -> None:
             atomic_write_json(tmp / META_FILE, {
                 "source": "gguf", "gguf_path": str(gguf), "gguf_sha256": sha,
                 "gguf_size": gguf.stat().st_size, "fingerprint": hash_safetensors(tmp),
-                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+                "created_at": utc_now()})
     except OSError as exc:
         if _read_meta(target) is None:  # else another process converted the same file first
             raise ModelError(f"could not write {target}: {exc}; free some disk space or point "

@@ -50,6 +50,7 @@ from lorastack.adapters.manifest import (
     ServingLimits,
     check_name,
     check_servable,
+    short_hash,
 )
 from lorastack.adapters.models import DEFAULT_BASE, BaseModel, ModelError, resolve_base
 
@@ -151,12 +152,13 @@ class AdapterStore:
         return write_adapter(self, name, source, manifest, replace=replace)
 
     def copy(self, name: str, new_name: str, into: AdapterStore | None = None,
-             replace: bool = False) -> Adapter:
+             replace: bool = False, **changes: Any) -> Adapter:
         """Adapter `name`'s weights as a new adapter `new_name`, in this store or `into`
-        another: the same files, the manifest renamed; checked like any write."""
+        another: the same files, the manifest renamed (and given the `changes`, such as
+        training=... or metrics=...); checked like any write."""
         adapter = self.resolve(name)
-        return (into or self).write(new_name, adapter.path,
-                                    adapter.manifest.replace(name=new_name), replace=replace)
+        return (into or self).write(new_name, adapter.path, adapter.manifest.replace(
+            name=new_name, **changes), replace=replace)
 
     def remove(self, name: str) -> None:
         """Delete adapter `name`: renamed aside under the lock (so it vanishes at once), then
@@ -309,7 +311,7 @@ def _resolve_base(base: str, name: str) -> BaseModel:
 def version_id(adapter: Adapter) -> str:
     """`<name>@<first 16 hex of its content hash>`: one version of an adapter, as the gateway
     and the vLLM resolver name it to vLLM (which must never see one name for two weights)."""
-    return f"{adapter.name}@{adapter.content_hash().split(':', 1)[1][:16]}"
+    return f"{adapter.name}@{short_hash(adapter.content_hash(), 16)}"
 
 
 def pin(adapter: Adapter, into: Path, *, base_fingerprint: str,

@@ -61,10 +61,6 @@ def guess_label_column(frame: pd.DataFrame, text_column: str | None = None) -> s
     return next((by_name[name] for name in LABEL_COLUMN_NAMES if name in by_name), None)
 
 
-def texts_from_csv(frame: pd.DataFrame, column: str) -> list[str]:
-    return labelled_from_csv(frame, column)[0]
-
-
 def labelled_from_csv(frame: pd.DataFrame, column: str, truth_column: str | None = None
                       ) -> tuple[list[str], list[str] | None]:
     """The texts of `column` (rows without text left out) and, with `truth_column`, the true

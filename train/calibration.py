@@ -81,12 +81,9 @@ def expected_calibration_error(probs: Sequence[Mapping[str, float]], truth: Sequ
 
 def plot_reliability(path: Path, curves: Mapping[str, tuple[list, list]], title: str) -> None:
     """A reliability diagram: one line per (name -> (probs, truth)), the diagonal is perfect."""
-    import matplotlib
+    from lorastack.train.report import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    fig, ax = pyplot().subplots(figsize=(5.2, 4.6))
     ax.plot([0, 1], [0, 1], color="#999", linestyle=":", label="perfectly calibrated")
     for name, (probs, truth) in curves.items():
         pts = [b for b in reliability_bins(probs, truth) if b["count"]]
@@ -99,11 +96,7 @@ def plot_reliability(path: Path, curves: Mapping[str, tuple[list, list]], title:
     ax.set_ylim(0, 1)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def metrics_at(fmt, examples: list, sums, temperature: float) -> tuple[dict, list, list]:

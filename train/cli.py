@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -9,13 +11,30 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from lorastack.adapters.cli import fail
+from lorastack.adapters.cli import StoreOption, fail
 from lorastack.train import data
 
 console = Console()
 
 data_app = typer.Typer(help="Example datasets: the catalog, fetching and caching.",
                        no_args_is_help=True)
+
+
+@contextmanager
+def _user_errors(dist=None) -> Iterator[None]:
+    """An error the user can fix (config, data, adapter, base model, launch) as one line and exit
+    status 1; in one of several processes, saying which."""
+    from lorastack.adapters.manifest import AdapterError
+    from lorastack.adapters.models import ModelError
+    from lorastack.train.config import ConfigError
+    from lorastack.train.distributed import LaunchError
+
+    try:
+        yield
+    except (ConfigError, data.DataError, AdapterError, ModelError, LaunchError) as exc:
+        active = dist is not None and dist.active
+        raise fail(RuntimeError(f"process {dist.rank} of {dist.world}: {exc}") if active
+                   else exc) from exc
 
 
 OBJECTIVE_HELP = ("what the ensemble's weights are fitted for on validation: nll (honest "
@@ -40,10 +59,8 @@ def data_list() -> None:
 @data_app.command("pull")
 def data_pull(name: str = typer.Argument("drug-reviews", help="a catalog dataset name")) -> None:
     """Fetch and clean a catalog dataset once (a no-op when cached)."""
-    try:
+    with _user_errors():
         path = data.pull_dataset(name)
-    except data.DataError as exc:
-        raise fail(exc) from exc
     console.print(f"{name}: {path}")
 
 
@@ -65,13 +82,11 @@ def train_command(
                               "one process per CPU core (per GPU with CUDA)."),
 ) -> None:
     """Train a LoRA/QLoRA adapter and write it into the adapter store."""
-    from lorastack.adapters.manifest import AdapterError
-    from lorastack.adapters.models import ModelError
     from lorastack.train import distributed
     from lorastack.train.config import ConfigError, load_config
 
     dist = distributed.from_env()  # a worker that torchrun started, or this very process
-    try:
+    with _user_errors(dist):
         if nproc is not None and dist.active and nproc != dist.world:
             raise distributed.LaunchError(f"--nproc {nproc}, but torchrun started "
                                           f"{dist.world} processes: drop --nproc under torchrun")
@@ -93,10 +108,6 @@ def train_command(
         from lorastack.train.run import train
 
         result = train(cfg, resume=resume)
-    except (ConfigError, data.DataError, AdapterError, ModelError,
-            distributed.LaunchError) as exc:
-        shown = RuntimeError(f"process {dist.rank} of {dist.world}: {exc}") if dist.active else exc
-        raise fail(shown) from exc
     if not dist.is_main:
         return
     console.print(f"adapter [bold]{result.name}[/bold] written to {result.adapter_dir}; run "
@@ -130,18 +141,14 @@ def eval_command(
     zero_shot: bool = typer.Option(False, "--zero-shot", help="evaluate the config's base model "
                                    "without an adapter, with the same prompt and scoring"),
     limit: int = typer.Option(None, help="only the first N records"),
-    store: str = typer.Option(None, help="adapter store directory"),
+    store: str = StoreOption,
     out: str = typer.Option(None, help="also write the metrics as JSON to this file"),
 ) -> None:
     """Evaluate an adapter (or the base model zero-shot) on a split."""
-    import json
 
-    from lorastack.adapters.manifest import AdapterError
-    from lorastack.adapters.models import ModelError
     from lorastack.train import assess
-    from lorastack.train.config import ConfigError
 
-    try:
+    with _user_errors():
         columns = _columns(column)
         if zero_shot:
             metrics = assess.evaluate_zero_shot(target, data=data_source, split=split,
@@ -149,8 +156,6 @@ def eval_command(
         else:
             metrics = assess.evaluate_adapter(target, data=data_source, split=split,
                                               store=store, columns=columns, limit=limit)
-    except (ConfigError, data.DataError, AdapterError, ModelError) as exc:
-        raise fail(exc) from exc
     title = f"{target}{' (zero-shot base)' if zero_shot else ''} on {metrics['evaluated_on']}"
     table = Table(title=escape(title))
     table.add_column("metric")
@@ -162,9 +167,9 @@ def eval_command(
         table.add_row(f"f1 {label}", f"{row['f1']:.4f}")
     console.print(table)
     if out:
-        from lorastack.adapters.fsutil import atomic_write_text
+        from lorastack.adapters.fsutil import atomic_write_json
 
-        atomic_write_text(Path(out), json.dumps(metrics, indent=2) + "\n")
+        atomic_write_json(Path(out), metrics)
 
 
 def _columns(items: list[str]) -> dict[str, str] | None:
@@ -207,12 +212,10 @@ def tune_command(
     objective: str = typer.Option("nll", "--objective", help=OBJECTIVE_HELP),
 ) -> None:
     """Search hyperparameters with Optuna; the best adapter goes into the store."""
-    from lorastack.adapters.manifest import AdapterError
-    from lorastack.adapters.models import ModelError
     from lorastack.train.config import ConfigError, load_config
     from lorastack.train.tune import tune
 
-    try:
+    with _user_errors():
         cfg = load_config(config, set_)
         if ensemble == 1 or ensemble < 0:
             raise ConfigError(f"--ensemble K needs K >= 2 members, got {ensemble}")
@@ -221,8 +224,6 @@ def tune_command(
                               "fitted: give --ensemble K with it")
         result = tune(cfg, trials=trials, timeout_min=timeout, resume=resume,
                       ensemble=ensemble, ensemble_objective=objective)
-    except (ConfigError, data.DataError, AdapterError, ModelError) as exc:
-        raise fail(exc) from exc
     if result.ensemble is not None:
         _ensemble_table(result.ensemble)
     console.print(f"best trial: validation {result.summary['metric']}="
@@ -233,21 +234,16 @@ def tune_command(
 
 def calibrate_command(
     name: str = typer.Argument(..., help="a classification adapter in the store"),
-    store: str = typer.Option(None, help="adapter store directory"),
+    store: str = StoreOption,
     runs_dir: str = typer.Option("runs", "--runs-dir", help="where reliability.png goes "
                                  "(<runs-dir>/<name>/)"),
 ) -> None:
     """Fit a classification adapter's temperature on its validation split (temperature
     scaling) and store it in its manifest; the server applies it from the next request on."""
-    from lorastack.adapters.manifest import AdapterError
-    from lorastack.adapters.models import ModelError
     from lorastack.train.assess import calibrate_adapter
-    from lorastack.train.config import ConfigError
 
-    try:
+    with _user_errors():
         result = calibrate_adapter(name, store=store, runs_dir=runs_dir)
-    except (ConfigError, data.DataError, AdapterError, ModelError) as exc:
-        raise fail(exc) from exc
     table = Table(title=escape(f"{name}: temperature {result['temperature']:.3f}"))
     for col in ("split", "ECE before", "ECE after", "NLL before", "NLL after"):
         table.add_column(col, justify="right")
@@ -265,7 +261,7 @@ def ensemble_command(
     members: list[str] = typer.Option(  # noqa: B008 (typer's idiom)
         ..., "--members", "-m", help="classification adapters of one label set, trained on the "
         "same data (repeat the option, or give several)"),
-    store: str = typer.Option(None, help="adapter store directory"),
+    store: str = StoreOption,
     replace: bool = typer.Option(False, "--replace", help="fit an existing ensemble again"),
     runs_dir: str = typer.Option("runs", "--runs-dir", help="where reliability.png goes "
                                  "(<runs-dir>/<name>/)"),
@@ -273,16 +269,11 @@ def ensemble_command(
 ) -> None:
     """Fit an ensemble of classification adapters on their validation split (mixture weights,
     then a temperature) and store it; the gateway serves it under its name."""
-    from lorastack.adapters.manifest import AdapterError
-    from lorastack.adapters.models import ModelError
-    from lorastack.train.config import ConfigError
     from lorastack.train.ensemble import build_ensemble
 
-    try:
+    with _user_errors():
         result = build_ensemble(name, members, store=store, replace=replace, runs_dir=runs_dir,
                                 objective=objective)
-    except (ConfigError, data.DataError, AdapterError, ModelError) as exc:
-        raise fail(exc) from exc
     _ensemble_table(result)
 
 

@@ -382,7 +382,8 @@ def _check_servable_modules(cfg: TrainConfig, base_path: Path) -> list[str]:
     servable = set(engine.modules)
     lora = cfg.lora
     if lora.target_modules != "all-linear":
-        bad = sorted({t.rsplit(".", 1)[-1] for t in lora.target_modules} - servable)
+        bad = unservable_lora(0, lora.target_modules, False, ServingLimits(
+            target_modules=engine.modules)).get("target_modules")
         if bad:
             raise ConfigError(f"lora.target_modules: {bad} are not servable by vLLM's "
                               f"{engine.architecture} (it carries LoRA on "
@@ -410,7 +411,19 @@ def block_linear_modules(base_path: Path) -> list[str] | None:
     modules = adaptable_modules(base_path, types=("Linear", "Conv1D"))
     if modules is None:
         return None
-    return sorted({m.rsplit(".", 1)[-1] for m in modules if re.search(r"\.\d+\.", m)})
+    return block_suffixes(modules)
+
+
+LOWER_IS_BETTER = frozenset({"loss"})  # metrics where less is better (the rest: more)
+
+
+BLOCK = re.compile(r"\.\d+\.")  # a module inside a numbered block: `.layers.3.`, `.h.3.`
+
+
+def block_suffixes(names) -> list[str]:
+    """The suffixes of the module `names` inside numbered transformer blocks (not the output
+    head): `model.layers.3.self_attn.q_proj` (Llama), `transformer.h.3.attn.c_attn` (GPT-2)."""
+    return sorted({name.rsplit(".", 1)[-1] for name in names if BLOCK.search(name)})
 
 
 def layer_count(base_path: Path) -> int | None:

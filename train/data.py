@@ -64,10 +64,6 @@ class Splits:
     validation: list[dict]
     test: list[dict]
 
-    def sizes(self) -> dict[str, int]:
-        return {"train": len(self.train), "validation": len(self.validation),
-                "test": len(self.test)}
-
 
 # -- the catalog ------------------------------------------------------------------------------
 

@@ -117,23 +117,18 @@ def classification_from_scores(fmt: PromptFormat, examples: Sequence[Example],
 
 def classification_metrics(truth: Sequence[int], preds: Sequence[int],
                            labels: Sequence[str]) -> dict:
-    n = len(labels)
-    confusion = [[0] * n for _ in range(n)]
-    for t, p in zip(truth, preds):
-        confusion[t][p] += 1
-    per_class = {}
-    for i, label in enumerate(labels):
-        tp = confusion[i][i]
-        predicted = sum(confusion[r][i] for r in range(n))
-        actual = sum(confusion[i])
-        precision = tp / predicted if predicted else 0.0
-        recall = tp / actual if actual else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_class[label] = {"precision": precision, "recall": recall, "f1": f1,
-                            "support": actual}
+    """Accuracy, macro-F1 over every label, per-class precision/recall/F1 and the confusion
+    matrix (rows: truth), by scikit-learn; a label never predicted scores 0."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    ids = list(range(len(labels)))
+    confusion = confusion_matrix(truth, preds, labels=ids).tolist()
+    scores = precision_recall_fscore_support(truth, preds, labels=ids, zero_division=0)
+    per_class = {label: {"precision": float(p), "recall": float(r), "f1": float(f),
+                         "support": int(n)} for label, p, r, f, n in zip(labels, *scores)}
     return {
-        "accuracy": sum(c[i] for i, c in enumerate(confusion)) / max(1, len(truth)),
-        "macro_f1": sum(c["f1"] for c in per_class.values()) / n,
+        "accuracy": sum(c[i] for i, c in enumerate(confusion)) / len(truth),
+        "macro_f1": sum(c["f1"] for c in per_class.values()) / len(labels),
         "per_class": per_class,
         "confusion": confusion,
         "labels": list(labels),

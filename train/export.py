@@ -22,7 +22,6 @@ import shutil
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ import typer
 from lorastack.adapters import labels as label_scoring
 from lorastack.adapters.cli import StoreOption, console, fail
 from lorastack.adapters.files import EXPORT_FILE, MANIFEST_FILE, PICKLE_SUFFIXES, check_base
-from lorastack.adapters.fsutil import atomic_write_json, staging_dir
+from lorastack.adapters.fsutil import atomic_write_json, staging_dir, utc_now
 from lorastack.adapters.manifest import AdapterError, AdapterManifest
 from lorastack.adapters.models import META_FILE, ModelError, hash_safetensors, resolve_base
 from lorastack.adapters.provenance import library_versions
@@ -119,7 +118,7 @@ def export_merged(adapter_name: str, out_dir: str | Path, store: str | Path | No
             # gateway classifies with it (serve/registry.py merged_classifier)
             "manifest": manifest.model_dump(mode="json"),
             "versions": library_versions(),
-            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "created_at": utc_now(),
             "seconds": round(time.monotonic() - started, 1),
         }
         atomic_write_json(tmp / EXPORT_FILE, record)

@@ -30,12 +30,10 @@ from tqdm.auto import tqdm
 from lorastack.adapters.fsutil import atomic_write_json, staging_dir
 from lorastack.train import distributed
 from lorastack.train.batching import class_weights, collate, epoch_batches
-from lorastack.train.config import TrainConfig
+from lorastack.train.config import LOWER_IS_BETTER, TrainConfig
 from lorastack.train.distributed import SINGLE, Dist
 from lorastack.train.examples import IGNORE, Example
 from lorastack.train.model import answer_loss
-
-LOWER_IS_BETTER = {"loss"}
 
 
 @dataclass

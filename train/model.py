@@ -7,13 +7,12 @@ single matmul of a small model, nearly disappears from training (see bench/ for 
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from lorastack.train.config import ConfigError, TrainConfig
+from lorastack.train.config import ConfigError, TrainConfig, block_suffixes
 
 
 def pick_device() -> torch.device:
@@ -134,17 +133,12 @@ def lora_config(cfg: TrainConfig, model):
 
 
 def linear_module_names(model) -> list[str]:
-    """Suffixes of the linear layers inside the numbered transformer blocks (not the output
-    head): `model.layers.3.self_attn.q_proj` (Llama), `transformer.h.3.attn.c_attn` (GPT-2's
-    Conv1D), `gpt_neox.layers.3.attention.query_key_value`."""
+    """Suffixes of the linear layers (and GPT-2's Conv1D) inside the numbered transformer
+    blocks (config.block_suffixes)."""
     from transformers.pytorch_utils import Conv1D
 
-    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-             if isinstance(module, torch.nn.Linear | Conv1D) and BLOCK.search(name)}
-    return sorted(names)
-
-
-BLOCK = re.compile(r"\.\d+\.")  # a module inside a numbered block: `.layers.3.`, `.h.3.`
+    return block_suffixes(name for name, module in model.named_modules()
+                          if isinstance(module, torch.nn.Linear | Conv1D))
 
 
 def causal_lm(model):

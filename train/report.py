@@ -45,13 +45,29 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_curves(run_dir: Path, metric: str, title: str) -> Path:
-    """training.png: training and validation loss, and the selection metric, by step."""
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, path: Path) -> Path:
+    """`fig`, laid out, as a PNG at `path` written atomically (never half a file), then closed."""
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)
+    pyplot().close(fig)
+    return path
+
+
+def plot_curves(run_dir: Path, metric: str, title: str) -> Path:
+    """training.png: training and validation loss, and the selection metric, by step."""
+    plt = pyplot()
     rows = read_metrics(run_dir)
     train = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
     val = [r for r in rows if "validation/loss" in r]
@@ -82,11 +98,7 @@ def plot_curves(run_dir: Path, metric: str, title: str) -> Path:
     ax2.grid(alpha=0.3)
     ax1.grid(alpha=0.3)
     fig.suptitle(title)
-    fig.tight_layout()
-    out = run_dir / "training.png"
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, run_dir / "training.png")
 
 
 def _ema(values, beta: float) -> list[float]:

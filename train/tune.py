@@ -29,7 +29,13 @@ from typing import Any
 import yaml
 
 from lorastack.adapters.fsutil import atomic_write_json, atomic_write_text
-from lorastack.train.config import ConfigError, TrainConfig, build_config, layer_count
+from lorastack.train.config import (
+    LOWER_IS_BETTER,
+    ConfigError,
+    TrainConfig,
+    build_config,
+    layer_count,
+)
 from lorastack.train.search import apply_params, check_paths, current_values
 
 
@@ -71,7 +77,7 @@ def tune(cfg: TrainConfig, *, trials: int, timeout_min: float | None = None,
         raise ConfigError(f"search.space names settings the config does not have: "
                           f"{', '.join(bad)} (use dotted paths such as training.lr, lora.r)")
     metric = search.metric or cfg.selection_metric
-    direction = "minimize" if metric == "loss" else "maximize"
+    direction = "minimize" if metric in LOWER_IS_BETTER else "maximize"
     base = resolve_base(cfg.base)
     layers = layer_count(base.path)
     tune_dir = Path(cfg.runs_dir) / f"{cfg.name}-tune"
@@ -170,11 +176,10 @@ def _ensemble(cfg: TrainConfig, study, tune_dir: Path, raw: dict, layers: int | 
     members = [cfg.name]
     for trial in complete[1:k]:
         name = f"{cfg.name}-trial{trial.number}"
-        adapter = tune_store.resolve(trial.user_attrs["adapter"])
         trial_raw = apply_params(raw, trial.params, layers)
         trial_raw.update(name=name, store=cfg.store, runs_dir=cfg.runs_dir)
-        store.write(name, adapter.path, adapter.manifest.replace(name=name, training=trial_raw),
-                    replace=True)
+        tune_store.copy(trial.user_attrs["adapter"], name, into=store, replace=True,
+                        training=trial_raw)
         members.append(name)
     print(f"fitting the ensemble {cfg.name}-ensemble of {', '.join(members)} on validation ...")
     return build_ensemble(f"{cfg.name}-ensemble", members, store=cfg.store, replace=True,
@@ -293,12 +298,10 @@ def _publish(cfg: TrainConfig, tune_store, name: str, best_raw: dict) -> tuple[P
     if cfg.evaluate_test:
         print(f"evaluating the best trial's adapter on the test split ({name}) ...")
         test = evaluate_adapter(name, store=tune_store.root, split="test")
-    adapter = tune_store.resolve(name)
-    numbers = manifest_numbers(test)
-    manifest = adapter.manifest.replace(
-        name=cfg.name, training=best_raw,
-        metrics=Metrics(validation=dict(adapter.manifest.metrics.validation), test=numbers))
-    written = AdapterStore(cfg.store).write(cfg.name, adapter.path, manifest, replace=cfg.replace)
+    validation = dict(tune_store.resolve(name).manifest.metrics.validation)
+    written = tune_store.copy(name, cfg.name, into=AdapterStore(cfg.store), replace=cfg.replace,
+                              training=best_raw, metrics=Metrics(validation=validation,
+                                                                 test=manifest_numbers(test)))
     print(f"adapter {cfg.name} (trial adapter {name}) written to {written.path}")
     return written.path, test
 
@@ -336,10 +339,9 @@ def _print_table(rows: list[dict], metric: str, best: int) -> None:
 
 def _plots(study, tune_dir: Path) -> None:
     """history.png (value per trial, best so far) and importance.png (fANOVA importances)."""
-    import matplotlib
+    from lorastack.train.report import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    pyplot()  # Agg before optuna's plots import pyplot
     import optuna.visualization.matplotlib as ovm
 
     plots = [("history.png", ovm.plot_optimization_history)]
@@ -352,13 +354,8 @@ def _plots(study, tune_dir: Path) -> None:
         except (ValueError, RuntimeError) as exc:  # e.g. importances of a constant space
             print(f"tune: {filename} not drawn ({exc})")
             continue
-        fig = ax.figure
-        fig.set_size_inches(8, 4.5)
-        fig.tight_layout()
-        tmp = tune_dir / f".{filename}.tmp.png"
-        fig.savefig(tmp, dpi=110)
-        tmp.replace(tune_dir / filename)
-        plt.close(fig)
+        ax.figure.set_size_inches(8, 4.5)
+        save_figure(ax.figure, tune_dir / filename)
 
 
 def _describe(params: dict[str, Any]) -> str:

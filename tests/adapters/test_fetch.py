@@ -39,7 +39,7 @@ def test_fetches_once_builds_and_marks_the_directory(isolated_home, fetched):
     assert fetched == [("some-dist", "1.2.3", "pkg/data/file.bin")]
     assert (target / "copy.bin").read_bytes() == b"payload"
     meta = json.loads((target / "meta.json").read_text())
-    assert meta["source"] == "pypi:some-dist==1.2.3" and meta["created_at"].endswith("Z")
+    assert meta["source"] == "pypi:some-dist==1.2.3" and meta["created_at"].endswith("+00:00")
     assert (isolated_home / "downloads" / "thing" / "file.bin").is_file()
 
 

@@ -29,7 +29,7 @@ def test_csv_with_comma_quotes_and_bom(tmp_path):
     frame = feedback.read_csv(path)
     assert list(frame.columns) == ["id", "Review", "stars"]
     assert feedback.guess_text_column(frame) == "Review"
-    assert feedback.texts_from_csv(frame, "Review") == ["Great, works", 'Bad "really"']
+    assert feedback.labelled_from_csv(frame, "Review")[0] == ["Great, works", 'Bad "really"']
 
 
 def test_csv_semicolon_and_guess_by_length(tmp_path):
@@ -46,9 +46,9 @@ def test_csv_errors_are_readable(tmp_path):
         feedback.read_csv(_csv(tmp_path, "text,stars\n", "header.csv"))
     frame = feedback.read_csv(_csv(tmp_path, "text,stars\n  ,1\n,2\n", "blank.csv"))
     with pytest.raises(InputError, match="no column 'review'.*text"):
-        feedback.texts_from_csv(frame, "review")
+        feedback.labelled_from_csv(frame, "review")
     with pytest.raises(InputError, match="no text to classify"):
-        feedback.texts_from_csv(frame, "text")
+        feedback.labelled_from_csv(frame, "text")
 
 
 def test_pasted_lines_skip_blanks_and_cap_the_size():

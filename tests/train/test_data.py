@@ -43,7 +43,7 @@ def test_test_split_is_held_out(reviews):
 
 def test_validation_is_carved_from_train_with_a_fixed_seed(reviews):
     splits = load_splits("drug-reviews", validation_fraction=0.15, seed=0)
-    assert splits.sizes() == {"train": 510, "validation": 90, "test": 379}
+    assert {k: len(getattr(splits, k)) for k in ("train", "validation", "test")} == {"train": 510, "validation": 90, "test": 379}
     again = load_splits("drug-reviews", validation_fraction=0.15, seed=0)
     assert [r["id"] for r in again.validation] == [r["id"] for r in splits.validation]
     other = load_splits("drug-reviews", validation_fraction=0.15, seed=1)
