@@ -51,7 +51,7 @@ def fit_to_memory(cfg: TrainConfig, world: int = 1, device: str | None = None
     def fits(quant: str, batch: int, ckpt: bool) -> bool:
         trial = cfg.model_copy(update={"quantization": quant})
         plan = plan_memory(trial, dev, shape=shape, batch_size=-(-batch // world),
-                           checkpointing=ckpt)
+                           checkpointing=ckpt, processes=world)
         return plan.total <= usable
 
     if auto:

@@ -80,6 +80,9 @@ def train_command(
                               "same checkpoints, resumable with another N); only process 0 "
                               "evaluates and writes the run directory and the store. At most "
                               "one process per CPU core (per GPU with CUDA)."),
+    fsdp: bool = typer.Option(False, "--fsdp", help="with --nproc: shard the frozen base's "
+                              "weights over the processes (FSDP; training.fsdp=true), each "
+                              "holding 1/N of them; trains what --nproc alone trains"),
 ) -> None:
     """Train a LoRA/QLoRA adapter and write it into the adapter store."""
     from lorastack.train import distributed
@@ -87,6 +90,10 @@ def train_command(
 
     dist = distributed.from_env()  # a worker that torchrun started, or this very process
     with _user_errors(dist):
+        if fsdp and not dist.active and (nproc or 1) < 2:
+            raise distributed.LaunchError("--fsdp shards the base over several processes: "
+                                          "give --nproc N with N >= 2")
+        set_ = [*set_, "training.fsdp=true"] if fsdp else set_
         if nproc is not None and dist.active and nproc != dist.world:
             raise distributed.LaunchError(f"--nproc {nproc}, but torchrun started "
                                           f"{dist.world} processes: drop --nproc under torchrun")

@@ -200,6 +200,11 @@ class TrainingConfig(_Section):
     """Seed for data order, LoRA init and dropout."""
     threads: int | None = Field(None, ge=1)
     """CPU threads for torch; None uses torch's default (all cores)."""
+    fsdp: bool = False
+    """With several processes (--nproc): shard the frozen base's weights over them (FSDP2,
+    each decoder layer a unit), so that each holds 1/N of them between forward passes; the
+    LoRA weights stay whole on every process. Trains what data parallelism trains. 4/8-bit
+    bases need CUDA (bitsandbytes' weights are not sharded on CPU)."""
 
     @field_validator("batch_size", mode="before")
     @classmethod

@@ -26,6 +26,16 @@ Data parallelism, defined so that N processes compute what one process computes:
 - A process that fails ends the run: torchrun stops the others and the command exits with the
   failed process's message and status (no hang).
 
+Sharded (`training.fsdp`): the same, except where the frozen base's weights live. torch's FSDP2
+(`fully_shard`) splits every decoder layer's weights, and the rest of the base's (embeddings,
+final norm, head), over the processes; a layer's are gathered for its forward pass (and again
+for backward) and freed after. The LoRA weights are left out of sharding (`ignored_params`), so
+the gradient sum, the optimizer, the checkpoints and the store above are unchanged, and a
+checkpoint resumes with or without sharding. What it needs: every process runs every forward
+pass, so a process with an empty shard runs one example at zero loss weight, and validation
+runs on every process in step (rank 0 keeps its results); rank 0 then evaluates and exports the
+best weights on a fresh unsharded base, as a quantized run does on the float one.
+
 What differs from 1 process: float sums in another order (each shard's gradient, then the
 all-reduce; thread counts; padding to each shard's own length), ~1e-7 relative per step; and
 LoRA dropout, whose masks come from each process's own random stream.
@@ -220,6 +230,43 @@ def launch(nproc: int, target: list[str], env: dict[str, str] | None = None) -> 
         except subprocess.TimeoutExpired:
             proc.terminate()
             return proc.wait()
+
+
+def shard_base(model: Any, device: Any) -> tuple[int, int, int]:
+    """Shard `model`'s frozen weights over the process group with FSDP2: each decoder layer (the
+    classes transformers names in `_no_split_modules`) one unit, the rest of the model the root
+    unit; trainable (LoRA) weights stay whole and unsharded. Returns the number of units, and
+    the bytes of frozen weights this process holds and all of them."""
+    import types
+
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    from lorastack.train.model import SHARDED_ANSWER_LOGITS, causal_lm, lm_answer_logits
+
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    trainable = {p for p in model.parameters() if p.requires_grad}
+    lm = causal_lm(model)
+    blocks = set(getattr(lm, "_no_split_modules", None) or ())
+    layers = [m for m in lm.modules() if type(m).__name__ in blocks]
+    if not layers:
+        raise LaunchError(f"training.fsdp: {type(lm).__name__} names no decoder-layer class "
+                          f"(_no_split_modules) to shard by; train without training.fsdp")
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, ignored_params=trainable)
+    # the root unit is the causal LM (its embeddings, final norm and head, tied or not); the
+    # loop's answer_logits calls its body and head without its forward(), so FSDP is told to
+    # gather them around that method too
+    setattr(lm, SHARDED_ANSWER_LOGITS, types.MethodType(lm_answer_logits, lm))
+    fully_shard(lm, mesh=mesh, ignored_params=trainable)
+    register_fsdp_forward_method(lm, SHARDED_ANSWER_LOGITS)
+    with torch.no_grad():  # left where they were: on this process's device, like the shards
+        for p in trainable:
+            p.data = p.data.to(device)
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    held = sum(getattr(p, "to_local", lambda p=p: p)().numel() * p.element_size() for p in frozen)
+    return len(layers) + 1, held, sum(p.numel() * p.element_size() for p in frozen)
 
 
 def broadcast_parameters(dist: Dist, params: list[Any]) -> None:

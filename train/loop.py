@@ -59,8 +59,11 @@ class Trainer:
                  pad_id: int, evaluate: Callable[[], dict], run_dir: Path, logger,
                  on_step: Callable[[LoopState], None] | None = None, dist: Dist = SINGLE,
                  evaluate_train: Callable[[], dict] | None = None,
-                 reaugment: Callable[[int], list[Example]] | None = None):
+                 reaugment: Callable[[int], list[Example]] | None = None,
+                 lockstep: bool = False):
         self.cfg, self.t, self.dist = cfg, cfg.training, dist
+        # a sharded base (training.fsdp): every process runs every forward pass, evaluation too
+        self.lockstep = lockstep and dist.active
         self.evaluate_train = evaluate_train  # the overfitting watch's fixed train sample
         # augmentation drawn afresh every epoch: epoch -> that epoch's copy of the examples
         # (epoch 0's is `examples`; the same seed gives the same copy on resume)
@@ -137,16 +140,20 @@ class Trainer:
                 group = batches[st.batch_in_epoch:st.batch_in_epoch + self.t.grad_accum]
                 loss_sum, step_tokens, step_answer = 0.0, 0, 0
                 for idx in group:
-                    mine = dist.shard(idx)
+                    mine, idle = dist.shard(idx), False
                     if not mine:  # a short last batch: nothing for this process
-                        continue
+                        if not self.lockstep:
+                            continue
+                        mine, idle = idx[:1], True  # run along (sharded layers), weight 0
                     batch = collate([self.examples[i] for i in mine], self.pad_id, self.weights)
                     batch = {k: v.to(device) for k, v in batch.items()}
                     loss, n_answer = answer_loss(self.model, batch)
                     if dist.active:  # this shard's share of the global batch's mean loss
-                        loss = loss * (sum(self.loss_weight[i] for i in mine)
+                        loss = loss * (0.0 if idle else sum(self.loss_weight[i] for i in mine)
                                        / max(sum(self.loss_weight[i] for i in idx), 1e-12))
                     (loss / len(group)).backward()
+                    if idle:
+                        continue
                     loss_sum += loss.item() / len(group)
                     step_tokens += int(batch["attention_mask"].sum())
                     step_answer += n_answer
@@ -194,9 +201,15 @@ class Trainer:
             tqdm.write(message)
 
     def _evaluate_and_select(self) -> None:
-        """Rank 0 evaluates, selects and early-stops; the others receive its decisions."""
+        """Rank 0 evaluates, selects and early-stops; the others receive its decisions (and
+        with a sharded base run the same evaluation beside it, whose results rank 0 keeps)."""
+        st = self.state
         if self.dist.is_main:
             self._evaluate_on_main()
+        elif self.lockstep and not (st.history and st.history[-1]["step"] == st.step):
+            self.evaluate()
+            if self.evaluate_train is not None:
+                self.evaluate_train()
         if self.dist.active:
             self._share_decisions()
 
@@ -262,8 +275,11 @@ class Trainer:
     def adapter_state(self) -> dict[str, torch.Tensor]:
         from peft import get_peft_model_state_dict
 
+        # from the trainable parameters alone: the model's state_dict() would also reshard a
+        # sharded base on this process only, and the processes' next gathers would not match
+        trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         return {k: v.detach().cpu().contiguous()
-                for k, v in get_peft_model_state_dict(self.model).items()}
+                for k, v in get_peft_model_state_dict(self.model, trainable).items()}
 
     def load_adapter_state(self, tensors: dict[str, torch.Tensor]) -> None:
         from peft import set_peft_model_state_dict
@@ -282,10 +298,14 @@ class Trainer:
                                                   "metric": self.metric,
                                                   "value": self.state.best_metric})
 
+    def best_state(self) -> dict[str, torch.Tensor]:
+        """The best evaluated adapter weights (the current ones when none was saved)."""
+        saved = self.best_dir / "adapter.safetensors"
+        return load_file(saved) if saved.is_file() else self.adapter_state()
+
     def restore_best(self) -> int:
         """Load the best evaluated weights back into the model; return their step."""
-        if (self.best_dir / "adapter.safetensors").is_file():
-            self.load_adapter_state(load_file(self.best_dir / "adapter.safetensors"))
+        self.load_adapter_state(self.best_state())
         return self.state.best_step
 
     def _save_checkpoint(self) -> None:
@@ -380,7 +400,7 @@ def _essential(config: dict) -> dict:
     """The parts of a config that change what training computes (not eval cadence etc.)."""
     training = {k: v for k, v in config["training"].items()
                 if k not in ("eval_every", "save_every", "keep_checkpoints", "threads",
-                             "early_stopping_patience", "watch_train_sample")}
+                             "early_stopping_patience", "watch_train_sample", "fsdp")}
     return {"base": config["base"], "quantization": config["quantization"],
             "task": config["task"], "data": config["data"], "lora": config["lora"],
             "training": training}

@@ -38,8 +38,9 @@ def load_tokenizer(path: Any):
     return tok
 
 
-def load_base(cfg: TrainConfig, path: Any, device: torch.device):
-    """The frozen base model, quantized as configured, ready for LoRA."""
+def load_base(cfg: TrainConfig, path: Any, device: torch.device, *, stay_on_cpu: bool = False):
+    """The frozen base model, quantized as configured, ready for LoRA; in `device`'s precision,
+    and on it unless `stay_on_cpu` (a float base that FSDP then moves there in shards)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     dtype = compute_dtype(device)
@@ -47,7 +48,8 @@ def load_base(cfg: TrainConfig, path: Any, device: torch.device):
     if cfg.quantization == "4bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype)
+            bnb_4bit_compute_dtype=dtype,  # FSDP shards the packed weights as dtype elements
+            **({"bnb_4bit_quant_storage": dtype} if cfg.training.fsdp else {}))
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else "cpu"
     elif cfg.quantization == "8bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
@@ -64,7 +66,7 @@ def load_base(cfg: TrainConfig, path: Any, device: torch.device):
             from tqdm.auto import tqdm
 
             tqdm.write(note)
-    if cfg.quantization == "none":
+    if cfg.quantization == "none" and not stay_on_cpu:
         model.to(device)
     model.config.use_cache = False
     return model
@@ -146,6 +148,11 @@ def causal_lm(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+# The name under which a sharded causal LM carries lm_answer_logits as a method that FSDP
+# gathers its own weights (embeddings, norm, head) around (train/distributed.shard_base).
+SHARDED_ANSWER_LOGITS = "lorastack_answer_logits"
+
+
 def answer_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   positions: torch.Tensor, **body_kwargs: Any) -> torch.Tensor:
     """Logits (float32) at the boolean `positions` [B, T] only: the head skips the rest.
@@ -153,6 +160,15 @@ def answer_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     The model's own output processing (final_logits) follows the head, so that these are the
     logits `model(...).logits` has at those positions (check_answer_logits proves it)."""
     lm = causal_lm(model)
+    sharded = getattr(lm, SHARDED_ANSWER_LOGITS, None)
+    if sharded is not None:
+        return sharded(input_ids, attention_mask, positions, **body_kwargs)
+    return lm_answer_logits(lm, input_ids, attention_mask, positions, **body_kwargs)
+
+
+def lm_answer_logits(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     positions: torch.Tensor, **body_kwargs: Any) -> torch.Tensor:
+    """answer_logits of the causal LM `lm` itself."""
     hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
                            **body_kwargs).last_hidden_state
     return final_logits(lm.config, lm.get_output_embeddings()(hidden[positions]).float())

@@ -224,12 +224,14 @@ class MemoryPlan:
 def plan_memory(cfg, device: str | Device = "cpu", *, shape: Shape | None = None,
                 batch_size: int | None = None, checkpointing: bool | None = None,
                 answer_tokens: int | None = None, serve_concurrency: int = 8,
-                serve_max_loras: int = 4, serve_max_model_len: int = 1024) -> MemoryPlan:
+                serve_max_loras: int = 4, serve_max_model_len: int = 1024,
+                processes: int = 1) -> MemoryPlan:
     """The memory plan of `cfg` (a TrainConfig) on `device`, from the base's config only.
 
     `batch_size` and `checkpointing` override the config's (what train/autobatch.py tries);
     `answer_tokens` bounds the answer length per example (default: 4 for classification,
     task.max_new_tokens for generation). The serving defaults are `lorastack serve`'s.
+    With `training.fsdp` over `processes` GPUs, the weights are one process's share.
     """
     dev = device if isinstance(device, Device) else parse_device(device)
     shape = shape or Shape.from_base(cfg.base)
@@ -244,6 +246,8 @@ def plan_memory(cfg, device: str | Device = "cpu", *, shape: Shape | None = None
                 "measured: python + torch + transformers + peft + data" if dev.kind == "cpu"
                 else "estimate: CUDA context and workspaces")]
     rows += _weight_rows(shape, quant, compute, dev.kind)
+    if cfg.training.fsdp and processes > 1 and dev.kind == "cuda":
+        rows = _fsdp_rows(rows, shape, quant, compute, processes)
     adapted, n_lora = _lora(cfg, shape)
     rows.append(Row("LoRA params + grads + AdamW", 16 * n_lora,
                     f"{n_lora / 1e6:.2f}M float32 parameters x (param, grad, 2 moments)"))
@@ -328,6 +332,22 @@ def _weight_rows(shape: Shape, quant: str, compute: int, kind: str) -> list[Row]
     return rows
 
 
+def _fsdp_rows(rows: list[Row], shape: Shape, quant: str, compute: int, n: int) -> list[Row]:
+    """FSDP over n GPUs (train/distributed.shard_base): each keeps 1/n of the base's weights,
+    plus what is gathered at a time: the root unit (embeddings, head, norms) from forward to
+    backward, and a decoder layer with the next one prefetched. Not on CPU: there each process
+    loads the whole base before sharding it, so the peak stays the unsharded one."""
+    weights = ("base weights", "embeddings, head, norms")
+    out = [Row(f"{r.name}, 1/{n} (fsdp)", r.bytes // n, r.note) if r.name.startswith(weights)
+           else r for r in rows]
+    linear = next(r.bytes for r in rows if r.name.startswith("base weights"))
+    float_bytes = shape.float_params() * (compute if quant == "none" else 4)
+    per_layer = (linear - (float_bytes if quant == "none" else 0)) / shape.layers
+    out.append(Row("fsdp: gathered weights", int(float_bytes + 2 * per_layer),
+                   "the root unit (embeddings, head, norms) and 2 decoder layers, whole"))
+    return out
+
+
 def _lora(cfg, shape: Shape) -> tuple[set[int], int]:
     """The adapted layers and the number of LoRA parameters."""
     lora = cfg.lora
@@ -409,7 +429,8 @@ def plan_command(
     except PlanError as exc:
         print(f"does not fit: {exc}")
         raise typer.Exit(1) from None
-    plan = plan_memory(cfg, dev, batch_size=-(-int(cfg.training.batch_size) // nproc))
+    plan = plan_memory(cfg, dev, batch_size=-(-int(cfg.training.batch_size) // nproc),
+                       processes=nproc)
     print_plan(plan, title=f"memory plan: {cfg.name} ({cfg.base}, {cfg.quantization})")
     if chosen:
         print(chosen)

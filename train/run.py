@@ -137,7 +137,13 @@ def _train(cfg: TrainConfig, base, dist, device, t_start: float, resume: bool,
         _say("labels: " + ", ".join(f"{lb} ({train_set.label_counts[lb]})" for lb in labels))
 
     # 2. the model: frozen base (quantized as configured) + a fresh LoRA
-    model = attach_lora(cfg, load_base(cfg, base.path, device))
+    sharded = cfg.training.fsdp and dist.active
+    if sharded and cfg.quantization != "none" and device.type != "cuda":
+        raise ConfigError(f"training.fsdp with quantization={cfg.quantization} needs CUDA: "
+                          f"bitsandbytes' {cfg.quantization} weights are not sharded on CPU; "
+                          f"use quantization: none, or drop training.fsdp")
+    model = attach_lora(cfg, load_base(cfg, base.path, device,
+                                       stay_on_cpu=sharded and cfg.quantization == "none"))
     if cfg.lora.init == "pissa" and dist.is_main:
         # PiSSA's starting A, B (the same on resume: the SVD is deterministic), so that the
         # store gets the trained update as a plain LoRA on the untouched base (_export)
@@ -154,6 +160,15 @@ def _train(cfg: TrainConfig, base, dist, device, t_start: float, resume: bool,
         per = -(-cfg.training.batch_size // dist.world)
         _say(f"data parallel: {dist.world} processes, each up to {per} of every global batch "
              f"of {cfg.training.batch_size} (x grad_accum {cfg.training.grad_accum})")
+    if sharded:
+        from lorastack.train.distributed import shard_base
+
+        units, held, total = shard_base(model, device)
+        _say(f"fsdp: the base's weights sharded over {dist.world} processes in {units} units "
+             f"(each decoder layer, then the rest): this process holds {held / 2**20:.1f} of "
+             f"{total / 2**20:.1f} MiB; the LoRA weights whole on each")
+    elif cfg.training.fsdp:
+        _say("training.fsdp: one process, so nothing is sharded (use --nproc N)")
 
     def evaluate_split(examples, progress=False, with_loss=True) -> dict:
         if cfg.task.type == "classification":
@@ -172,17 +187,18 @@ def _train(cfg: TrainConfig, base, dist, device, t_start: float, resume: bool,
     trainer = Trainer(cfg, model, train_set.examples, len(labels or []), fmt.pad_id,
                       lambda: evaluate_split(val_set.examples), run_dir, logger, on_step, dist,
                       evaluate_train=(lambda: evaluate_split(watch)) if watch else None,
-                      reaugment=reaugment if d.augment != "none" else None)
+                      reaugment=reaugment if d.augment != "none" else None, lockstep=sharded)
     state = trainer.fit(resume=resume)
     if not dist.is_main:  # done: rank 0 evaluates the best weights and writes the adapter
         return TrainResult(cfg.name, Path(cfg.store or ""), run_dir, {},
                            {"rank": dist.rank, "steps": state.step})
-    best_step = trainer.restore_best()
+    # sharded: the other processes hold the rest of the base, and they are done
+    best_step = state.best_step if sharded else trainer.restore_best()
     trainer_best = trainer.best_metrics  # full validation metrics of the restored weights
     logger.close()
-    if cfg.quantization != "none":
+    if cfg.quantization != "none" or sharded:
         # Evaluate as served: vLLM applies the adapter to the float base, not to the 4/8-bit one.
-        best = trainer.adapter_state()
+        best = trainer.best_state()
         del trainer
         model = attach_lora(cfg.model_copy(update={"quantization": "none"}),
                             load_base(cfg.model_copy(update={"quantization": "none"}),

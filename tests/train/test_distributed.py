@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -179,6 +180,61 @@ def test_checkpoints_resume_across_process_counts(dp_config, tmp_path):
     train(cfg, resume=True, on_step=lambda s: steps.append(s.step))
     assert steps == [5, 6]
     _assert_same_adapter(ref, _adapter(dp_config["store"], "switch"), lr)
+
+
+def _evaluations(run_dir) -> list[tuple[int, float, float]]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["validation/loss"], r["validation/accuracy"])
+            for r in rows if "validation/loss" in r]
+
+
+def test_fsdp_shards_the_base_and_trains_what_one_process_does(dp_config, tmp_path):
+    """--fsdp: each of 2 processes holds half of the base's weights, the adapter is the
+    1-process one within the data-parallel tolerances (the last batch of 1 leaves rank 1 an
+    empty shard, which it runs along at weight 0), validation runs on both in step, and its
+    checkpoints resume in 1 unsharded process."""
+    one = train(dict(dp_config, name="one"))
+    run = _cli("train", _write(tmp_path, dp_config), "--nproc", "2", "--fsdp",
+               "--set", "name=sharded")
+    assert run.returncode == 0, run.stdout + run.stderr
+    said = next(line for line in run.stdout.splitlines() if line.startswith("fsdp:"))
+    print(said)
+    held, total = (float(x) for x in re.search(r"holds ([\d.]+) of ([\d.]+) MiB", said).groups())
+    assert "sharded over 2 processes in 3 units" in said  # 2 decoder layers, then the rest
+    assert abs(held - total / 2) <= 0.01 * total, (held, total)
+    lr, store = dp_config["training"]["lr"], dp_config["store"]
+    _assert_same_adapter(_adapter(store, "one"), _adapter(store, "sharded"), lr)
+    run_dir = tmp_path / "runs" / "sharded"
+    l1, l2 = _losses(one.run_dir), _losses(run_dir)
+    assert [s for s, _ in l2] == [1, 2, 3, 4, 5, 6]
+    assert all(abs(x - y) <= 1e-5 * abs(x) for (_, x), (_, y) in zip(l1, l2, strict=True))
+    e1, e2 = _evaluations(one.run_dir), _evaluations(run_dir)
+    assert [e[0] for e in e2] == [3, 6] == [e[0] for e in e1]
+    assert all(abs(a[1] - b[1]) <= 1e-4 * abs(a[1]) and a[2] == b[2]
+               for a, b in zip(e1, e2, strict=True)), (e1, e2)
+    # the manifest's metrics come from rank 0's fresh unsharded base, as for 1 process
+    m1 = AdapterStore(store).resolve("one").manifest.metrics.test
+    m2 = AdapterStore(store).resolve("sharded").manifest.metrics.test
+    assert abs(m1["loss"] - m2["loss"]) <= 1e-4 * m1["loss"] and m1["accuracy"] == m2["accuracy"]
+    # a sharded run's checkpoint, resumed by 1 process without sharding
+    shutil.rmtree(run_dir / "checkpoints" / "step-0000006")
+    AdapterStore(store).remove("sharded")
+    steps = []
+    train(dict(dp_config, name="sharded"), resume=True, on_step=lambda s: steps.append(s.step))
+    assert steps == [5, 6]
+    _assert_same_adapter(_adapter(store, "one"), _adapter(store, "sharded"), lr)
+
+
+def test_fsdp_needs_several_processes_and_a_float_base_on_cpu(tiny_config, tmp_path):
+    alone = runner.invoke(app, ["train", _write(tmp_path, tiny_config), "--fsdp"])
+    assert alone.exit_code == 1
+    assert "--fsdp shards the base over several processes: give --nproc N with N >= 2" in \
+        " ".join(alone.output.split())
+    cfg = dict(tiny_config, quantization="4bit")
+    run = _cli("train", _write(tmp_path, cfg), "--nproc", "2", "--fsdp")
+    assert run.returncode == 1
+    assert "training.fsdp with quantization=4bit needs CUDA" in run.stderr, run.stderr
+    assert not AdapterStore(tiny_config["store"]).names()
 
 
 def test_nproc_errors_name_the_limit(tiny_config, tmp_path):

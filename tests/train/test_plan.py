@@ -55,6 +55,29 @@ def test_quantization_shrinks_the_weights(smol):
     assert 0.5 * linear < weights("4bit", cpu) < 0.53 * linear
 
 
+def test_fsdp_on_gpus_keeps_one_share_of_the_weights_plus_what_it_gathers(smol):
+    gpu = Device("cuda", 24 * GiB, "cuda")
+    for quant in ("none", "4bit"):
+        whole = plan_memory(_cfg(quantization=quant), gpu, shape=smol, processes=4)
+        cfg = _cfg(quantization=quant, training={"batch_size": 8, "fsdp": True})
+        rows = {r.name: r.bytes for r in plan_memory(cfg, gpu, shape=smol, processes=4).rows}
+        for row in whole.rows:
+            if row.name.startswith(("base weights", "embeddings")):
+                assert rows[f"{row.name}, 1/4 (fsdp)"] == row.bytes // 4
+            else:
+                assert rows[row.name] == row.bytes
+        layer = sum(a * b for a, b in smol.linear().values())
+        assert rows["fsdp: gathered weights"] == int(
+            smol.float_params() * (2 if quant == "none" else 4)
+            + 2 * (layer * 2 if quant == "none" else
+                   next(r.bytes for r in whole.rows if r.name.startswith("base weights"))
+                   / smol.layers))
+    # on CPU each process loads the whole base before sharding it: the plan stays whole
+    cfg = _cfg(training={"batch_size": 8, "fsdp": True})
+    assert plan_memory(cfg, CPU_BIG, shape=smol, processes=4).rows == \
+        plan_memory(_cfg(), CPU_BIG, shape=smol, processes=4).rows
+
+
 def test_quantized_keeps_embeddings_float(smol):
     plan = plan_memory(_cfg(quantization="4bit"), CPU_BIG, shape=smol)
     (emb,) = [r for r in plan.rows if r.name.startswith("embeddings")]
