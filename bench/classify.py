@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import shutil
 
 import httpx
 
@@ -28,9 +27,7 @@ from bench.common import (
     fmt_ratio,
     goal,
     log,
-    pyplot,
     ratio,
-    save_figure,
     spread,
     table,
     write_result,
@@ -42,8 +39,10 @@ from bench.serving_setup import (
     by_target,
     closed_loop,
     concurrency_levels,
-    log_seconds,
+    measure_rounds,
     paired,
+    plot_load,
+    servers,
     source_store,
     spread_names,
     start_gateway,
@@ -76,8 +75,7 @@ def main() -> None:
     per_run = {"lorastack": args.requests or (2 if tiny else 12),
                "naive": args.naive_requests or (2 if tiny else 4)}
     work = work_dir(args, "classify")
-    gateway = naive = None
-    try:
+    with servers(args, work) as started:
         src = source_store(args, work)
         names = spread_names("classifier", n, (CLS,))
         store = build_store(src, work / "store", names)
@@ -85,7 +83,9 @@ def main() -> None:
         adapters = list(names)
         reviews = Reviews(manifests)
         gateway = start_gateway(store, work, capacity=8, max_loras=min(4, n))
+        started.append(gateway)
         naive = start_naive(store, work)
+        started.append(naive)
         startup = gateway.wait_ready()
         naive.wait_ready()
         urls = {"lorastack": gateway.url, "naive": naive.url}
@@ -102,17 +102,9 @@ def main() -> None:
             warm = closed_loop(target, maker(target), n, 1)
             log(f"  {target}: {warm.ok} requests in {warm.seconds:.1f} s")
 
-        runs = []
-        for rnd in range(repeats):
-            order = TARGETS if rnd % 2 == 0 else TARGETS[::-1]
-            for c in levels:
-                for target in order:
-                    run = closed_loop(target, maker(target), max(per_run[target], c), c)
-                    runs.append({"round": rnd, **run.summary()})
-                    r = runs[-1]
-                    log(f"round {rnd + 1}/{repeats} c={c} {target}: {r['requests_per_s']:.2f} "
-                        f"requests/s, p50 {r['p50_s']:.2f} s, p99 {r['p99_s']:.2f} s "
-                        f"({r['requests']} ok, {r['failed']} failed)")
+        runs = measure_rounds(TARGETS, levels, repeats, maker,
+                              lambda target, c: max(per_run[target], c), "requests_per_s",
+                              "requests/s")
         agreement = compare(urls, adapters, [reviews.take() for _ in range(2 if tiny else 8)])
         settings = {"adapters": n, "adapter_sources": names, "concurrency": levels,
                     "rounds": repeats, "inputs_per_request": 1, "requests_per_run": per_run,
@@ -121,14 +113,9 @@ def main() -> None:
                     "labels": list(manifests[adapters[0]].labels),
                     "vllm_start_s": round(startup, 1), "prompts": reviews.describe()}
         report = analyse(runs, levels, settings, agreement)
-        plot(report, levels, args.out)
+        plot_load(report, levels, LABELS, "requests_per_s", "requests/s (one review each)",
+                  f"classification, {n} adapters", "classify", args.out)
         write_result("classify", report, args.out, setting="tiny" if tiny else "full")
-    finally:
-        for server in (naive, gateway):
-            if server is not None:
-                server.stop()
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 def compare(urls: dict[str, str], adapters: list[str], records: list[dict]) -> dict:
@@ -208,36 +195,6 @@ def analyse(runs: list[dict], levels: list[int], settings: dict, agreement: dict
         "failed_requests": failed,
         "runs": runs,
     }
-
-
-def plot(report: dict, levels: list[int], out) -> None:
-    plt = pyplot()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for target in TARGETS:
-        rows = [report["per_target"][target][str(c)] for c in levels]
-        rps = [r["requests_per_s"] for r in rows]
-        med = [t["median"] for t in rps]
-        bars = ax1.errorbar(levels, med, yerr=[[m - t["min"] for m, t in zip(med, rps)],
-                                        [t["max"] - m for m, t in zip(med, rps)]],
-                     marker="o", capsize=3, label=LABELS[target])
-        color = bars[0].get_color()
-        ax2.plot(levels, [r["p50_s"]["median"] for r in rows], marker="o", color=color)
-        ax2.plot(levels, [r["p99_s"]["median"] for r in rows], marker="x", linestyle=":",
-                 color=color)
-    for ax in (ax1, ax2):
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(levels, [str(c) for c in levels])
-        ax.set_xlabel("concurrent requests")
-        ax.grid(alpha=0.3)
-    ax1.set_ylabel("requests/s (one review each)")
-    ax1.set_title("throughput (median, min-max over rounds)")
-    ax1.legend(fontsize=8)
-    log_seconds(ax2)
-    ax2.set_ylabel("latency per request (s)")
-    ax2.set_title("latency: p50 (solid), p99 (dotted)")
-    fig.suptitle(f"classification, {report['settings']['adapters']} adapters")
-    save_figure(fig, "classify", out)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from lorastack.adapters.provenance import library_versions, machine
+from lorastack.train.report import pyplot  # noqa: F401 (the benchmarks' pyplot)
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -121,15 +122,6 @@ def save_figure(fig, name: str, out: str | Path | None = None) -> Path:
     os.replace(tmp, path)
     print(f"wrote {path}", file=sys.stderr)
     return path
-
-
-def pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def log(msg: str) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import shutil
 from collections import Counter
 
 from bench.common import goal, log, pyplot, save_figure, table, write_result
@@ -27,6 +26,7 @@ from bench.serving_setup import (
     base_name,
     closed_loop,
     gateway_metric,
+    servers,
     source_store,
     start_gateway,
     work_dir,
@@ -102,12 +102,12 @@ def main() -> None:
     total = args.requests or (12 if args.tiny else 80)
     concurrency = 4 if args.tiny else 8
     work = work_dir(args, "fuzz")
-    gateway = None
-    try:
+    with servers(args, work) as started:
         store = build(source_store(args, work), work / "store")
         manifests = {n: store.resolve(n).manifest for n in ["gen", *LABEL_SETS]}
         reviews = Reviews(manifests)
         gateway = start_gateway(store, work, capacity=8, max_loras=4)
+        started.append(gateway)
         gateway.wait_ready()
         restarts_before = gateway_metric(gateway.url, "lorastack_vllm_restarts_total")
         rng = random.Random(args.seed)
@@ -125,11 +125,6 @@ def main() -> None:
             report["gateway_log"] = engine_errors(work / "gateway.log", ("died", "blamed"))
         plot(report, args.out)
         write_result("fuzz", report, args.out, setting="tiny" if args.tiny else "full")
-    finally:
-        if gateway is not None:
-            gateway.stop()
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 def engine_errors(path, words=("Error", "Traceback", "fatal", "File \"")) -> list[str]:

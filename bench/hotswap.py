@@ -40,6 +40,7 @@ from bench.serving_setup import (
     build_store,
     gateway_metric,
     served_adapters,
+    servers,
     source_store,
     spread_names,
     start_gateway,
@@ -108,14 +109,14 @@ def main() -> None:
     n = args.adapters or (2 if tiny else 4)
     concurrency = args.load_concurrency or (2 if tiny else 4)
     work = work_dir(args, "hotswap")
-    gateway = None
-    try:
+    with servers(args, work) as started:
         src = source_store(args, work)
         names = spread_names("steady", n)
         store = build_store(src, work / "store", names)
         manifests = {name: store.resolve(name).manifest for name in names}
         reviews = Reviews(manifests)
         gateway = start_gateway(store, work, capacity=8, max_loras=4)
+        started.append(gateway)
         startup = gateway.wait_ready()
         url = gateway.url
         client = httpx.Client(timeout=300)
@@ -193,11 +194,6 @@ def main() -> None:
                           "vllm_start_s": round(startup, 1), "prompts": reviews.describe()})
         plot(report, args.out)
         write_result("hotswap", report, args.out, setting="tiny" if tiny else "full")
-    finally:
-        if gateway is not None:
-            gateway.stop()
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 def analyse(trials: list[dict], cycles: list[dict], run, marks, events, settings) -> dict:

@@ -26,9 +26,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import shutil
 
-from bench.common import fmt_ratio, goal, log, pyplot, ratio, save_figure, table, write_result
+from bench.common import fmt_ratio, goal, log, ratio, table, write_result
 from bench.serving_setup import (
     GEN,
     Reviews,
@@ -37,8 +36,10 @@ from bench.serving_setup import (
     by_target,
     closed_loop,
     concurrency_levels,
-    log_seconds,
+    measure_rounds,
     paired,
+    plot_load,
+    servers,
     source_store,
     spread_names,
     start_gateway,
@@ -78,8 +79,7 @@ def main() -> None:
     max_loras = min(args.max_loras, n)
     naive_per_run = args.naive_requests or (2 if tiny else 4)
     work = work_dir(args, "serving")
-    gateway = naive = None
-    try:
+    with servers(args, work) as started:
         src = source_store(args, work)
         names = spread_names("adapter", n)
         store = build_store(src, work / "store", names)
@@ -88,7 +88,9 @@ def main() -> None:
         base_format = next(name for name, s in names.items() if s == GEN)  # the base's prompt
         reviews = Reviews(manifests)
         gateway = start_gateway(store, work, capacity=max(8, n), max_loras=max_loras)
+        started.append(gateway)
         naive = start_naive(store, work)
+        started.append(naive)
         gateway_start = gateway.wait_ready()
         naive.wait_ready()
         vllm_url, identities = vllm_target(gateway.url, adapters)
@@ -116,18 +118,10 @@ def main() -> None:
             warm = closed_loop(target, maker(target), n if target == "adapters" else 2, 2)
             log(f"  {target}: {warm.ok} requests in {warm.seconds:.1f} s")
 
-        runs, short = [], 0
-        for rnd in range(repeats):
-            order = TARGETS[rnd % len(TARGETS):] + TARGETS[:rnd % len(TARGETS)]
-            for c in levels:
-                for target in order:
-                    run = closed_loop(target, maker(target), total(target, c), c)
-                    short += sum(t != max_tokens for t in run.completion_tokens)
-                    runs.append({"round": rnd, **run.summary()})
-                    r = runs[-1]
-                    log(f"round {rnd + 1}/{repeats} c={c} {target}: {r['tokens_per_s']:.1f} "
-                        f"tokens/s, p50 {r['p50_s']:.2f} s, p99 {r['p99_s']:.2f} s "
-                        f"({r['requests']} ok, {r['failed']} failed)")
+        short = []  # completions that were not max_tokens long
+        runs = measure_rounds(TARGETS, levels, repeats, maker, total, "tokens_per_s", "tokens/s",
+                              lambda run: short.extend(t for t in run.completion_tokens
+                                                       if t != max_tokens))
         prompt_tokens = reviews.describe()
         settings = {"adapters": n, "adapter_sources": names, "concurrency": levels,
                     "rounds": repeats, "max_tokens": max_tokens,
@@ -135,15 +129,11 @@ def main() -> None:
                     "gateway": {"capacity": max(8, n), "max_loras": max_loras, "dtype": "float32",
                                 "kv_cache_gb": 2},
                     "vllm_start_s": round(gateway_start, 1), "prompts": prompt_tokens}
-        report = analyse(runs, levels, n, settings, short)
-        plot(report, levels, n, args.out)
+        report = analyse(runs, levels, n, settings, len(short))
+        plot_load(report, levels, report["targets"], "tokens_per_s", "completion tokens/s",
+                  f"lorastack serving, {n} adapters: {max_tokens} tokens per request",
+                  "serving", args.out)
         write_result("serving", report, args.out, setting="tiny" if tiny else "full")
-    finally:
-        for server in (naive, gateway):
-            if server is not None:
-                server.stop()
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 def analyse(runs: list[dict], levels: list[int], n: int, settings: dict, short: int) -> dict:
@@ -231,37 +221,6 @@ def analyse(runs: list[dict], levels: list[int], n: int, settings: dict, short: 
         "completions_not_max_tokens": short,
         "runs": runs,
     }
-
-
-def plot(report: dict, levels: list[int], n: int, out) -> None:
-    plt = pyplot()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for target, label in report["targets"].items():
-        rows = [report["per_target"][target][str(c)] for c in levels]
-        tps = [r["tokens_per_s"] for r in rows]
-        med = [t["median"] for t in tps]
-        bars = ax1.errorbar(levels, med, yerr=[[m - t["min"] for m, t in zip(med, tps)],
-                                        [t["max"] - m for m, t in zip(med, tps)]],
-                     marker="o", capsize=3, label=label)
-        color = bars[0].get_color()
-        ax2.plot(levels, [r["p50_s"]["median"] for r in rows], marker="o", color=color)
-        ax2.plot(levels, [r["p99_s"]["median"] for r in rows], marker="x", linestyle=":",
-                 color=color)
-    for ax in (ax1, ax2):
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(levels, [str(c) for c in levels])
-        ax.set_xlabel("concurrent requests")
-        ax.grid(alpha=0.3)
-    ax1.set_ylabel("completion tokens/s")
-    ax1.set_title("throughput (median, min-max over rounds)")
-    log_seconds(ax2)
-    ax2.set_ylabel("latency per request (s)")
-    ax2.set_title("latency: p50 (solid), p99 (dotted)")
-    ax1.legend(fontsize=8)
-    fig.suptitle(f"lorastack serving, {n} adapters: {report['settings']['max_tokens']} tokens "
-                 f"per request")
-    save_figure(fig, "serving", out)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

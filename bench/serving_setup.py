@@ -18,19 +18,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import shutil
 import sys
 import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
 import httpx
 
-from bench.common import REPO, log, percentile, spread
+from bench.common import REPO, log, percentile, pyplot, save_figure, spread
 from lorastack.adapters.store import AdapterStore
 from lorastack.serve.vllm_proc import ChildProcess, free_port
 
@@ -414,6 +416,75 @@ def paired(runs: list[dict], metric: str, num: str, den: str, c: int) -> list[tu
         if r["concurrency"] == c:
             rounds.setdefault(r["round"], {})[r["target"]] = r[metric]
     return [(v[num], v[den]) for _, v in sorted(rounds.items()) if num in v and den in v]
+
+
+def measure_rounds(targets: tuple[str, ...], levels: list[int], repeats: int,
+                   maker: Callable[[str], Callable[[int], Request]],
+                   total: Callable[[str, int], int], metric: str, unit: str,
+                   on_run: Callable[[Run], None] | None = None) -> list[dict]:
+    """Closed-loop runs of every target at every concurrency level, `repeats` rounds, the
+    targets' order rotated each round (none always runs first): one summary row per run, each
+    logged with its `metric` in `unit`."""
+    runs = []
+    for rnd in range(repeats):
+        k = rnd % len(targets)
+        for c in levels:
+            for target in targets[k:] + targets[:k]:
+                run = closed_loop(target, maker(target), total(target, c), c)
+                if on_run is not None:
+                    on_run(run)
+                runs.append(r := {"round": rnd, **run.summary()})
+                log(f"round {rnd + 1}/{repeats} c={c} {target}: {r[metric]:.2f} {unit}, p50 "
+                    f"{r['p50_s']:.2f} s, p99 {r['p99_s']:.2f} s ({r['requests']} ok, "
+                    f"{r['failed']} failed)")
+    return runs
+
+
+def plot_load(report: dict, levels: list[int], labels: dict[str, str], metric: str,
+              ylabel: str, title: str, name: str, out) -> None:
+    """<name>.png: each target's `metric` (median, min-max over rounds) and its p50/p99
+    latency, by concurrency."""
+    plt = pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for target, label in labels.items():
+        rows = [report["per_target"][target][str(c)] for c in levels]
+        values = [r[metric] for r in rows]
+        med = [v["median"] for v in values]
+        bars = ax1.errorbar(levels, med, yerr=[[m - v["min"] for m, v in zip(med, values)],
+                                               [v["max"] - m for m, v in zip(med, values)]],
+                            marker="o", capsize=3, label=label)
+        color = bars[0].get_color()
+        ax2.plot(levels, [r["p50_s"]["median"] for r in rows], marker="o", color=color)
+        ax2.plot(levels, [r["p99_s"]["median"] for r in rows], marker="x", linestyle=":",
+                 color=color)
+    for ax in (ax1, ax2):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(levels, [str(c) for c in levels])
+        ax.set_xlabel("concurrent requests")
+        ax.grid(alpha=0.3)
+    ax1.set_ylabel(ylabel)
+    ax1.set_title("throughput (median, min-max over rounds)")
+    ax1.legend(fontsize=8)
+    log_seconds(ax2)
+    ax2.set_ylabel("latency per request (s)")
+    ax2.set_title("latency: p50 (solid), p99 (dotted)")
+    fig.suptitle(title)
+    save_figure(fig, name, out)
+    plt.close(fig)
+
+
+@contextlib.contextmanager
+def servers(args, work: Path) -> Iterator[list[ServerProcess]]:
+    """A list to put the benchmark's servers in: stopped at the end (last started first), and
+    the work directory removed unless --keep."""
+    started: list[ServerProcess] = []
+    try:
+        yield started
+    finally:
+        for server in reversed(started):
+            server.stop()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def log_seconds(ax) -> None:
