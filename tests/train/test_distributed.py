@@ -191,11 +191,12 @@ def _evaluations(run_dir) -> list[tuple[int, float, float]]:
 def test_fsdp_shards_the_base_and_trains_what_one_process_does(dp_config, tmp_path):
     """--fsdp: each of 2 processes holds half of the base's weights, the adapter is the
     1-process one within the data-parallel tolerances (the last batch of 1 leaves rank 1 an
-    empty shard, which it runs along at weight 0), validation runs on both in step, and its
-    checkpoints resume in 1 unsharded process."""
+    empty shard, which it runs along at weight 0; gradient checkpointing recomputes each layer,
+    gathered again, in backward), validation runs on both in step, and its checkpoints resume
+    in 1 unsharded process."""
     one = train(dict(dp_config, name="one"))
     run = _cli("train", _write(tmp_path, dp_config), "--nproc", "2", "--fsdp",
-               "--set", "name=sharded")
+               "--set", "name=sharded", "--set", "training.gradient_checkpointing=true")
     assert run.returncode == 0, run.stdout + run.stderr
     said = next(line for line in run.stdout.splitlines() if line.startswith("fsdp:"))
     print(said)
@@ -220,7 +221,9 @@ def test_fsdp_shards_the_base_and_trains_what_one_process_does(dp_config, tmp_pa
     shutil.rmtree(run_dir / "checkpoints" / "step-0000006")
     AdapterStore(store).remove("sharded")
     steps = []
-    train(dict(dp_config, name="sharded"), resume=True, on_step=lambda s: steps.append(s.step))
+    same = dict(dp_config, name="sharded",
+                training={**dp_config["training"], "gradient_checkpointing": True})
+    train(same, resume=True, on_step=lambda s: steps.append(s.step))
     assert steps == [5, 6]
     _assert_same_adapter(_adapter(store, "one"), _adapter(store, "sharded"), lr)
 
