@@ -174,10 +174,11 @@ class Registry:
                 raise AdapterError(f"its member {member.adapter!r} cannot be served ({why})",
                                    name, None, "put the member back, or fit the ensemble again "
                                    "with `lorastack ensemble`")
-            if served.identity.rsplit("@", 1)[-1] != short_hash(member.content_hash, 16):
+            fitted = short_hash(member.content_hash, 16)  # as version_id names it
+            if served.identity.rsplit("@", 1)[-1] != fitted:
                 raise AdapterError(f"its member {member.adapter!r} changed after the ensemble "
                                    f"was fitted (it is now {served.identity}, the fit used "
-                                   f"{member.adapter}@{short_hash(member.content_hash, 16)})", name, None,
+                                   f"{member.adapter}@{fitted})", name, None,
                                    f"fit it again: lorastack ensemble {name} --members "
                                    f"{' '.join(ensemble.weights)} --replace")
         return ensemble

@@ -152,7 +152,6 @@ def eval_command(
     out: str = typer.Option(None, help="also write the metrics as JSON to this file"),
 ) -> None:
     """Evaluate an adapter (or the base model zero-shot) on a split."""
-
     from lorastack.train import assess
 
     with _user_errors():

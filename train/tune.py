@@ -298,10 +298,11 @@ def _publish(cfg: TrainConfig, tune_store, name: str, best_raw: dict) -> tuple[P
     if cfg.evaluate_test:
         print(f"evaluating the best trial's adapter on the test split ({name}) ...")
         test = evaluate_adapter(name, store=tune_store.root, split="test")
-    validation = dict(tune_store.resolve(name).manifest.metrics.validation)
-    written = tune_store.copy(name, cfg.name, into=AdapterStore(cfg.store), replace=cfg.replace,
-                              training=best_raw, metrics=Metrics(validation=validation,
-                                                                 test=manifest_numbers(test)))
+    adapter = tune_store.resolve(name)  # read and checked once
+    manifest = adapter.manifest.replace(
+        name=cfg.name, training=best_raw, metrics=Metrics(
+            validation=dict(adapter.manifest.metrics.validation), test=manifest_numbers(test)))
+    written = AdapterStore(cfg.store).write(cfg.name, adapter.path, manifest, replace=cfg.replace)
     print(f"adapter {cfg.name} (trial adapter {name}) written to {written.path}")
     return written.path, test
 

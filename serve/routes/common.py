@@ -158,5 +158,6 @@ def documented(model: type[BaseModel]) -> dict:
 
 
 def validation_message(exc: Any, model: type[BaseModel] | None = None) -> str:
-    """Every error of `exc` (pydantic's or FastAPI's RequestValidationError), as `field: what is wrong` (lorastack.adapters.validation)."""
+    """Every error of `exc` (pydantic's ValidationError or FastAPI's RequestValidationError),
+    as `field: what is wrong` (lorastack.adapters.validation)."""
     return "invalid request: " + explain_errors(exc.errors(), model)

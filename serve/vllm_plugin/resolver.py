@@ -45,7 +45,7 @@ from lorastack.adapters.files import (
 from lorastack.adapters.home import lorastack_home
 from lorastack.adapters.manifest import AdapterError, ServingLimits, check_name, short_hash
 from lorastack.adapters.models import ModelError, resolve_base
-from lorastack.adapters.store import AdapterStore, pin, version_id
+from lorastack.adapters.store import AdapterStore, pin
 
 STORE_ENV, BASE_ENV = "LORASTACK_RESOLVER_STORE", "LORASTACK_RESOLVER_BASE"
 CACHE_ENV, RANK_ENV = "LORASTACK_RESOLVER_CACHE", "LORASTACK_MAX_LORA_RANK"
@@ -104,7 +104,7 @@ class StoreResolver:
         if want and not held.startswith(want):
             raise Refused(f"the store holds {adapter.name} at content hash {held[:16]}, not "
                           f"{want}: ask for {adapter.name} (the store's current version) or "
-                          f"{version_id(adapter)}")
+                          f"{adapter.name}@{held[:16]}")
         return pin(adapter, self._cache(), base_fingerprint=fingerprint, limits=self.limits)
 
     def _cache(self) -> Path:
