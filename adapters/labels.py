@@ -3,10 +3,11 @@
 A classification adapter is a LoRA trained to answer one of its labels after a fixed prompt.
 It is scored, never sampled: for every label, the log-probability of its continuation (the label
 word followed by the end-of-turn token) given the prompt, summed over the continuation's tokens,
-then normalised over the label set with a softmax at the adapter's calibrated temperature. The trainer's evaluation, the server's
-/v1/classify and the benchmarks' naive server all take their token ids from `prompt_ids` and
-`continuation_ids` here and their probabilities from `probabilities`, so the accuracy the
-trainer reports is the accuracy the server delivers.
+then shifted by the adapter's label bias and normalised over the label set with a softmax at
+its calibrated temperature (both fitted on validation: train/calibration.py). The trainer's
+evaluation, the server's /v1/classify and the benchmarks' naive server all take their token ids
+from `prompt_ids` and `continuation_ids` here and their probabilities from `probabilities`, so
+the accuracy the trainer reports is the accuracy the server delivers.
 
 Pure Python: a tokenizer (Hugging Face's call interface) is passed in, and the engines (torch in
 train, vLLM in serve) produce the log-probabilities.
@@ -77,16 +78,19 @@ def template_fields(user_template: str) -> list[str]:
     return fields
 
 
-def probabilities(logprob_sums: Mapping[str, float],
-                  temperature: float = 1.0) -> dict[str, float]:
-    """Softmax over the labels' summed log-probabilities divided by `temperature` (the
-    adapter's calibration, manifest.temperature; 1 leaves them as scored). Numerically stable."""
+def probabilities(logprob_sums: Mapping[str, float], temperature: float = 1.0,
+                  bias: Mapping[str, float] | None = None) -> dict[str, float]:
+    """Softmax over the labels' summed log-probabilities, each plus its `bias` (a label
+    missing from it: 0), divided by `temperature`: the adapter's calibration
+    (manifest.label_bias and manifest.temperature; none and 1 leave them as scored).
+    Numerically stable."""
     if not logprob_sums:
         raise ValueError("no labels to score")
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    top = max(logprob_sums.values())
-    exps = {label: math.exp((lp - top) / temperature) for label, lp in logprob_sums.items()}
+    shifted = {label: lp + (bias or {}).get(label, 0.0) for label, lp in logprob_sums.items()}
+    top = max(shifted.values())
+    exps = {label: math.exp((lp - top) / temperature) for label, lp in shifted.items()}
     total = sum(exps.values())
     return {label: e / total for label, e in exps.items()}
 

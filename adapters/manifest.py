@@ -34,6 +34,7 @@ from pydantic import (
     model_validator,
 )
 
+from lorastack.adapters import labels as label_scoring
 from lorastack.adapters.fsutil import utc_now
 from lorastack.adapters.validation import explain_errors
 
@@ -247,6 +248,10 @@ class AdapterManifest(_Part):
     temperature: Annotated[Number, Field(gt=0)] = 1.0
     """Classification: the label scores are divided by it before the softmax (temperature
     scaling, fitted on validation: train/calibration.py); 1 means uncalibrated."""
+    label_bias: dict[str, Number] = Field(default_factory=dict)
+    """Classification: added to a label's score before the temperature (a shift of the
+    labels' prior, fitted on validation for macro-F1 when the config's task.label_bias asks
+    for it: train/calibration.py); a label missing from it gets 0, and {} is none."""
     metrics: Metrics = Field(default_factory=Metrics)
     """Evaluation results (validation and test)."""
     training: dict[str, Any] = Field(default_factory=dict)
@@ -290,17 +295,19 @@ class AdapterManifest(_Part):
                                 f"such as {{text}}, got {self.prompt_template!r}")
         labels = self.labels
         if self.task == "generation":
-            if labels or self.label_words:
-                raise ManifestError("a generation adapter has no labels or label_words")
+            if labels or self.label_words or self.label_bias:
+                raise ManifestError("a generation adapter has no labels, label_words or "
+                                    "label_bias")
             return self
         if len(labels) < 2 or not all(labels):
             raise ManifestError(f"a classification adapter needs at least two non-empty "
                                 f"labels, got {list(labels)!r}")
         if len(set(labels)) != len(labels):
             raise ManifestError(f"labels repeat: {list(labels)!r}")
-        if set(self.label_words) - set(labels):
-            raise ManifestError(f"label_words keys must be labels ({list(labels)!r}), got "
-                                f"{self.label_words!r}")
+        for field in ("label_words", "label_bias"):
+            if set(getattr(self, field)) - set(labels):
+                raise ManifestError(f"{field} keys must be labels ({list(labels)!r}), got "
+                                    f"{getattr(self, field)!r}")
         emitted = [self.label_word(lab) for lab in labels]
         if not all(emitted) or len(set(emitted)) != len(labels):
             raise ManifestError(f"label words must be non-empty and distinct (they are what "
@@ -310,6 +317,11 @@ class AdapterManifest(_Part):
     def label_word(self, label: str) -> str:
         """The text the model emits for `label`."""
         return self.label_words.get(label, label)
+
+    def probabilities(self, logprob_sums: dict[str, float]) -> dict[str, float]:
+        """The labels' probabilities from their scores, under this adapter's calibration
+        (label_bias, then temperature): what /v1/classify answers."""
+        return label_scoring.probabilities(logprob_sums, self.temperature, self.label_bias)
 
     def key_metric(self) -> tuple[str, str, float] | None:
         """(split, metric, value) worth showing in a listing: test before validation."""
@@ -325,7 +337,7 @@ class AdapterManifest(_Part):
     def to_dict(self) -> dict[str, Any]:
         # fields added after format 1 are written only when not at their default (which every
         # manifest written before them has), so older manifests round-trip byte for byte
-        later = {"prompt_format": "chat", "temperature": 1.0}
+        later = {"prompt_format": "chat", "temperature": 1.0, "label_bias": {}}
         return self.model_dump(mode="json", exclude={k for k, v in later.items()
                                                      if getattr(self, k) == v} or None)
 

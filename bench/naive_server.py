@@ -126,7 +126,7 @@ def build_app(store_root: Path, base: str = "smollm2-135m"):
                     positions = torch.arange(len(prompt) - 1, len(prompt) + len(cont) - 1)
                     sums[label] = float(logprobs[positions, torch.tensor(cont)].sum())
                     prompt_tokens += len(prompt) + len(cont)
-                probs = scoring.probabilities(sums, m.temperature)
+                probs = m.probabilities(sums)
                 data.append({"index": i, "label": scoring.predict(probs),
                              "probabilities": probs})
         return {"object": "classification", "model": name, "labels": list(m.labels),

@@ -7,7 +7,6 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 
-from lorastack.adapters import labels as label_scoring
 from lorastack.adapters.ensembles import EnsembleManifest
 from lorastack.adapters.manifest import AdapterError
 from lorastack.serve.crashes import shape_of
@@ -52,8 +51,7 @@ async def classify(request: Request, gw: GatewayDep, req: Body) -> ClassifyRespo
                                            shape_of("classify", body, adapter=True))
 
             sums = await score(send, served.identity, rows)
-        return rows.prompt_tokens(), [label_scoring.probabilities(row, served.manifest.temperature)
-                                       for row in sums]
+        return rows.prompt_tokens(), [served.manifest.probabilities(row) for row in sums]
 
     async def replayable(name: str):
         answer = await gw.guard.retry_once(lambda: one(name), wait_s=s.start_timeout_s)

@@ -71,7 +71,6 @@ async def _classify(request: Any):
     import httpx
     from pydantic import ValidationError
 
-    from lorastack.adapters import labels as label_scoring
     from lorastack.adapters.store import version_id
     from lorastack.serve.engine import EngineError
     from lorastack.serve.protocol import ApiError, ClassifyRequest
@@ -125,8 +124,7 @@ async def _classify(request: Any):
             rows = await asyncio.to_thread(build_rows, replica.tok, served, req.records,
                                            replica.max_prompt_tokens)
             sums = await score(send, served.identity, rows)
-            return rows.prompt_tokens(), [
-                label_scoring.probabilities(row, served.manifest.temperature) for row in sums]
+            return rows.prompt_tokens(), [served.manifest.probabilities(row) for row in sums]
 
         try:
             answers = list(await asyncio.gather(*(one(m) for m in members)))

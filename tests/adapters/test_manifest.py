@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from lorastack.adapters import labels as label_scoring
 from lorastack.adapters.manifest import (
     FORMAT_VERSION,
     AdapterError,
@@ -255,3 +256,17 @@ def test_a_calibrated_manifest_writes_and_reads_its_temperature():
     assert AdapterManifest.from_json(hot.to_json()).temperature == 0.45
     with pytest.raises(ManifestError, match="temperature"):
         manifest.replace(temperature=0.0)
+
+
+def test_a_label_bias_is_written_checked_and_applied_with_the_temperature():
+    manifest = AdapterManifest.from_json(json.dumps(WRITTEN_BEFORE))
+    assert manifest.label_bias == {} and "label_bias" not in manifest.to_dict()
+    shifted = manifest.replace(label_bias={"positive": 1.5}, temperature=0.5)
+    assert AdapterManifest.from_json(shifted.to_json()).label_bias == {"positive": 1.5}
+    scores = {"negative": -1.0, "positive": -2.0}
+    assert shifted.probabilities(scores) == pytest.approx(
+        label_scoring.probabilities({"negative": -1.0, "positive": -0.5}, 0.5))
+    with pytest.raises(ManifestError, match="label_bias keys must be labels"):
+        manifest.replace(label_bias={"mixed": 1.0})
+    with pytest.raises(ManifestError, match="finite"):
+        manifest.replace(label_bias={"positive": float("inf")})

@@ -6,6 +6,7 @@ one kills vLLM and waits for the gateway to bring it back.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import threading
@@ -219,6 +220,23 @@ def test_classify_matches_the_trainers_evaluation(server):
     for got, want in zip(served, reference):
         assert got["probabilities"] == pytest.approx(want, abs=1e-3 / min(1.0, temperature))
     print(f"\nserved {served[0]['probabilities']}\ntrainer {reference[0]}")
+
+
+def test_classify_applies_the_stored_label_bias_as_the_trainer_does(server):
+    """An adapter whose manifest shifts `neutral` by +4 before its temperature: vLLM scores
+    the same weights, and the gateway answers what the trainer's evaluation computes."""
+    server.staging.copy("cls-a", "cls-biased", into=server.store, label_bias={"neutral": 4.0})
+    assert wait_for(lambda: "cls-biased" in server.gw.reg.current, 10)
+    biased = classify(server, "cls-biased", TEXTS)["data"]
+    plain = classify(server, "cls-a", TEXTS)["data"]
+    reference = trainer_probabilities(server.store.path("cls-biased"), TEXTS)
+    temperature = server.store.resolve("cls-biased").manifest.temperature
+    for got, unshifted, want in zip(biased, plain, reference, strict=True):
+        assert got["probabilities"] == pytest.approx(want, abs=1e-3 / min(1.0, temperature))
+        odds = [math.log(p["probabilities"]["neutral"] / p["probabilities"]["positive"])
+                for p in (got, unshifted)]
+        assert odds[0] - odds[1] == pytest.approx(4.0 / temperature, abs=0.05)
+    server.store.remove("cls-biased")
 
 
 def test_stored_ensemble_is_fitted_served_and_refused_when_a_member_changes(server, tmp_path):
