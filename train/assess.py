@@ -89,7 +89,8 @@ def _evaluate(cfg: TrainConfig, base_path: Path, labels: list[str], data, split,
 
         sums = ev.label_logprob_sums(model, fmt, examples, progress=True)
         metrics = metrics_at(fmt, examples, sums,
-                             manifest.temperature if manifest is not None else 1.0)[0]
+                             manifest.temperature if manifest is not None else 1.0,
+                             manifest.label_bias if manifest is not None else None)[0]
     else:
         metrics, _ = ev.evaluate_generation(model, fmt, examples, cfg.task.max_new_tokens,
                                             progress=True)
@@ -99,10 +100,11 @@ def _evaluate(cfg: TrainConfig, base_path: Path, labels: list[str], data, split,
 
 def calibrate_adapter(name: str, *, store: str | Path | None = None,
                       runs_dir: str | Path = "runs") -> dict:
-    """Fit adapter `name`'s temperature on its validation split and write it to its manifest
-    (with validation and test ECE before and after); a reliability diagram goes to
-    <runs_dir>/<name>/reliability.png. For adapters trained before calibration existed, or
-    trained with task.calibrate: false."""
+    """Fit adapter `name`'s temperature on its validation split (and its label bias first,
+    when its config's task.label_bias asks for one; else its stored bias is kept) and write
+    them to its manifest (with validation and test ECE before and after); a reliability
+    diagram goes to <runs_dir>/<name>/reliability.png. For adapters trained before
+    calibration existed, or trained with task.calibrate: false."""
     import shutil
     import tempfile
 
@@ -131,20 +133,22 @@ def calibrate_adapter(name: str, *, store: str | Path | None = None,
     test = encode_records(fmt, splits.test, "test").examples if cfg.evaluate_test else []
     plot = Path(runs_dir) / name / "reliability.png"
     plot.parent.mkdir(parents=True, exist_ok=True)
-    metrics, temperature = calibrated_metrics(model, fmt, val, test, plot=plot, title=name)
+    metrics, temperature, bias = calibrated_metrics(
+        model, fmt, val, test, fit_bias=cfg.task.label_bias == "macro_f1",
+        bias=manifest.label_bias, plot=plot, title=name)
 
     def numbers(split: str) -> dict[str, float]:
         new = manifest_numbers(metrics.get(split, {}))
         return {**getattr(manifest.metrics, split), **new}
 
-    updated = manifest.replace(temperature=temperature, metrics=Metrics(
+    updated = manifest.replace(temperature=temperature, label_bias=bias, metrics=Metrics(
         validation=numbers("validation"), test=numbers("test") if test else
         dict(manifest.metrics.test)))
     with tempfile.TemporaryDirectory(prefix="lorastack-calibrate-") as tmp:
         files = Path(tmp) / name
         shutil.copytree(adapter.path, files)
         adapters.write(name, files, updated, replace=True)
-    return {"temperature": temperature, "plot": str(plot), **metrics}
+    return {"temperature": temperature, "label_bias": bias, "plot": str(plot), **metrics}
 
 
 def _load_model(cfg: TrainConfig, base_path: Path, labels: list[str],
@@ -224,5 +228,5 @@ def adapter_probabilities(adapter_dir: str | Path, texts: list[str]) -> list[dic
     for i, text in enumerate(texts):
         ids = fmt.prompt_ids({field: text})
         examples.append(Example(ids, [IGNORE] * len(ids), i, label=0, prompt_len=len(ids)))
-    return ev.evaluate_classification(model, fmt, examples,
-                                      temperature=manifest.temperature)[1]
+    return ev.evaluate_classification(model, fmt, examples, temperature=manifest.temperature,
+                                      bias=manifest.label_bias)[1]

@@ -7,6 +7,14 @@ labels; the ranking of labels, so every accuracy and F1, is unchanged. T goes in
 adapter's manifest and adapters/labels.py applies it wherever probabilities are made: the
 trainer's evaluation, /v1/classify and the benchmarks' naive server.
 
+A label bias (`task.label_bias: macro_f1`) is the decision rule's part: one number per label
+added to its score before the temperature, a shift of the labels' prior, fitted on validation
+to maximise macro-F1 (coordinate ascent over the exact points where a prediction changes,
+label 0 held at 0; a tie keeps the smaller shift). A rare class the model under-predicts is
+then found more often; accuracy may fall, and a shift fitted on a small validation split fits
+its noise too. It goes into the manifest as `label_bias` and is applied wherever the
+temperature is; the temperature is then fitted on the shifted scores.
+
 Calibration is measured by the expected calibration error (top-label ECE, 10 equal-width
 confidence bins: the mean |accuracy - confidence| weighted by each bin's share) and drawn as a
 reliability diagram.
@@ -45,10 +53,60 @@ def fit_temperature(sums: Sequence[Sequence[float]], truth: Sequence[int]) -> fl
     return float(math.exp(found.x))
 
 
-def calibrated(sums: Sequence[Sequence[float]], labels: Sequence[str],
-               temperature: float) -> list[dict[str, float]]:
-    """Each row's label probabilities at `temperature` (the serving path's function)."""
-    return [label_scoring.probabilities(dict(zip(labels, row)), temperature) for row in sums]
+def fit_label_bias(sums: Sequence[Sequence[float]], truth: Sequence[int],
+                   rounds: int = 10) -> list[float]:
+    """Per-label offsets (label 0's is 0) added to the scores that maximise the macro-F1 of
+    their argmax over `truth`: coordinate ascent, each label's offset set to the best of the
+    midpoints between the values at which some row's prediction changes (and 0 and its
+    current value); a tie keeps the offset nearer 0."""
+    import numpy as np
+
+    if not sums or len(sums) != len(truth):
+        raise ValueError("a label bias needs one row of label scores per true label")
+    s, y = np.asarray(sums, dtype=np.float64), np.asarray(truth)
+    k = s.shape[1]
+    bias = np.zeros(k)
+    best = _macro_f1(s, y, bias)
+    for _ in range(rounds):
+        moved = False
+        for j in range(1, k):
+            others = np.delete(s + bias, j, axis=1).max(1)
+            edges = np.unique(others - s[:, j])  # row n predicts j once bias_j passes edge n
+            candidates = np.concatenate([(edges[:-1] + edges[1:]) / 2, [edges[0] - 1.0,
+                                         edges[-1] + 1.0, 0.0, bias[j]]])
+            for c in candidates:
+                trial = bias.copy()
+                trial[j] = c
+                f1 = _macro_f1(s, y, trial)
+                if f1 > best + 1e-12 or (f1 > best - 1e-12 and abs(c) < abs(bias[j]) - 1e-12):
+                    best, bias, moved = max(best, f1), trial, True
+        if not moved:
+            break
+    return [float(b) for b in bias]
+
+
+def _macro_f1(s, y, bias) -> float:
+    import numpy as np
+
+    k = s.shape[1]
+    pred = (s + bias).argmax(1)
+    confusion = np.bincount(y * k + pred, minlength=k * k).reshape(k, k)
+    tp = np.diag(confusion)
+    denominator = confusion.sum(0) + confusion.sum(1)
+    return float(np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), 0.0).mean())
+
+
+def bias_map(labels: Sequence[str], bias: Sequence[float]) -> dict[str, float]:
+    """The labels' nonzero offsets, as the manifest stores them ({} when none moved)."""
+    return {label: round(float(b), 6) for label, b in zip(labels, bias) if b}
+
+
+def calibrated(sums: Sequence[Sequence[float]], labels: Sequence[str], temperature: float,
+               bias: Mapping[str, float] | None = None) -> list[dict[str, float]]:
+    """Each row's label probabilities under `bias` and `temperature` (the serving path's
+    function)."""
+    return [label_scoring.probabilities(dict(zip(labels, row)), temperature, bias)
+            for row in sums]
 
 
 def reliability_bins(probs: Sequence[Mapping[str, float]], truth: Sequence[str],
@@ -99,39 +157,57 @@ def plot_reliability(path: Path, curves: Mapping[str, tuple[list, list]], title:
     save_figure(fig, path)
 
 
-def metrics_at(fmt, examples: list, sums, temperature: float) -> tuple[dict, list, list]:
-    """Classification metrics at `temperature`, with the uncalibrated ECE and NLL beside them
-    (ece_uncalibrated, nll_uncalibrated); and the probabilities at `temperature` and as
+def metrics_at(fmt, examples: list, sums, temperature: float,
+               bias: Mapping[str, float] | None = None) -> tuple[dict, list, list]:
+    """Classification metrics under `bias` and `temperature`, with the uncalibrated ECE and
+    NLL beside them (ece_uncalibrated, nll_uncalibrated; and macro_f1_unbiased and
+    accuracy_unbiased when there is a bias); and the probabilities as calibrated and as
     scored."""
     from lorastack.train import evaluate as ev
 
     raw, raw_probs = ev.classification_from_scores(fmt, examples, sums, 1.0)
-    out, probs = ev.classification_from_scores(fmt, examples, sums, temperature)
+    out, probs = ev.classification_from_scores(fmt, examples, sums, temperature, bias)
     out.update(temperature=temperature, ece_uncalibrated=raw["ece"],
                nll_uncalibrated=raw["nll"])
+    if bias:
+        out.update(macro_f1_unbiased=raw["macro_f1"], accuracy_unbiased=raw["accuracy"])
     return out, probs, raw_probs
 
 
 def calibrated_metrics(model, fmt, validation: list, test: list, *, fit: bool = True,
-                       plot: Path | None = None, title: str = "") -> tuple[dict, float]:
-    """{"validation": ..., "test": ...} metrics of a classification model at the temperature
-    fitted on `validation` (1 when not `fit`), each with its uncalibrated ECE and NLL beside
-    (ece_uncalibrated, nll_uncalibrated); a reliability diagram at `plot`."""
+                       fit_bias: bool = False, bias: Mapping[str, float] | None = None,
+                       plot: Path | None = None, title: str = ""
+                       ) -> tuple[dict, float, dict[str, float]]:
+    """{"validation": ..., "test": ...} metrics of a classification model under a label bias
+    (fitted on `validation` for macro-F1 when `fit_bias`, else `bias`) and the temperature
+    then fitted on `validation` (1 when not `fit`), each with its uncalibrated ECE and NLL
+    beside (ece_uncalibrated, nll_uncalibrated); a reliability diagram at `plot`. Returns the
+    metrics, the temperature and the bias."""
     from lorastack.train import evaluate as ev
 
     metrics, curves = {}, {}
     val_sums = ev.label_logprob_sums(model, fmt, validation, progress=True)
-    temperature = fit_temperature(val_sums, [ex.label for ex in validation]) if fit else 1.0
+    truth_ids = [ex.label for ex in validation]
+    bias = bias_map(fmt.labels, fit_label_bias(val_sums, truth_ids)) if fit_bias else \
+        dict(bias or {})
+    shifted = [[x + bias.get(label, 0.0) for label, x in zip(fmt.labels, row)]
+               for row in val_sums]
+    temperature = fit_temperature(shifted, truth_ids) if fit else 1.0
     for split, examples in (("validation", validation), ("test", test)):
         if not examples:
             continue
         sums = val_sums if split == "validation" else \
             ev.label_logprob_sums(model, fmt, examples, progress=True)
         truth = [fmt.labels[ex.label] for ex in examples]
-        metrics[split], probs, raw_probs = metrics_at(fmt, examples, sums, temperature)
+        metrics[split], probs, raw_probs = metrics_at(fmt, examples, sums, temperature, bias)
         curves[f"{split}, as scored"] = (raw_probs, truth)
-        if temperature != 1.0:
-            curves[f"{split}, T={temperature:.2f}"] = (probs, truth)
+        if temperature != 1.0 or bias:
+            curves[f"{split}, {_described(temperature, bias)}"] = (probs, truth)
     if plot is not None:
         plot_reliability(plot, curves, f"{title}: reliability (10 confidence bins)")
-    return metrics, temperature
+    return metrics, temperature, bias
+
+
+def _described(temperature: float, bias: Mapping[str, float]) -> str:
+    shift = ", ".join(f"{label} {b:+.2f}" for label, b in bias.items())
+    return f"T={temperature:.2f}" + (f", bias {shift}" if shift else "")

@@ -245,12 +245,15 @@ def calibrate_command(
                                  "(<runs-dir>/<name>/)"),
 ) -> None:
     """Fit a classification adapter's temperature on its validation split (temperature
-    scaling) and store it in its manifest; the server applies it from the next request on."""
+    scaling; its label bias first when its config has task.label_bias: macro_f1) and store
+    it in its manifest; the server applies it from the next request on."""
     from lorastack.train.assess import calibrate_adapter
 
     with _user_errors():
         result = calibrate_adapter(name, store=store, runs_dir=runs_dir)
-    table = Table(title=escape(f"{name}: temperature {result['temperature']:.3f}"))
+    shift = "".join(f", {label} {b:+.3f}" for label, b in result["label_bias"].items())
+    table = Table(title=escape(f"{name}: temperature {result['temperature']:.3f}"
+                               + (f", label bias{shift}" if shift else "")))
     for col in ("split", "ECE before", "ECE after", "NLL before", "NLL after"):
         table.add_column(col, justify="right")
     for split in ("validation", "test"):

@@ -101,6 +101,11 @@ class TaskConfig(_Section):
     """classification: fit a temperature on validation after training (temperature scaling,
     train/calibration.py), stored in the manifest and applied wherever probabilities are made;
     accuracy and F1 do not change, the probabilities become trustworthy."""
+    label_bias: Literal["none", "macro_f1"] = "none"
+    """classification: "macro_f1" fits one offset per label on validation, added to its score
+    before the temperature (a shift of the labels' prior, train/calibration.py), to maximise
+    validation macro-F1: a rare class the model under-predicts is found more often, at some
+    accuracy. Stored in the manifest and applied wherever probabilities are made."""
     class_weight_power: float = Field(1.0, ge=0.0, le=2.0)
     """With balance=weights: weight = (1/frequency)^power; 1 balances the classes fully,
     0.5 is a softer middle that costs the majority class less accuracy, 0 is no weighting."""

@@ -154,9 +154,12 @@ def build_ensemble(name: str, members: list[str], *, store: str | Path | None = 
                             f"{first.name!r}; its members must read the same records")
         scored[m.name] = {"fmt": fmt, "val": val, "test": test}
         for split, examples in (("val", val), ("test", test)):
-            sums = ev.label_logprob_sums(model, fmt, examples, progress=True) if examples else []
-            probs = ev.classification_from_scores(fmt, examples, sums, m.temperature)[1] \
-                if examples else []
+            if not examples:
+                scored[m.name][split + "_probs"] = []
+                continue
+            sums = ev.label_logprob_sums(model, fmt, examples, progress=True)
+            probs = ev.classification_from_scores(fmt, examples, sums, m.temperature,
+                                                  m.label_bias)[1]
             scored[m.name][split + "_probs"] = [{lab: p[lab] for lab in labels} for p in probs]
         del model
     names = [a.name for a in resolved]

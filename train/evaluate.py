@@ -11,7 +11,7 @@ import math
 import re
 import string
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -86,24 +86,28 @@ def _padded(rows: list[Example], pad_id: int, device: torch.device) -> dict[str,
 
 
 def evaluate_classification(model, fmt: PromptFormat, examples: Sequence[Example],
-                            progress: bool = False, temperature: float = 1.0
+                            progress: bool = False, temperature: float = 1.0,
+                            bias: Mapping[str, float] | None = None
                             ) -> tuple[dict, list[dict[str, float]]]:
-    """Metrics over `examples`, and each example's label probabilities at `temperature`."""
+    """Metrics over `examples`, and each example's label probabilities under `bias` and
+    `temperature` (an adapter's calibration)."""
     sums = label_logprob_sums(model, fmt, examples, progress=progress)
-    return classification_from_scores(fmt, examples, sums, temperature)
+    return classification_from_scores(fmt, examples, sums, temperature, bias)
 
 
 def classification_from_scores(fmt: PromptFormat, examples: Sequence[Example],
-                               sums: Sequence[Sequence[float]], temperature: float = 1.0
+                               sums: Sequence[Sequence[float]], temperature: float = 1.0,
+                               bias: Mapping[str, float] | None = None
                                ) -> tuple[dict, list[dict[str, float]]]:
     """Metrics and probabilities from the labels' summed log-probabilities (label_logprob_sums).
 
     `loss` is the true label's answer-token cross-entropy (the training loss without class
     weights); `nll` the negative log-likelihood of the true label under the normalised
-    probabilities, and `ece` their expected calibration error, both at `temperature`."""
+    probabilities, and `ece` their expected calibration error, both under `bias` and
+    `temperature`."""
     from lorastack.train.calibration import calibrated, expected_calibration_error
 
-    probs = calibrated(sums, fmt.labels, temperature)
+    probs = calibrated(sums, fmt.labels, temperature, bias)
     preds = [fmt.labels.index(label_scoring.predict(p)) for p in probs]
     truth = [ex.label for ex in examples]
     metrics = classification_metrics(truth, preds, fmt.labels)

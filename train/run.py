@@ -208,13 +208,19 @@ def _train(cfg: TrainConfig, base, dist, device, t_start: float, resume: bool,
         set_peft_model_state_dict(model, best)
 
     # 4. final metrics of the restored best weights; classification: calibrated on validation
-    temperature = 1.0
+    temperature, bias = 1.0, {}
     if cfg.task.type == "classification":
         from lorastack.train.calibration import calibrated_metrics
 
-        metrics, temperature = calibrated_metrics(
+        metrics, temperature, bias = calibrated_metrics(
             model, fmt, val_set.examples, test_set.examples if cfg.evaluate_test else [],
-            fit=cfg.task.calibrate, plot=run_dir / "reliability.png", title=cfg.name)
+            fit=cfg.task.calibrate, fit_bias=cfg.task.label_bias == "macro_f1",
+            plot=run_dir / "reliability.png", title=cfg.name)
+        if bias:
+            shift = ", ".join(f"{label} {b:+.3f}" for label, b in bias.items())
+            _say(f"label bias {shift} fitted on validation: macro-F1 "
+                 f"{metrics['validation']['macro_f1_unbiased']:.4f} -> "
+                 f"{metrics['validation']['macro_f1']:.4f}")
         if temperature != 1.0:
             _say(f"calibration: temperature {temperature:.3f} fitted on validation; expected "
                  f"calibration error {metrics['validation']['ece_uncalibrated']:.3f} -> "
@@ -228,7 +234,7 @@ def _train(cfg: TrainConfig, base, dist, device, t_start: float, resume: bool,
 
     # 5. the adapter, atomically into the store; the run's record beside it
     adapter = _export(cfg, model, base, fmt, labels, metrics, splits.train, splits.validation,
-                      temperature)
+                      temperature, bias)
     plot_curves(run_dir, cfg.selection_metric, f"{cfg.name}: {cfg.task.type}, "
                 f"{cfg.base} ({cfg.quantization}), LoRA r={cfg.lora.r}")
     summary = {
@@ -284,7 +290,7 @@ def trained_splits(cfg: TrainConfig):
 
 
 def _export(cfg: TrainConfig, model, base, fmt, labels, metrics, train_records,
-            validation_records, temperature: float = 1.0):
+            validation_records, temperature: float = 1.0, bias: dict | None = None):
     from peft import LoraConfig
 
     from lorastack.adapters.manifest import AdapterManifest, LoraSettings, Metrics
@@ -313,7 +319,7 @@ def _export(cfg: TrainConfig, model, base, fmt, labels, metrics, train_records,
             end_of_turn=fmt.end_of_turn,
             score_end_of_turn=bool(labels) and fmt.score_end,
             labels=tuple(labels or ()), label_words=dict(cfg.task.label_words),
-            temperature=temperature,
+            temperature=temperature, label_bias=dict(bias or {}),
             examples=_examples(validation_records, cfg.data.text_field),
             metrics=Metrics(validation=manifest_numbers(metrics.get("validation", {})),
                             test=manifest_numbers(metrics.get("test", {}))),
