@@ -121,7 +121,8 @@ def run(args) -> None:
             test = {**search["best"]["test"], **test}
         found[task] = {"adapter": config, "test": test, "quantization":
                        adapter.manifest.training.get("quantization"),
-                       "temperature": adapter.manifest.temperature, "search": search,
+                       "temperature": adapter.manifest.temperature,
+                       "label_bias": dict(adapter.manifest.label_bias), "search": search,
                        "train_seconds": summary and summary.get("train_seconds"),
                        "wall_seconds": summary and summary.get("wall_seconds"),
                        "machine": summary and summary.get("machine"),
@@ -158,6 +159,12 @@ def run(args) -> None:
     cls_rows += [[f"TF-IDF + logistic regression, {t['method'].split('(')[1].rstrip(')')}",
                   f"{t['accuracy']:.3f}", f"{t['macro_f1']:.3f}", neutral(t),
                   f"{t['train_seconds']:.1f} s"] for t in tfidf]
+    if "macro_f1_unbiased" in cls["test"]:  # the adapter's label bias, fitted on validation
+        shift = ", ".join(f"{label} {b:+.2f}" for label, b in cls["label_bias"].items())
+        cls_rows[0][0] += f", label bias {shift}"
+        cls_rows.insert(1, ["the same adapter without its label bias",
+                            f"{cls['test']['accuracy_unbiased']:.3f}",
+                            f"{cls['test']['macro_f1_unbiased']:.3f}", "-", ""])
     ensemble = (cls.get("search") or {}).get("ensemble")
     if ensemble and ensemble["metrics"].get("test"):
         ens_test = ensemble["metrics"]["test"]
