@@ -88,11 +88,22 @@ def probabilities(logprob_sums: Mapping[str, float], temperature: float = 1.0,
         raise ValueError("no labels to score")
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    shifted = {label: lp + (bias or {}).get(label, 0.0) for label, lp in logprob_sums.items()}
+    shifted = shift(logprob_sums, bias)
     top = max(shifted.values())
     exps = {label: math.exp((lp - top) / temperature) for label, lp in shifted.items()}
     total = sum(exps.values())
     return {label: e / total for label, e in exps.items()}
+
+
+def shift(logprob_sums: Mapping[str, float],
+          bias: Mapping[str, float] | None) -> dict[str, float]:
+    """Each label's score plus its `bias` (a label missing from it: 0)."""
+    return {label: lp + (bias or {}).get(label, 0.0) for label, lp in logprob_sums.items()}
+
+
+def describe_bias(bias: Mapping[str, float], digits: int = 3) -> str:
+    """"negative -0.085, neutral +0.560": a label bias as people read it."""
+    return ", ".join(f"{label} {b:+.{digits}f}" for label, b in bias.items())
 
 
 def predict(probs: Mapping[str, float]) -> str:

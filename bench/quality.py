@@ -160,8 +160,9 @@ def run(args) -> None:
                   f"{t['accuracy']:.3f}", f"{t['macro_f1']:.3f}", neutral(t),
                   f"{t['train_seconds']:.1f} s"] for t in tfidf]
     if "macro_f1_unbiased" in cls["test"]:  # the adapter's label bias, fitted on validation
-        shift = ", ".join(f"{label} {b:+.2f}" for label, b in cls["label_bias"].items())
-        cls_rows[0][0] += f", label bias {shift}"
+        from lorastack.adapters.labels import describe_bias
+
+        cls_rows[0][0] += f", label bias {describe_bias(cls['label_bias'], digits=2)}"
         cls_rows.insert(1, ["the same adapter without its label bias",
                             f"{cls['test']['accuracy_unbiased']:.3f}",
                             f"{cls['test']['macro_f1_unbiased']:.3f}", "-", ""])

@@ -190,7 +190,7 @@ def calibrated_metrics(model, fmt, validation: list, test: list, *, fit: bool = 
     truth_ids = [ex.label for ex in validation]
     bias = bias_map(fmt.labels, fit_label_bias(val_sums, truth_ids)) if fit_bias else \
         dict(bias or {})
-    shifted = [[x + bias.get(label, 0.0) for label, x in zip(fmt.labels, row)]
+    shifted = [list(label_scoring.shift(dict(zip(fmt.labels, row)), bias).values())
                for row in val_sums]
     temperature = fit_temperature(shifted, truth_ids) if fit else 1.0
     for split, examples in (("validation", validation), ("test", test)):
@@ -209,5 +209,5 @@ def calibrated_metrics(model, fmt, validation: list, test: list, *, fit: bool = 
 
 
 def _described(temperature: float, bias: Mapping[str, float]) -> str:
-    shift = ", ".join(f"{label} {b:+.2f}" for label, b in bias.items())
+    shift = label_scoring.describe_bias(bias, digits=2)
     return f"T={temperature:.2f}" + (f", bias {shift}" if shift else "")

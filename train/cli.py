@@ -251,9 +251,11 @@ def calibrate_command(
 
     with _user_errors():
         result = calibrate_adapter(name, store=store, runs_dir=runs_dir)
-    shift = "".join(f", {label} {b:+.3f}" for label, b in result["label_bias"].items())
+    from lorastack.adapters.labels import describe_bias
+
+    shift = describe_bias(result["label_bias"])
     table = Table(title=escape(f"{name}: temperature {result['temperature']:.3f}"
-                               + (f", label bias{shift}" if shift else "")))
+                               + (f", label bias {shift}" if shift else "")))
     for col in ("split", "ECE before", "ECE after", "NLL before", "NLL after"):
         table.add_column(col, justify="right")
     for split in ("validation", "test"):

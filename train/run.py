@@ -217,8 +217,9 @@ def _train(cfg: TrainConfig, base, dist, device, t_start: float, resume: bool,
             fit=cfg.task.calibrate, fit_bias=cfg.task.label_bias == "macro_f1",
             plot=run_dir / "reliability.png", title=cfg.name)
         if bias:
-            shift = ", ".join(f"{label} {b:+.3f}" for label, b in bias.items())
-            _say(f"label bias {shift} fitted on validation: macro-F1 "
+            from lorastack.adapters.labels import describe_bias
+
+            _say(f"label bias {describe_bias(bias)} fitted on validation: macro-F1 "
                  f"{metrics['validation']['macro_f1_unbiased']:.4f} -> "
                  f"{metrics['validation']['macro_f1']:.4f}")
         if temperature != 1.0:
