@@ -9,6 +9,8 @@ import platform
 from collections.abc import Iterable
 from typing import Any
 
+from lorastack.adapters import allocator
+
 # What an adapter's manifest records: the libraries that made its weights, and Python.
 TRAINING_LIBRARIES = ("lorastack", "torch", "transformers", "peft", "bitsandbytes",
                       "safetensors", "python")
@@ -29,6 +31,7 @@ def machine() -> dict[str, Any]:
                       if f in flags],
         "memory_gib": None, "platform": platform.platform(),
         "python": platform.python_version(), "gpu": None,
+        "allocator": allocator.active(),  # memory and speed figures depend on it
     }
     with contextlib.suppress(ValueError, OSError, AttributeError):
         info["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -43,10 +46,13 @@ def machine() -> dict[str, Any]:
 
 
 def describe_machine(m: dict[str, Any] | None = None) -> str:
-    """`machine()` (or a recorded one) in one line: CPU, cores, memory, GPU."""
+    """`machine()` (or a recorded one) in one line: CPU, cores, memory, GPU, and the allocator
+    when it was recorded (records before 2026-12-07 lack it)."""
     m = m if m is not None else machine()
     gpu = f", {m['gpu']}" if m.get("gpu") else ", no GPU"
-    return f"{m['cpu']}, {m['cores']} cores, {m.get('memory_gib')} GiB{gpu}"
+    malloc = {"tcmalloc": ", tcmalloc", "system": ", glibc malloc"}.get(
+        str(m.get("allocator")), "")
+    return f"{m['cpu']}, {m['cores']} cores, {m.get('memory_gib')} GiB{gpu}{malloc}"
 
 
 def library_versions(names: Iterable[str] = TRAINING_LIBRARIES) -> dict[str, str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import typer
 
 from lorastack import __version__
+from lorastack.adapters import allocator
 from lorastack.adapters.cli import adapters_app, models_app
 from lorastack.demo.cli import demo_command
 from lorastack.serve.cli import serve_command
@@ -50,6 +51,10 @@ def version() -> None:
 
 
 def main() -> None:
+    try:  # tcmalloc before anything allocates (lorastack.adapters.allocator says why)
+        allocator.reexec()
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
     app()
 
 

@@ -42,14 +42,20 @@ for pkg in torchvision torchaudio torchcodec; do
   fi
 done
 
-# The Gradio page's browser tests drive Debian's chromium through Playwright (never a browser
-# Playwright downloads itself: no `playwright install`). Install it from apt when missing.
-if [ ! -x /usr/bin/chromium ]; then
+# From apt when missing: Debian's chromium, the browser the Gradio page's tests drive through
+# Playwright (never a browser Playwright downloads itself: no `playwright install`), and
+# gperftools' tcmalloc, the allocator lorastack's processes run under (adapters/allocator.py:
+# glibc's malloc holds up to 2.6x the memory in a training step, a different amount each run).
+APT=()
+[ -x /usr/bin/chromium ] || APT+=(chromium)
+"$VENV/bin/python" -c "from lorastack.adapters.allocator import find_tcmalloc as f; raise SystemExit(f() is None)" \
+  || APT+=(libtcmalloc-minimal4)
+if [ ${#APT[@]} -gt 0 ]; then
   SUDO=""
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  say "installing Debian's chromium with apt-get (${SUDO:-as root}): the browser the page's tests drive"
+  say "installing ${APT[*]} with apt-get (${SUDO:-as root}): the page tests' browser, the allocator"
   $SUDO apt-get update -qq
-  $SUDO apt-get install -y -qq chromium
+  $SUDO apt-get install -y -qq "${APT[@]}"
 fi
 
 say "checking the install"
@@ -66,6 +72,10 @@ for m in mods:
 if failed:
     sys.exit("setup: these imports fail:\n" + "\n".join(failed))
 import torch, transformers, vllm
+from lorastack.adapters.allocator import find_tcmalloc
+if sys.platform.startswith("linux") and find_tcmalloc() is None:
+    sys.exit("setup: tcmalloc (libtcmalloc_minimal.so.4) is not installed: install gperftools' "
+             "tcmalloc (Debian/Ubuntu: apt-get install libtcmalloc-minimal4) and run it again")
 print(f"setup: ok (torch {torch.__version__}, transformers {transformers.__version__}, "
-      f"vllm {vllm.__version__})")
+      f"vllm {vllm.__version__}, allocator {find_tcmalloc()})")
 PY

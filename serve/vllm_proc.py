@@ -24,6 +24,7 @@ from typing import Self
 
 import httpx
 
+from lorastack.adapters import allocator
 from lorastack.serve.settings import ServeSettings
 
 # what vLLM 0.32 logs when an exception ends EngineCore (not when it is killed from outside)
@@ -192,7 +193,8 @@ class VllmProcess(ChildProcess):
         self.settings = settings
 
     def environment(self) -> dict[str, str]:
-        env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+        # tcmalloc preloaded, as vLLM's CPU worker asks (adapters/allocator.py)
+        env = allocator.environment({**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"})
         # the gateway loads its own adapters: a store resolver from the user's environment
         # would let its vLLM load others behind its back
         env.pop("LORASTACK_RESOLVER_STORE", None)

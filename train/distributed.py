@@ -51,6 +51,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from lorastack.adapters import allocator
+
 ENV_TIMEOUT = "LORASTACK_DIST_TIMEOUT_S"  # collective timeout (rank 0 evaluates meanwhile)
 
 
@@ -213,7 +215,7 @@ def launch(nproc: int, target: list[str], env: dict[str, str] | None = None) -> 
     """Run `target` in `nproc` processes under torchrun; return its exit status (0 when every
     process succeeded; otherwise the failed one's, after torchrun stopped the others)."""
     check_nproc(nproc)
-    env = dict(os.environ if env is None else env)
+    env = allocator.environment(os.environ if env is None else env)  # tcmalloc, as for one
     count, what = available_workers()
     if what == "CPU cores" and "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, count // nproc))  # cores shared, not oversubscribed

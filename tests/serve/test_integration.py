@@ -156,6 +156,19 @@ def test_models_listed_for_the_openai_client(server):
     assert result["data"][0]["label"] in models["cls-a"].model_extra["labels"]
 
 
+def test_every_engine_process_runs_under_tcmalloc(server):
+    """vLLM's CPU worker asks for tcmalloc in LD_PRELOAD; the gateway gives it to the engine
+    and everything the engine starts (adapters/allocator.py)."""
+    import psutil
+
+    root = psutil.Process(server.gw.engines[0].process.pid)
+    procs = [root, *root.children(recursive=True)]
+    assert len(procs) >= 2  # the API server and its EngineCore
+    missing = [p.name() for p in procs
+               if not any("libtcmalloc" in m.path for m in p.memory_maps())]
+    assert not missing, f"not under tcmalloc: {missing}"
+
+
 def test_generation_and_chat_base_and_adapter(server):
     oc = openai_client(server)
     messages = [{"role": "system", "content": "Name the condition treated."},

@@ -1,0 +1,74 @@
+"""The allocator lorastack's processes run under (adapters/allocator.py): tcmalloc, installed by
+`make setup`, preloaded by the `lorastack` command itself and by what it starts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lorastack.adapters import allocator
+
+PROBE = ("from lorastack.adapters import allocator; allocator.reexec(); "
+         "import os; print(allocator.active(), os.environ.get('LD_PRELOAD', ''))")
+
+
+def _probe(**env: str) -> tuple[str, str]:
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("LD_PRELOAD", allocator.ENV)}
+    proc = subprocess.run([sys.executable, "-c", PROBE], env={**base, **env},
+                          capture_output=True, text=True, timeout=60, check=True)
+    name, _, preload = proc.stdout.strip().partition(" ")
+    return name, preload
+
+
+def test_setup_installed_tcmalloc():
+    lib = allocator.find_tcmalloc()
+    assert lib is not None, "make setup installs libtcmalloc-minimal4 (scripts/setup.sh)"
+    assert lib.name.startswith("libtcmalloc") and lib.is_file()
+
+
+def test_a_started_process_runs_itself_again_under_tcmalloc_once():
+    name, preload = _probe()
+    assert name == "tcmalloc"
+    assert preload.split(":") == [str(allocator.find_tcmalloc())]  # once, not twice
+
+
+def test_system_keeps_glibc_malloc():
+    assert _probe(LORASTACK_ALLOCATOR="system") == ("system", "")
+
+
+def test_a_preload_the_loader_refuses_does_not_loop(tmp_path):
+    # a file named like tcmalloc that is not a library: the loader ignores it and says so;
+    # the process must go on under glibc instead of starting itself again and again
+    fake = tmp_path / "libtcmalloc_minimal.so.4"
+    fake.write_bytes(b"not an ELF file")
+    name, preload = _probe(LD_PRELOAD=str(fake))
+    assert (name, preload) == ("system", str(fake))
+
+
+def test_environment_puts_tcmalloc_first_and_keeps_the_rest():
+    lib = str(allocator.find_tcmalloc())
+    env = allocator.environment({"LD_PRELOAD": "/opt/x/libfoo.so", "PATH": "/bin"})
+    assert env["LD_PRELOAD"] == f"{lib}:/opt/x/libfoo.so" and env["PATH"] == "/bin"
+    assert int(env["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"]) >= 1 << 40
+    assert allocator.environment({})["LD_PRELOAD"] == lib
+    already = {"LD_PRELOAD": "/somewhere/libtcmalloc.so.4"}
+    assert allocator.environment(already) == already
+    assert allocator.environment({"LORASTACK_ALLOCATOR": "system"}) == {
+        "LORASTACK_ALLOCATOR": "system"}
+
+
+def test_an_unknown_choice_names_the_variable_and_the_choices():
+    with pytest.raises(ValueError, match=r"LORASTACK_ALLOCATOR='jemalloc': use tcmalloc"):
+        allocator.environment({"LORASTACK_ALLOCATOR": "jemalloc"})
+    lorastack = Path(sys.executable).with_name("lorastack")
+    proc = subprocess.run([str(lorastack), "version"], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "LORASTACK_ALLOCATOR": "jemalloc"},
+                          check=False)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.strip() == ("error: LORASTACK_ALLOCATOR='jemalloc': use tcmalloc (the "
+                                   "default) or system")
