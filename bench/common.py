@@ -95,12 +95,15 @@ def fmt_ratio(r: dict[str, float]) -> str:
     return f"{r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f})"
 
 
-def run_worker(module: str, args: list[str], what: str) -> dict[str, Any]:
+def run_worker(module: str, args: list[str], what: str,
+               env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run `python -m <module> --worker ...` in a fresh process (clean memory, no shared caches)
-    and return the JSON it prints as its last line; a failed worker stops the benchmark."""
+    and return the JSON it prints as its last line; a failed worker stops the benchmark.
+    `env`: its environment (default: this process's)."""
     import subprocess
 
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
+    env = {**(os.environ if env is None else env), "TOKENIZERS_PARALLELISM": "false",
+           "TQDM_DISABLE": "1"}
     proc = subprocess.run([sys.executable, "-m", module, "--worker", *args], cwd=REPO, env=env,
                           stdout=subprocess.PIPE, text=True, check=False)
     if proc.returncode != 0:

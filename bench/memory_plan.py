@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
 
 from bench import common
+from lorastack.adapters import allocator
 
 # name -> LlamaConfig fields (None: the real SmolLM2-135M-Instruct) and the batch measured
 MODELS = {
@@ -48,6 +50,7 @@ TINY_VARIANTS = (("none", False), ("4bit", True))
 HELD_OUT = (("smollm2-135m", "none", False, 8, 224), ("smollm2-135m", "4bit", True, 8, 224),
             ("llama-0.5b", "none", True, 4, 256), ("llama-1b", "4bit", True, 4, 128))
 TARGET = 0.15
+MALLOC_NAMES = {"tcmalloc": "tcmalloc, as `lorastack train` runs", "system": "glibc's malloc"}
 TEXT = ("The medicine worked well for my back pain, with mild side effects at first that "
         "faded after a week. I would recommend it to anyone with the same condition. ")
 
@@ -93,7 +96,7 @@ def worker(base: str, quant: str, ckpt: bool, batch: int, length: int, steps: in
         opt.zero_grad(set_to_none=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"measured_bytes": peak, "runtime_bytes": runtime, "loaded_bytes": loaded,
-            "loss": float(loss.detach())}
+            "loss": float(loss.detach()), "allocator": allocator.active()}
 
 
 def _rss() -> int:
@@ -121,14 +124,16 @@ def _make_base(fields: dict, tok_dir: Path, out: Path) -> Path:
     return out
 
 
-def _predict(shape, quant: str, ckpt: bool, batch: int, length: int) -> dict:
-    """The plan of a row from the model's shape alone (the config's `base` is not read)."""
+def _predict(shape, quant: str, ckpt: bool, batch: int, length: int, malloc: str) -> dict:
+    """The plan of a row from the model's shape alone (the config's `base` is not read), for a
+    process under the allocator `malloc`."""
     import dataclasses
 
     from lorastack.train.plan import Device, plan_memory
 
     plan = plan_memory(_cfg("smollm2-135m", quant, ckpt, batch, length),
-                       Device("cpu", 1 << 40, "cpu"), shape=shape, answer_tokens=2)
+                       Device("cpu", 1 << 40, "cpu"), shape=shape, answer_tokens=2,
+                       malloc=malloc)
     return {"predicted_bytes": plan.total, "rows": {r.name: r.bytes for r in plan.rows},
             "shape": dataclasses.asdict(shape)}
 
@@ -151,7 +156,7 @@ def rebuild(args) -> None:
     results = []
     for r in old["rows"]:
         pred = _predict(Shape(**r["shape"]), r["quantization"], r["gradient_checkpointing"],
-                        r["batch_size"], r["max_length"])
+                        r["batch_size"], r["max_length"], r.get("allocator", "system"))
         peaks = r.get("runs_bytes", [r["measured_bytes"]])  # records from before --repeats
         measured = _worst(pred["predicted_bytes"], peaks)
         results.append({**r, **pred, "measured_bytes": measured, "runs_bytes": peaks,
@@ -159,6 +164,7 @@ def rebuild(args) -> None:
                         "error": _error(pred["predicted_bytes"], measured)})
     args.steps, args.tiny = old["settings"]["steps"], old["setting"] == "tiny"
     args.repeats = old["settings"].get("repeats", 1)
+    args.allocator = old["settings"].get("allocator", "system")
     _write(results, args, kept=common.measurement_record(old))
 
 
@@ -169,6 +175,7 @@ def run(args) -> None:
     if args.models:
         models = {k: v for k, v in {**MODELS, **TINY}.items() if k in args.models.split(",")}
     smol = resolve_base("smollm2-135m").path
+    env = allocator.environment({**os.environ, allocator.ENV: args.allocator})
     results = []
     with tempfile.TemporaryDirectory(prefix="lorastack-plan-") as tmp:
         for name, (fields, batch, length) in models.items():
@@ -184,12 +191,15 @@ def run(args) -> None:
             for quant, ckpt, b, t, held_out in todo:
                 label = f"{name} {quant} ckpt={'on' if ckpt else 'off'} {b}x{t}"
                 common.log(f"{label} ...")
-                pred = _predict(_shape(base), quant, ckpt, b, t)
+                pred = _predict(_shape(base), quant, ckpt, b, t, args.allocator)
                 runs = []
                 for i in range(args.repeats):
                     meas = common.run_worker("bench.memory_plan", [
                         str(base), quant, "1" if ckpt else "0", str(b), str(t),
-                        str(args.steps)], label)
+                        str(args.steps)], label, env=env)
+                    if meas["allocator"] != args.allocator:
+                        raise SystemExit(f"bench.memory_plan: asked for {args.allocator}, the "
+                                         f"worker ran under {meas['allocator']}")
                     err = _error(pred["predicted_bytes"], meas["measured_bytes"])
                     common.log(f"{label} run {i + 1}/{args.repeats}: predicted "
                                f"{pred['predicted_bytes'] / 2**20:.0f} MiB, measured "
@@ -207,6 +217,7 @@ def _row(name: str, quant: str, ckpt: bool, batch: int, length: int, held_out: b
     peaks = [m["measured_bytes"] for m in runs]
     worst = runs[peaks.index(_worst(pred["predicted_bytes"], peaks))]
     return {"model": name, "quantization": quant, "gradient_checkpointing": ckpt,
+            "allocator": worst["allocator"],
             "batch_size": batch, "max_length": length, "held_out": held_out, **pred, **worst,
             "runs_bytes": peaks, "spread": max(peaks) / min(peaks) - 1,
             "error": _error(pred["predicted_bytes"], worst["measured_bytes"])}
@@ -249,11 +260,13 @@ def _write(results: list[dict], args, kept: dict | None = None) -> None:
                                   f"{max(held):.1%}" if held else "") +
                f". Runtime measured before loading: median {runtime:.0f} MiB." +
                (f" Each row ran {args.repeats} times: the same row's peaks lie up to "
-                f"{spread:.0%} apart (glibc's heap), and the error shown is the run furthest "
-                f"from the plan." if spread is not None else ""))
+                f"{spread:.1%} apart, and the error shown is the run furthest from the plan."
+                if spread is not None else "") +
+               f" Allocator: {MALLOC_NAMES[args.allocator]}.")
     payload = {
         "title": "Memory plan vs measured", "summary": summary,
-        "tables": [common.table("Predicted vs measured peak (MiB, whole process, CPU)",
+        "tables": [common.table(f"Predicted vs measured peak (MiB, whole process, CPU, "
+                                f"{MALLOC_NAMES[args.allocator]})",
                                 ["model", "base", "checkpointing", "batch", "held out",
                                  "predicted", "measured (each run)", "error (worst run)"],
                                 rows)],
@@ -268,12 +281,15 @@ def _write(results: list[dict], args, kept: dict | None = None) -> None:
                               f"budget (plans held to {CPU_MARGIN:.0%} of it on CPU)")],
         "figure": "memory_plan.png", "rows": results,
         "settings": {"steps": args.steps, "target": TARGET, "repeats": args.repeats,
-                     "spread": spread},
+                     "spread": spread, "allocator": args.allocator},
         "gpu": None,
         "notes": [("GPU rows (an 8B-shaped model, 4-bit QLoRA vs bf16 LoRA) not measured here: "
                   "no GPU measurement was made by this script.")],
     }
-    common.write_result("memory_plan", {**payload, **(kept or {})}, args.out,
+    kept = dict(kept or {})
+    # the peaks are the workers', so the record names their allocator, not this process's
+    kept["machine"] = {**kept.get("machine", common.machine()), "allocator": args.allocator}
+    common.write_result("memory_plan", {**payload, **kept}, args.out,
                         setting="tiny" if args.tiny else "full")
     _plot(results, args.out)
 
@@ -311,6 +327,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-held-out", action="store_true", help="skip the HELD_OUT rows")
     p.add_argument("--rebuild", action="store_true",
                    help="re-plan the stored measurements (nothing re-measured)")
+    p.add_argument("--allocator", choices=("tcmalloc", "system"),
+                   default="tcmalloc" if allocator.find_tcmalloc() else "system",
+                   help="the workers' allocator (default: what `lorastack train` runs under)")
     p.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:

@@ -10,7 +10,9 @@ precision chosen from the memory plan (train/plan.py) before the model loads.
 
 The budget is `memory_budget` (a size, or a share of the device), else 90% of the device.
 On CPU the plan is held to CPU_MARGIN of it: bench/memory_plan.py measured CPU peaks up to
-1.30x the plan at large batches (glibc keeps freed memory; README, Memory plan vs measured).
+1.30x the plan at large batches under glibc's malloc, which keeps freed memory. Under tcmalloc
+(what the `lorastack` command runs under) the peaks land within 2% of the plan, and the margin
+is room to spare.
 With N processes on one machine each has its own copy of the base: on CPU the budget is
 shared by N; on GPUs each process has its own device. The plan sizes one process's share of
 the global batch.

@@ -30,6 +30,7 @@ from typing import Any
 
 import typer
 
+from lorastack.adapters import allocator
 from lorastack.train.config import ConfigError, parse_memory
 
 MiB, GiB = 2**20, 2**30
@@ -38,10 +39,17 @@ MiB, GiB = 2**20, 2**30
 # bitsandbytes and lorastack.train and loaded the tokenizer, before any model: measured
 # 661-663 MiB in each of bench/memory_plan.py's 12 processes here (the bench records it).
 # CUDA: context, cuBLAS workspace and kernels, not measured here (no GPU): an estimate.
-RUNTIME_BYTES = {"cpu": 660 * MiB, "cuda": 600 * MiB}
-# Freed memory the allocator keeps. CPU: glibc's heap keeps the holes that forward's
-# temporaries (and, with checkpointing, backward's recomputation of each layer) leave between
-# live tensors; both scale with the full stack of layer activations, A (what no
+# Under tcmalloc the same processes measured 666-669 MiB (2026-12-07).
+RUNTIME_BYTES = {"system": 660 * MiB, "tcmalloc": 667 * MiB, "cuda": 600 * MiB}
+# Freed memory the allocator keeps. CPU under tcmalloc (what the `lorastack` command runs
+# under, adapters/allocator.py): none. bench/memory_plan.py's 16 rows (135M, 0.5B, 1B, float and
+# 4-bit, checkpointing on and off, 2 runs each) peaked within 1.7% of the plan without any
+# slack, and each row's two runs within 1%.
+TCMALLOC_SLACK = 0.0
+# CPU under glibc's malloc (a process that imports lorastack as a library, or
+# LORASTACK_ALLOCATOR=system): glibc's heap keeps the holes that forward's temporaries
+# (and, with checkpointing, backward's recomputation of each layer) leave between live
+# tensors; both scale with the full stack of layer activations, A (what no
 # checkpointing saves). Measured on the six float32 rows of bench/memory_plan.py's first run
 # (135M, 0.5B, 1B): 0.58-0.76 A without checkpointing, 0.51-0.59 A with it; their means are
 # used for every row (the bench's HELD_OUT rows, other batch shapes, were not used to set
@@ -225,13 +233,15 @@ def plan_memory(cfg, device: str | Device = "cpu", *, shape: Shape | None = None
                 batch_size: int | None = None, checkpointing: bool | None = None,
                 answer_tokens: int | None = None, serve_concurrency: int = 8,
                 serve_max_loras: int = 4, serve_max_model_len: int = 1024,
-                processes: int = 1) -> MemoryPlan:
+                processes: int = 1, malloc: str | None = None) -> MemoryPlan:
     """The memory plan of `cfg` (a TrainConfig) on `device`, from the base's config only.
 
     `batch_size` and `checkpointing` override the config's (what train/autobatch.py tries);
     `answer_tokens` bounds the answer length per example (default: 4 for classification,
     task.max_new_tokens for generation). The serving defaults are `lorastack serve`'s.
     With `training.fsdp` over `processes` GPUs, the weights are one process's share.
+    `malloc`: the CPU allocator the run's process uses, "tcmalloc" or "system" (default: this
+    process's; the `lorastack` command runs under tcmalloc, adapters/allocator.py).
     """
     dev = device if isinstance(device, Device) else parse_device(device)
     shape = shape or Shape.from_base(cfg.base)
@@ -242,7 +252,8 @@ def plan_memory(cfg, device: str | Device = "cpu", *, shape: Shape | None = None
     tokens = batch * length
     compute = 4 if dev.kind == "cpu" else 2  # train/model.py compute_dtype
     act = compute if quant == "none" else 4  # quantized: the stream is float32 (upcast)
-    rows = [Row("runtime", RUNTIME_BYTES[dev.kind],
+    malloc = (malloc or allocator.active()) if dev.kind == "cpu" else None
+    rows = [Row("runtime", RUNTIME_BYTES[malloc or dev.kind],
                 "measured: python + torch + transformers + peft + data" if dev.kind == "cpu"
                 else "estimate: CUDA context and workspaces")]
     rows += _weight_rows(shape, quant, compute, dev.kind)
@@ -277,7 +288,10 @@ def plan_memory(cfg, device: str | Device = "cpu", *, shape: Shape | None = None
         transient += 2 * compute * max(a * b for a, b in shape.linear().values())
     rows.append(Row("backward transients", int(transient),
                     "gradients of one layer's largest tensors in flight"))
-    if dev.kind == "cpu":
+    if malloc == "tcmalloc":
+        slack = TCMALLOC_SLACK * activations
+        note = "none: tcmalloc returns what a step frees (measured)"
+    elif malloc == "system":
         stack = tokens * act * full  # A: the whole stack of layer activations
         slack = CPU_SLACK[ckpt] * stack
         note = f"{CPU_SLACK[ckpt]:.2f} x the activation stack without checkpointing"
@@ -285,10 +299,11 @@ def plan_memory(cfg, device: str | Device = "cpu", *, shape: Shape | None = None
             slack += DEQUANT_HOLES * compute * shape.layers * sum(
                 a * b for a, b in shape.linear().values())
             note += f" + {DEQUANT_HOLES:.1f} x the linear weights dequantized"
+        note += " (glibc's malloc)"
     else:
-        slack, note = CUDA_SLACK * activations, f"{CUDA_SLACK:.2f} x activations"
-    rows.append(Row("allocator slack", int(slack),
-                    note + (" (glibc heap)" if dev.kind == "cpu" else " (caching allocator)")))
+        slack = CUDA_SLACK * activations
+        note = f"{CUDA_SLACK:.2f} x activations (caching allocator)"
+    rows.append(Row("allocator slack", int(slack), note))
     serving = _serving_rows(shape, cfg, dev, serve_concurrency, serve_max_loras,
                             serve_max_model_len)
     return MemoryPlan(dev, quant, batch, length, ckpt, rows, serving)

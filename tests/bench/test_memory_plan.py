@@ -33,6 +33,10 @@ def test_memory_plan_tiny(tmp_path, base_model):
         assert r["error"] == pytest.approx(r["predicted_bytes"] / r["measured_bytes"] - 1)
         # the tiny setting runs each row once: that run is the row's measurement, no spread
         assert r["runs_bytes"] == [r["measured_bytes"]] and r["spread"] == 0
+        # by default the workers run under tcmalloc, as `lorastack train` does, and the plan
+        # then counts no allocator slack
+        assert r["allocator"] == "tcmalloc" and r["rows"]["allocator slack"] == 0
+    assert data["settings"]["allocator"] == "tcmalloc" and "tcmalloc" in data["summary"]
     (table,) = data["tables"]
     assert len(table["rows"]) == len(rows)
     assert all(len(row) == len(table["columns"]) for row in table["rows"])
@@ -54,8 +58,8 @@ def test_a_repeated_row_is_held_to_its_worst_run():
     from bench.memory_plan import _row
 
     pred = {"predicted_bytes": 1000, "rows": {"x": 1000}}
-    runs = [{"measured_bytes": 950, "runtime_bytes": 1},
-            {"measured_bytes": 1250, "runtime_bytes": 2}]
+    runs = [{"measured_bytes": 950, "runtime_bytes": 1, "allocator": "tcmalloc"},
+            {"measured_bytes": 1250, "runtime_bytes": 2, "allocator": "tcmalloc"}]
     row = _row("m", "none", False, 2, 64, True, pred, runs)
     assert row["measured_bytes"] == 1250 and row["runtime_bytes"] == 2
     assert row["error"] == pytest.approx(1000 / 1250 - 1)

@@ -298,3 +298,42 @@ def test_auto_keeps_the_4bit_default_of_checkpointing():
     cfg, _ = _fit({"batch_size": "auto", "gradient_checkpointing": False}, "cpu:512GB",
                   quantization="4bit")
     assert cfg.training.gradient_checkpointing is False
+
+
+def test_under_tcmalloc_the_plan_counts_no_allocator_slack(smol):
+    from lorastack.adapters import allocator
+
+    cfg = _cfg(quantization="4bit")
+    tc = {r.name: r.bytes for r in plan_memory(cfg, CPU_BIG, shape=smol, malloc="tcmalloc").rows}
+    glibc = {r.name: r.bytes for r in plan_memory(cfg, CPU_BIG, shape=smol, malloc="system").rows}
+    assert tc["allocator slack"] == 0 < glibc["allocator slack"]
+    assert {k: v for k, v in tc.items() if k not in ("allocator slack", "runtime")} == \
+        {k: v for k, v in glibc.items() if k not in ("allocator slack", "runtime")}
+    # by default the plan is for this process's own allocator (pytest's: glibc's malloc)
+    assert allocator.active() == "system"
+    assert plan_memory(cfg, CPU_BIG, shape=smol).rows == \
+        plan_memory(cfg, CPU_BIG, shape=smol, malloc="system").rows
+    # on a GPU the CPU allocator does not count
+    gpu = Device("cuda", 80 * GiB, "gpu")
+    assert plan_memory(cfg, gpu, shape=smol, malloc="tcmalloc").rows == \
+        plan_memory(cfg, gpu, shape=smol, malloc="system").rows
+
+
+@pytest.mark.parametrize(("choice", "says"), [
+    ("tcmalloc", "none: tcmalloc returns what a step frees"),
+    ("system", "x the activation stack")])
+def test_the_plan_command_plans_for_the_allocator_it_runs_under(base_model, choice, says):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    lorastack = Path(sys.executable).with_name("lorastack")
+    env = {**os.environ, "LORASTACK_ALLOCATOR": choice, "COLUMNS": "200"}
+    env.pop("LD_PRELOAD", None)
+    proc = subprocess.run([str(lorastack), "plan", "reviews-classify"], env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    slack = next(line for line in proc.stdout.splitlines() if "allocator slack" in line)
+    assert says in slack, proc.stdout
+    assert (slack.split("│")[2].strip() == "0") == (choice == "tcmalloc")
