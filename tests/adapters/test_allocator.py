@@ -72,3 +72,11 @@ def test_an_unknown_choice_names_the_variable_and_the_choices():
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.strip() == ("error: LORASTACK_ALLOCATOR='jemalloc': use tcmalloc (the "
                                    "default) or system")
+
+
+def test_without_takes_only_tcmalloc_out():
+    lib = str(allocator.find_tcmalloc())
+    assert allocator.without({"LD_PRELOAD": f"{lib}:/opt/x/libfoo.so", "A": "1"}) == {
+        "LD_PRELOAD": "/opt/x/libfoo.so", "A": "1"}
+    assert allocator.without({"LD_PRELOAD": lib, "A": "1"}) == {"A": "1"}
+    assert allocator.without({"A": "1"}) == {"A": "1"}
