@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.memory_plan          # ~15 min on 2 cores (2 runs a row)
     .venv/bin/python -m bench.memory_plan --tiny --out /tmp/b   # ~30 s: a tiny random Llama
     .venv/bin/python -m bench.memory_plan --rebuild   # re-plan the stored measurements
+    .venv/bin/python -m bench.memory_plan --allocator system   # the workers under glibc malloc
 
 Rows: SmolLM2-135M-Instruct (the real default base) and two random-weight Llama-family models
 of about 0.5B and 1B parameters (SmolLM2's tokenizer and vocabulary, saved as safetensors in a
@@ -16,9 +17,12 @@ high-water mark (getrusage ru_maxrss), nothing subtracted: the plan predicts the
 process, runtime included. The plan is computed from the model's config alone, with the same
 constants for every row; error = predicted / measured - 1.
 
-Three of the plan's constants (the CPU allocator's slack, train/plan.py CPU_SLACK and
-DEQUANT_HOLES) and the runtime's share were set from a first run of the 12 main rows; the
-HELD_OUT rows (other batch shapes) were not used for that and check the plan out of sample.
+The workers run under the allocator `lorastack train` runs under (tcmalloc; --allocator
+system for glibc's malloc), and the plan is made for it. Under tcmalloc the plan counts no
+allocator slack. Under glibc, two of its constants (the allocator's slack, train/plan.py
+CPU_SLACK and DEQUANT_HOLES) and the runtime's share were set from a first run of the 12 main
+rows; the HELD_OUT rows (other batch shapes) were not used for that and check the plan out of
+sample.
 """
 
 from __future__ import annotations
