@@ -23,6 +23,7 @@ says which one that is, and the memory plan counts the allocator's slack accordi
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Mapping
@@ -59,6 +60,7 @@ def wanted(env: Mapping[str, str] | None = None) -> bool:
     return choice == "tcmalloc"
 
 
+@functools.cache  # fixed when the process starts; the memory plan asks for every batch tried
 def active() -> str:
     """The allocator this process runs under: "tcmalloc" or "system" (glibc's malloc)."""
     try:
