@@ -179,7 +179,8 @@ def run(args) -> None:
     if args.models:
         models = {k: v for k, v in {**MODELS, **TINY}.items() if k in args.models.split(",")}
     smol = resolve_base("smollm2-135m").path
-    env = allocator.environment({**os.environ, allocator.ENV: args.allocator})
+    env = (allocator.environment({**os.environ, allocator.ENV: "tcmalloc"})
+           if args.allocator == "tcmalloc" else allocator.without(os.environ))
     results = []
     with tempfile.TemporaryDirectory(prefix="lorastack-plan-") as tmp:
         for name, (fields, batch, length) in models.items():
@@ -221,7 +222,6 @@ def _row(name: str, quant: str, ckpt: bool, batch: int, length: int, held_out: b
     peaks = [m["measured_bytes"] for m in runs]
     worst = runs[peaks.index(_worst(pred["predicted_bytes"], peaks))]
     return {"model": name, "quantization": quant, "gradient_checkpointing": ckpt,
-            "allocator": worst["allocator"],
             "batch_size": batch, "max_length": length, "held_out": held_out, **pred, **worst,
             "runs_bytes": peaks, "spread": max(peaks) / min(peaks) - 1,
             "error": _error(pred["predicted_bytes"], worst["measured_bytes"])}
@@ -332,7 +332,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rebuild", action="store_true",
                    help="re-plan the stored measurements (nothing re-measured)")
     p.add_argument("--allocator", choices=("tcmalloc", "system"),
-                   default="tcmalloc" if allocator.find_tcmalloc() else "system",
+                   default="tcmalloc" if allocator.wanted() and allocator.find_tcmalloc()
+                   else "system",
                    help="the workers' allocator (default: what `lorastack train` runs under)")
     p.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
