@@ -397,10 +397,14 @@ def overfitting_note(history: list[dict], metric: str, evals_without_improvement
 
 
 def _essential(config: dict) -> dict:
-    """The parts of a config that change what training computes (not eval cadence etc.)."""
+    """The parts of a config that change what training computes (not eval cadence etc.).
+    Gradient checkpointing recomputes the same activations (with the same dropout masks: torch
+    replays the RNG), and the memory budget only picks a batch size, which is compared itself
+    (auto is resolved before the checkpoint is written), so a resume may change either."""
     training = {k: v for k, v in config["training"].items()
                 if k not in ("eval_every", "save_every", "keep_checkpoints", "threads",
-                             "early_stopping_patience", "watch_train_sample", "fsdp")}
+                             "early_stopping_patience", "watch_train_sample", "fsdp",
+                             "gradient_checkpointing", "memory_budget")}
     return {"base": config["base"], "quantization": config["quantization"],
             "task": config["task"], "data": config["data"], "lora": config["lora"],
             "training": training}

@@ -63,7 +63,11 @@ def test_learns_the_toy_task(tiny_config):
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
 
 
-def test_resume_continues_from_the_checkpoint_exactly(tiny_config, tmp_path):
+@pytest.mark.parametrize("checkpointing_on_resume", [None, True])
+def test_resume_continues_from_the_checkpoint_exactly(tiny_config, tmp_path,
+                                                      checkpointing_on_resume):
+    """A run cut at step 3 resumes from step 2 to the uninterrupted run's weights, also when
+    the resume switches gradient checkpointing on (same math, same dropout masks)."""
     reference = train(dict(tiny_config, name="uninterrupted"))
 
     class Crash(Exception):
@@ -80,6 +84,9 @@ def test_resume_continues_from_the_checkpoint_exactly(tiny_config, tmp_path):
     ckpts = sorted(p.name for p in (tmp_path / "runs" / "interrupted" / "checkpoints").iterdir())
     assert ckpts == ["step-0000002"]
     steps_seen = []
+    if checkpointing_on_resume is not None:
+        cfg = json.loads(json.dumps(cfg))
+        cfg["training"]["gradient_checkpointing"] = checkpointing_on_resume
     resumed = train(cfg, resume=True, on_step=lambda s: steps_seen.append(s.step))
     assert steps_seen == [3, 4, 5, 6]
     a, b = _tensors(reference.adapter_dir), _tensors(resumed.adapter_dir)
