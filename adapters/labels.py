@@ -66,6 +66,15 @@ def label_continuations(tokenizer: Any, manifest: Any) -> dict[str, list[int]]:
     return continuation_ids(tokenizer, words, manifest.end_of_turn, manifest.score_end_of_turn)
 
 
+def pad_id(tokenizer: Any, end_of_turn_id: int | None = None) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its EOS, else the
+    end-of-turn marker's (padding is masked, so any id is right; this is the one choice)."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, end_of_turn_id):
+        if candidate is not None:
+            return int(candidate)
+    raise ValueError("the tokenizer has no pad or EOS token; pass the end-of-turn token's id")
+
+
 def template_fields(user_template: str) -> list[str]:
     """The record fields `user_template` fills in, in order of first use ("{text} {drug}" ->
     ["text", "drug"]); `{text[0]}` or `{text!r}` count as `text`."""

@@ -59,8 +59,7 @@ class PromptFormat:
                             "and this base model's tokenizer has none (or task.format=plain); "
                             "use a task.prompt template with task.target_field instead")
         self.end_id = _single_token(tokenizer, self.end_of_turn)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
-            else self.end_id
+        self.pad_id = label_scoring.pad_id(tokenizer, self.end_id)
         # Trained: word + end-of-turn, so that generation stops. Scored: the word alone, unless
         # one label's tokens are a prefix of another's (then end-of-turn tells them apart).
         self.targets = self.label_ids(with_end=True)

@@ -209,10 +209,8 @@ def _parity_prompts(tokenizer: Any, manifest: AdapterManifest) -> list[list[int]
 def _label_scoring(tokenizer: Any, manifest: AdapterManifest) -> _Scoring | None:
     if manifest.task != "classification":
         return None
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
-        tokenizer.eos_token_id
     return _Scoring(list(manifest.labels), label_scoring.label_continuations(tokenizer, manifest),
-                    pad)
+                    label_scoring.pad_id(tokenizer))
 
 
 def _outputs(model: Any, prompts: list[list[int]], scoring: _Scoring | None) -> dict[str, Any]:

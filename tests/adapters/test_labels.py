@@ -78,3 +78,13 @@ def test_label_continuations_follow_the_manifest(fake):
     assert labels.label_continuations(tok, scored_end) == \
         labels.continuation_ids(tok, {"negative": "negative", "positive": "positive"}, "<end>",
                                 True)
+
+
+def test_pad_id_is_one_choice_for_the_trainer_and_the_export_check():
+    from types import SimpleNamespace as Tok
+
+    assert labels.pad_id(Tok(pad_token_id=3, eos_token_id=2), 7) == 3
+    assert labels.pad_id(Tok(pad_token_id=None, eos_token_id=2), 7) == 2
+    assert labels.pad_id(Tok(pad_token_id=None, eos_token_id=None), 7) == 7
+    with pytest.raises(ValueError, match="no pad or EOS token"):
+        labels.pad_id(Tok(pad_token_id=None, eos_token_id=None))
