@@ -96,6 +96,27 @@ def without(env: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
+def for_child(choice: str, env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """`env` (default: this process's) for a child that must run under `choice`, "tcmalloc"
+    or "system", whatever this process runs under (benchmarks comparing the two)."""
+    base = dict(os.environ if env is None else env)
+    return environment({**base, ENV: "tcmalloc"}) if choice == "tcmalloc" else without(base)
+
+
+def release_free_memory() -> None:
+    """Give the kernel back what the allocator holds but no longer uses, so that the resident
+    size shows what is in use (tcmalloc: ReleaseFreeMemory; glibc: malloc_trim)."""
+    import ctypes
+
+    try:
+        if active() == "tcmalloc":  # preloaded: its symbols are in the global namespace
+            ctypes.CDLL(None).MallocExtension_ReleaseFreeMemory()
+        else:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def reexec() -> None:
     """Replace this process by itself with tcmalloc preloaded, when it is wanted, installed
     and not yet there (the `lorastack` command calls this first). Runs at most once: a second

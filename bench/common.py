@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from lorastack.adapters import allocator
 from lorastack.adapters.provenance import library_versions, machine
 from lorastack.train.report import pyplot  # noqa: F401 (the benchmarks' pyplot)
 
@@ -95,21 +96,38 @@ def fmt_ratio(r: dict[str, float]) -> str:
     return f"{r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f})"
 
 
+MALLOC_NAMES = {"tcmalloc": "tcmalloc, as `lorastack train` runs", "system": "glibc's malloc"}
+
+
+def add_allocator_arg(parser) -> None:
+    """--allocator for a benchmark whose workers train: by default the one `lorastack train`
+    runs under (tcmalloc where installed, unless LORASTACK_ALLOCATOR=system)."""
+    default = "tcmalloc" if allocator.wanted() and allocator.find_tcmalloc() else "system"
+    parser.add_argument("--allocator", choices=tuple(MALLOC_NAMES), default=default,
+                        help=f"the workers' allocator (default here: {default}, what "
+                        "`lorastack train` runs under)")
+
+
 def run_worker(module: str, args: list[str], what: str,
-               env: dict[str, str] | None = None) -> dict[str, Any]:
+               malloc: str | None = None) -> dict[str, Any]:
     """Run `python -m <module> --worker ...` in a fresh process (clean memory, no shared caches)
     and return the JSON it prints as its last line; a failed worker stops the benchmark.
-    `env`: its environment (default: this process's)."""
+    `malloc`: the allocator it must run under ("tcmalloc" or "system"; its JSON's "allocator"
+    is checked); None: this process's environment, unchecked."""
     import subprocess
 
-    env = {**(os.environ if env is None else env), "TOKENIZERS_PARALLELISM": "false",
-           "TQDM_DISABLE": "1"}
+    env = {**(os.environ if malloc is None else allocator.for_child(malloc)),
+           "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
     proc = subprocess.run([sys.executable, "-m", module, "--worker", *args], cwd=REPO, env=env,
                           stdout=subprocess.PIPE, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"{module}: the {what} worker failed (exit {proc.returncode}); its "
                          "error is above")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if malloc is not None and result.get("allocator") != malloc:
+        raise SystemExit(f"{module}: the {what} worker was to run under {malloc}, it ran under "
+                         f"{result.get('allocator')} (is tcmalloc installed? `make setup`)")
+    return result
 
 
 def measurement_record(old: dict[str, Any]) -> dict[str, Any]:

@@ -6,14 +6,19 @@
 Each variant runs in a fresh process (rounds interleaved, then reversed): float32 LoRA, 8-bit
 and 4-bit QLoRA with lorastack's defaults (gradient checkpointing on for 4-bit, as in the
 QLoRA recipe, off otherwise), and 4-bit without checkpointing (the reviews-classify config,
-which trades memory for 1.3x speed).
-import the libraries, note the resident memory (the runtime's own), load SmolLM2-135M-Instruct
-as `lorastack train` does for that `quantization` and attach the reviews-classify LoRA, copy
-float weights out of the checkpoint's memory map and return freed heap (so that page cache and
-allocator leftovers from loading are not counted), note the resident memory again, reset the kernel's peak counter (/proc/self/clear_refs), run one
-optimizer step (forward, backward, AdamW) on the 8 longest training reviews (the worst batch
-the config allows), and read the peak (VmHWM). The weight footprint is what transformers
-reports for the loaded model (get_memory_footprint: parameters and buffers).
+which trades memory for 1.3x speed). The processes run under the allocator `lorastack train`
+runs under: tcmalloc, or glibc's malloc with --allocator system (it keeps a varying share of
+what a step frees; adapters/allocator.py).
+
+Each process imports the libraries, notes the resident memory (the runtime's own), loads
+SmolLM2-135M-Instruct as `lorastack train` does for that `quantization` and attaches the
+reviews-classify LoRA, copies float weights out of the checkpoint's memory map and gives freed
+memory back to the kernel (allocator.release_free_memory), so that page cache and allocator
+leftovers from loading are not counted, notes the resident memory again, resets the kernel's
+peak counter (/proc/self/clear_refs), runs one optimizer step (forward, backward, AdamW) on the
+8 longest training reviews (the worst batch the config allows), and reads the peak (VmHWM). The
+weight footprint is what transformers reports for the loaded model (get_memory_footprint:
+parameters and buffers).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import sys
 import time
 
 from bench import common
+from lorastack.adapters import allocator
 
 # variant -> (quantization, gradient checkpointing); None: lorastack's default for that
 # quantization (on for 4-bit, as in the QLoRA recipe; off otherwise)
@@ -70,17 +76,6 @@ def _off_the_checkpoint_map(model) -> None:
     gc.collect()
 
 
-def _trim() -> None:
-    """Give freed heap back to the kernel (glibc keeps it otherwise), so that RSS shows what
-    is in use: loading 4-bit weights frees the float copies it quantized."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def worker(precision: str, batch_size: int, limit_train: int) -> dict:
     import torch
 
@@ -111,7 +106,7 @@ def worker(precision: str, batch_size: int, limit_train: int) -> dict:
     examples = encode_records(fmt, train, "train").examples
     batch_ex = sorted(examples, key=lambda e: len(e.input_ids), reverse=True)[:batch_size]
     gc.collect()
-    _trim()
+    allocator.release_free_memory()
     runtime_mb = _status_mb("VmRSS")
 
     device = pick_device()
@@ -123,7 +118,7 @@ def worker(precision: str, batch_size: int, limit_train: int) -> dict:
     opt = torch.optim.AdamW(params, lr=cfg.training.lr)
     batch = {k: v.to(device) for k, v in collate(batch_ex, fmt.pad_id).items()}
     gc.collect()
-    _trim()
+    allocator.release_free_memory()
     loaded_mb = _status_mb("VmRSS")
     reset = _reset_peak()
     if device.type == "cuda":
@@ -145,6 +140,7 @@ def worker(precision: str, batch_size: int, limit_train: int) -> dict:
             "weights_mb": footprint_mb, "step_seconds": step_s, "loss": float(loss.detach()),
             "batch": [len(batch_ex), max(len(e.input_ids) for e in batch_ex)],
             "trainable_params": trainable, "total_params": total,
+            "allocator": allocator.active(),
             "gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20
             if device.type == "cuda" else None}
 
@@ -152,7 +148,8 @@ def worker(precision: str, batch_size: int, limit_train: int) -> dict:
 def _spawn(precision: str, args) -> dict:
     common.log(f"{NAMES[precision]} ...")
     r = common.run_worker("bench.memory", [precision, "--batch-size", str(args.batch_size),
-                                           "--limit-train", str(args.limit_train)], precision)
+                                           "--limit-train", str(args.limit_train)], precision,
+                          malloc=args.allocator)
     common.log(f"{NAMES[precision]}: step peak {r['step_peak_mb']:.0f} MB, weights "
                f"{r['weights_mb']:.0f} MB, step {r['step_seconds']:.1f} s")
     return r
@@ -168,6 +165,7 @@ def run(args) -> None:
         kept = common.measurement_record(old)
         args.repeats, args.batch_size = old["settings"]["repeats"], old["settings"]["batch_size"]
         args.limit_train = old["settings"]["limit_train"]
+        args.allocator = old["settings"].get("allocator", "system")  # before it was recorded
     else:
         kept = {}
         runs = {p: [] for p in PRECISIONS}
@@ -201,8 +199,8 @@ def run(args) -> None:
     payload = {
         "title": "Training memory", "summary": summary,
         "tables": [common.table(
-            "Resident memory (MB) of one training step, each precision in a fresh process; "
-            "medians over the rounds.",
+            "Resident memory (MB) of one training step, each precision in a fresh process "
+            f"under {common.MALLOC_NAMES[args.allocator]}; medians over the rounds.",
             ["base precision", "weights", "step peak (process)", "step peak above runtime",
              "vs float32", "step time, s"], rows)],
         "goals": [common.goal("4-bit QLoRA's training-step peak at most half of float32 "
@@ -214,16 +212,21 @@ def run(args) -> None:
         "notes": [(f"On this 135M model the weights are {share:.0%} of float32 LoRA's step "
                    "peak; the rest is activations (float32, the whole batch) and the runtime, "
                    "which quantization does not shrink. 4-bit cuts the weights "
-                   f"{med['none']['weights_mb'] / med['4bit']['weights_mb']:.1f}x, so the goal "
-                   "(set with 7-8B models in mind, where weights dominate) cannot be met at "
-                   "this size."),
+                   f"{med['none']['weights_mb'] / med['4bit']['weights_mb']:.1f}x"
+                   + ("; gradient checkpointing (on by default with 4-bit) keeps only each "
+                      "layer's input and recomputes the rest in backward: at this size most of "
+                      "the saving is that." if ratio["median"] <= 0.5 else
+                      ", so the goal (set with 7-8B models in mind, where weights dominate) "
+                      "cannot be met at this size.")),
                   ("GPU (Llama-8B-shaped, random weights): not measured: no GPU was lent to "
                    "the session that produced these results.")],
         "settings": {"repeats": args.repeats, "batch_size": args.batch_size,
-                     "limit_train": args.limit_train},
+                     "limit_train": args.limit_train, "allocator": args.allocator},
         "medians": med, "ratio_4bit_to_float32": ratio,
         "ratio_4bit_to_float32_above_runtime": ratio_model, "runs": runs, "gpu": None,
     }
+    # the peaks are the workers', so the record names their allocator, not this process's
+    kept["machine"] = {**kept.get("machine", common.machine()), "allocator": args.allocator}
     common.write_result("memory", {**payload, **kept}, args.out, setting=setting)
     _plot(med, args.out)
 
@@ -263,6 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--limit-train", type=int, default=0)
     p.add_argument("--rebuild", action="store_true",
                    help="re-render memory.json and the figure from its stored runs")
+    common.add_allocator_arg(p)
     p.add_argument("--worker", choices=PRECISIONS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.tiny:

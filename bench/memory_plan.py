@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -54,7 +53,6 @@ TINY_VARIANTS = (("none", False), ("4bit", True))
 HELD_OUT = (("smollm2-135m", "none", False, 8, 224), ("smollm2-135m", "4bit", True, 8, 224),
             ("llama-0.5b", "none", True, 4, 256), ("llama-1b", "4bit", True, 4, 128))
 TARGET = 0.15
-MALLOC_NAMES = {"tcmalloc": "tcmalloc, as `lorastack train` runs", "system": "glibc's malloc"}
 TEXT = ("The medicine worked well for my back pain, with mild side effects at first that "
         "faded after a week. I would recommend it to anyone with the same condition. ")
 
@@ -179,8 +177,6 @@ def run(args) -> None:
     if args.models:
         models = {k: v for k, v in {**MODELS, **TINY}.items() if k in args.models.split(",")}
     smol = resolve_base("smollm2-135m").path
-    env = (allocator.environment({**os.environ, allocator.ENV: "tcmalloc"})
-           if args.allocator == "tcmalloc" else allocator.without(os.environ))
     results = []
     with tempfile.TemporaryDirectory(prefix="lorastack-plan-") as tmp:
         for name, (fields, batch, length) in models.items():
@@ -201,10 +197,7 @@ def run(args) -> None:
                 for i in range(args.repeats):
                     meas = common.run_worker("bench.memory_plan", [
                         str(base), quant, "1" if ckpt else "0", str(b), str(t),
-                        str(args.steps)], label, env=env)
-                    if meas["allocator"] != args.allocator:
-                        raise SystemExit(f"bench.memory_plan: asked for {args.allocator}, the "
-                                         f"worker ran under {meas['allocator']}")
+                        str(args.steps)], label, malloc=args.allocator)
                     err = _error(pred["predicted_bytes"], meas["measured_bytes"])
                     common.log(f"{label} run {i + 1}/{args.repeats}: predicted "
                                f"{pred['predicted_bytes'] / 2**20:.0f} MiB, measured "
@@ -266,11 +259,11 @@ def _write(results: list[dict], args, kept: dict | None = None) -> None:
                (f" Each row ran {args.repeats} times: the same row's peaks lie up to "
                 f"{spread:.1%} apart, and the error shown is the run furthest from the plan."
                 if spread is not None else "") +
-               f" Allocator: {MALLOC_NAMES[args.allocator]}.")
+               f" Allocator: {common.MALLOC_NAMES[args.allocator]}.")
     payload = {
         "title": "Memory plan vs measured", "summary": summary,
         "tables": [common.table(f"Predicted vs measured peak (MiB, whole process, CPU, "
-                                f"{MALLOC_NAMES[args.allocator]})",
+                                f"{common.MALLOC_NAMES[args.allocator]})",
                                 ["model", "base", "checkpointing", "batch", "held out",
                                  "predicted", "measured (each run)", "error (worst run)"],
                                 rows)],
@@ -331,10 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-held-out", action="store_true", help="skip the HELD_OUT rows")
     p.add_argument("--rebuild", action="store_true",
                    help="re-plan the stored measurements (nothing re-measured)")
-    p.add_argument("--allocator", choices=("tcmalloc", "system"),
-                   default="tcmalloc" if allocator.wanted() and allocator.find_tcmalloc()
-                   else "system",
-                   help="the workers' allocator (default: what `lorastack train` runs under)")
+    common.add_allocator_arg(p)
     p.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:

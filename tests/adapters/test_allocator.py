@@ -80,3 +80,37 @@ def test_without_takes_only_tcmalloc_out():
         "LD_PRELOAD": "/opt/x/libfoo.so", "A": "1"}
     assert allocator.without({"LD_PRELOAD": lib, "A": "1"}) == {"A": "1"}
     assert allocator.without({"A": "1"}) == {"A": "1"}
+
+
+RELEASE = """
+import json
+from lorastack.adapters import allocator
+def rss():
+    with open('/proc/self/status') as fh:
+        return next(int(l.split()[1]) // 1024 for l in fh if l.startswith('VmRSS:'))
+before = rss()
+blocks = [b"x" * (64 * 1024) for _ in range(4000)]  # 250 MiB, written, below mmap thresholds
+held = rss()
+del blocks
+freed = rss()
+allocator.release_free_memory()
+print(json.dumps({"active": allocator.active(), "before": before, "held": held,
+                  "freed": freed, "released": rss()}))
+"""
+
+
+@pytest.mark.parametrize("choice", ["tcmalloc", "system"])
+def test_for_child_runs_a_child_under_either_allocator_and_release_returns_freed_memory(choice):
+    """What the memory benchmarks rely on: a worker started with for_child runs under the
+    allocator asked for, whatever this process runs under, and release_free_memory gives the
+    kernel back what was freed (tcmalloc keeps it otherwise), so that RSS shows what is used."""
+    import json
+
+    env = allocator.for_child(choice, {**os.environ, "LD_PRELOAD": str(
+        allocator.find_tcmalloc())})  # as if this process ran under tcmalloc
+    proc = subprocess.run([sys.executable, "-c", RELEASE], env=env, capture_output=True,
+                          text=True, timeout=60, check=True)
+    r = json.loads(proc.stdout)
+    assert r["active"] == choice
+    assert r["held"] - r["before"] > 200, r  # the blocks were resident
+    assert r["released"] - r["before"] < 50, r  # and are given back

@@ -73,6 +73,9 @@ def test_memory_measures_each_precision(results):
     # the weight footprints are what quantization is for: 4-bit < 8-bit < float32
     assert med["4bit"]["weights_mb"] < med["8bit"]["weights_mb"] < med["none"]["weights_mb"]
     assert all(r["peak_reset"] for runs in data["runs"].values() for r in runs)
+    # the workers ran under the allocator `lorastack train` runs under, and the record says so
+    assert {r["allocator"] for runs in data["runs"].values() for r in runs} == {"tcmalloc"}
+    assert data["settings"]["allocator"] == data["machine"]["allocator"] == "tcmalloc"
     assert _positive(data["goals"][0]["value"])
 
 
