@@ -241,11 +241,12 @@ def _write(results: list[dict], args, kept: dict | None = None) -> None:
     repeated = [r for r in results if len(r["runs_bytes"]) > 1]
     spread = max((r["spread"] for r in repeated), default=None)
     held = [abs(r["error"]) for r in results if r.get("held_out")]
-    from lorastack.train.autobatch import CPU_MARGIN
+    from lorastack.train.autobatch import cpu_margin
 
-    # batch_size: auto holds a CPU plan to CPU_MARGIN of the budget: would a run whose plan
-    # used the whole allowance have fitted? (measured <= plan / margin, on every row)
-    headroom = max(r["measured_bytes"] / (r["predicted_bytes"] / CPU_MARGIN) for r in results)
+    # batch_size: auto holds a CPU plan to a share of the budget (by allocator): would a run
+    # whose plan used the whole allowance have fitted? (measured <= plan / margin, every row)
+    margin = cpu_margin(args.allocator)
+    headroom = max(r["measured_bytes"] / (r["predicted_bytes"] / margin) for r in results)
     runtime = sorted(r["runtime_bytes"] for r in results)[len(results) // 2] / mib
     summary = (f"The memory plan, from the model config alone, against the measured peak "
                f"resident memory of {len(results)} training rows ({args.repeats} fresh "
@@ -275,7 +276,7 @@ def _write(results: list[dict], args, kept: dict | None = None) -> None:
                   common.goal("batch_size: auto fits on every measured row (measured peak "
                               "within the budget its plan was held to)", headroom, 1.0,
                               at_least=False, shown=f"worst row at {headroom:.0%} of the "
-                              f"budget (plans held to {CPU_MARGIN:.0%} of it on CPU)")],
+                              f"budget (plans held to {margin:.0%} of it on CPU)")],
         "figure": "memory_plan.png", "rows": results,
         "settings": {"steps": args.steps, "target": TARGET, "repeats": args.repeats,
                      "spread": spread, "allocator": args.allocator},

@@ -9,10 +9,10 @@ precision chosen from the memory plan (train/plan.py) before the model loads.
   a lower base precision (8-bit, then 4-bit) only when nothing fits even with it.
 
 The budget is `memory_budget` (a size, or a share of the device), else 90% of the device.
-On CPU the plan is held to CPU_MARGIN of it: bench/memory_plan.py measured CPU peaks up to
-1.30x the plan at large batches under glibc's malloc, which keeps freed memory. Under tcmalloc
-(what the `lorastack` command runs under) the peaks land within 2% of the plan, and the margin
-is room to spare.
+On CPU the plan is held to a share of it, by allocator (CPU_MARGIN): bench/memory_plan.py
+measured CPU peaks within 1.02x the plan under tcmalloc (what the `lorastack` command runs
+under), so plans get 90% of the budget; under glibc's malloc, which keeps freed memory, peaks
+reached 1.30x the plan at large batches, so plans there get 75%.
 With N processes on one machine each has its own copy of the base: on CPU the budget is
 shared by N; on GPUs each process has its own device. The plan sizes one process's share of
 the global batch.
@@ -24,10 +24,18 @@ from lorastack.train.config import TrainConfig, parse_memory
 
 AUTO_MAX = 32  # auto never picks a larger forward batch: beyond it LoRA gains nothing per step
 DEFAULT_SHARE = 0.9  # of the device, when batch_size is auto and no memory_budget is given
-# bench/memory_plan.py measured CPU peaks up to 1.30x the plan (large batches): plans are held
-# to 75% of the budget there, so that the worst measured row still fits (1.30 x 0.75 < 1)
-CPU_MARGIN = 0.75
+# The share of the budget a CPU plan is held to, by the allocator the run is under, so that
+# the worst peak bench/memory_plan.py measured still fits: 1.02x the plan under tcmalloc
+# (1.02 x 0.9 < 1, with room for rows not measured), 1.30x under glibc (1.30 x 0.75 < 1)
+CPU_MARGIN = {"tcmalloc": 0.9, "system": 0.75}
 _LOWER = {"none": ("8bit", "4bit"), "8bit": ("4bit",), "4bit": ()}
+
+
+def cpu_margin(malloc: str | None = None) -> float:
+    """CPU_MARGIN for `malloc` (default: this process's allocator, adapters/allocator.py)."""
+    from lorastack.adapters import allocator
+
+    return CPU_MARGIN[malloc or allocator.active()]
 
 
 def fit_to_memory(cfg: TrainConfig, world: int = 1, device: str | None = None
@@ -47,7 +55,8 @@ def fit_to_memory(cfg: TrainConfig, world: int = 1, device: str | None = None
     kind, value = parse_memory(t.memory_budget) if t.memory_budget else ("share", DEFAULT_SHARE)
     budget = value * dev.total_bytes if kind == "share" else value
     per_process = budget / world if dev.kind == "cpu" else budget
-    usable = per_process * (CPU_MARGIN if dev.kind == "cpu" else 1.0)
+    margin = cpu_margin() if dev.kind == "cpu" else 1.0
+    usable = per_process * margin
     shape = Shape.from_base(cfg.base)
 
     def fits(quant: str, batch: int, ckpt: bool) -> bool:
@@ -75,7 +84,7 @@ def fit_to_memory(cfg: TrainConfig, world: int = 1, device: str | None = None
                 reasons = [f"batch_size {b} x grad_accum {accum} (effective {b * accum}) is "
                            + ("the largest batch" if auto else "the largest split")
                            + f" that fits {usable / GiB:.2f} GiB"
-                           + (f" ({CPU_MARGIN:.0%} of {per_process / GiB:.2f} GiB: the plan's "
+                           + (f" ({margin:.0%} of {per_process / GiB:.2f} GiB: the plan's "
                               "margin on CPU)" if dev.kind == "cpu" else "")]
                 if ckpt and not default_ckpt:
                     reasons.append("gradient checkpointing switched on: nothing fits without it")

@@ -156,11 +156,11 @@ def _need(batch: int, ckpt: bool, quant: str = "none", device=CPU_BIG, **trainin
 
 
 def test_a_batch_over_the_budget_is_split_keeping_the_effective_batch(smol):
-    from lorastack.train.autobatch import CPU_MARGIN
+    from lorastack.train.autobatch import cpu_margin
 
     full, one = _need(32, False), _need(1, False)
     for usable in (full + 1, (full + one) // 2, one + 1):
-        budget = f"{usable / CPU_MARGIN:.0f}B"
+        budget = f"{usable / cpu_margin():.0f}B"
         cfg, why = _fit({"batch_size": 16, "grad_accum": 2, "memory_budget": budget},
                         "cpu:64GB")
         t = cfg.training
@@ -173,11 +173,11 @@ def test_a_batch_over_the_budget_is_split_keeping_the_effective_batch(smol):
 
 
 def test_auto_takes_the_largest_batch_that_fits(smol):
-    from lorastack.train.autobatch import AUTO_MAX, CPU_MARGIN
+    from lorastack.train.autobatch import AUTO_MAX, cpu_margin
 
     usable = (_need(12, False) + _need(13, False)) // 2
     cfg, why = _fit({"batch_size": "auto", "grad_accum": 3,
-                     "memory_budget": f"{usable / CPU_MARGIN:.0f}B"}, "cpu:64GB")
+                     "memory_budget": f"{usable / cpu_margin():.0f}B"}, "cpu:64GB")
     assert (cfg.training.batch_size, cfg.training.grad_accum) == (12, 3), why
     assert "largest batch" in why
     # no budget: 90% of the device; a large device gets the cap
@@ -192,7 +192,9 @@ def test_auto_takes_the_largest_batch_that_fits(smol):
 def test_checkpointing_then_a_lower_precision_only_when_they_must(smol):
     off, on = _need(1, False), _need(1, True)
     assert on < off
-    cfg, why = _fit({"batch_size": 8, "memory_budget": f"{(off - 1) / 0.8:.0f}B"},
+    from lorastack.train.autobatch import cpu_margin
+
+    cfg, why = _fit({"batch_size": 8, "memory_budget": f"{(off - 1) / cpu_margin():.0f}B"},
                     "cpu:64GB")
     assert cfg.training.gradient_checkpointing and "checkpointing switched on" in why
     assert cfg.training.batch_size * cfg.training.grad_accum == 8
