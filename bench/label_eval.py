@@ -86,7 +86,7 @@ def run(args, work: Path) -> None:
     from lorastack.train.model import load_base, load_tokenizer, pick_device
     from lorastack.train.run import config_splits
 
-    train_csv, test_csv, labels = task_files(work, 24 if args.tiny else None)
+    train_csv, test_csv, labels = task_files(work, 12 if args.tiny else None)
     config = {"name": "conditions", "base": "smollm2-135m", "quantization": "none",
               "store": str(work / "store"), "runs_dir": str(work / "runs"),
               "task": {"type": "classification", "prompt": "Review: {text}",
