@@ -77,7 +77,7 @@ def test_the_gateway_runs_lorastack_serve_over_every_vllm_replica(monkeypatch):
     from typer.testing import CliRunner
 
     import lorastack.serve.cli as serve_cli
-    from lorastack.cli import app
+    from lorastack.commands import app
 
     vllm = _one("StatefulSet", "vllm")
     replicas = vllm["spec"]["replicas"]

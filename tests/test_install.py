@@ -59,7 +59,7 @@ def test_no_broken_torch_companions(module):
 
 
 def test_cli_help_is_instant_and_imports_no_torch():
-    code = ("import sys, lorastack.cli; "
+    code = ("import sys, lorastack.commands; "
             "heavy = [m for m in ('torch', 'transformers', 'vllm', 'gradio') if m in sys.modules]; "
             "print(','.join(heavy))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

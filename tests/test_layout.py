@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("adapters", "train", "serve", "demo", "client", "cli")
+PARTS = ("adapters", "train", "serve", "demo", "client", "cli", "commands")
 # folder (or module) -> the lorastack parts it may import
 ALLOWED = {"adapters": {"adapters"}, "train": {"adapters", "train"},
            "serve": {"adapters", "serve"}, "demo": {"demo", "client"},

@@ -323,7 +323,7 @@ def test_page_builds_against_a_dead_gateway_and_says_so():
 
 
 def test_demo_command_is_registered_without_importing_gradio():
-    code = ("import sys, lorastack.cli; "
+    code = ("import sys, lorastack.commands; "
             "print(','.join(m for m in ('gradio', 'httpx', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""

@@ -122,7 +122,7 @@ def test_validation_errors_name_the_field_and_what_it_is(make, store):
                                          ([], 8000)])
 def test_serve_cli_passes_every_port_on(monkeypatch, given, port):
     import lorastack.serve.cli as serve_cli
-    from lorastack.cli import app
+    from lorastack.commands import app
 
     seen = {}
     monkeypatch.setattr(serve_cli, "run", lambda settings, level: seen.update(s=settings))
@@ -158,7 +158,7 @@ def test_serve_holds_its_port_before_vllm_starts_and_says_when_it_is_taken():
 def test_every_setting_is_a_flag_and_reaches_the_settings(monkeypatch):
     """serve's flags are ServeSettings' fields (one declaration): each one reaches it."""
     import lorastack.serve.cli as serve_cli
-    from lorastack.cli import app
+    from lorastack.commands import app
     from lorastack.serve.settings import ServeSettings
 
     help_text = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "300"}).output

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from lorastack.cli import app
+from lorastack.commands import app
 from lorastack.train import assess
 
 runner = CliRunner()

@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from lorastack.adapters.store import AdapterStore
-from lorastack.cli import app
+from lorastack.commands import app
 from lorastack.train import distributed, train
 
 GRAD_TOLERANCE = 1e-5  # of the largest gradient component

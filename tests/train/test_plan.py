@@ -221,7 +221,7 @@ def test_nothing_asked_nothing_changed():
 def _plan(*args: str) -> tuple[int, str, str]:
     from typer.testing import CliRunner
 
-    from lorastack.cli import app
+    from lorastack.commands import app
 
     result = CliRunner().invoke(app, ["plan", *args], env={"COLUMNS": "200"})
     return result.exit_code, result.stdout, result.stderr
