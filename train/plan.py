@@ -44,7 +44,8 @@ RUNTIME_BYTES = {"system": 660 * MiB, "tcmalloc": 667 * MiB, "cuda": 600 * MiB}
 # Freed memory the allocator keeps. CPU under tcmalloc (what the `lorastack` command runs
 # under, adapters/allocator.py): none. bench/memory_plan.py's 16 rows (135M, 0.5B, 1B, float and
 # 4-bit, checkpointing on and off, 2 runs each) peaked within 1.8% of the plan without any
-# slack, and each row's two runs within 0.4% (2026-12-07; README, Memory plan vs measured).
+# slack, and each row's two runs within 0.4%; a second run the same day, 2.0% and 0.6%
+# (2026-12-07; README, Memory plan vs measured).
 TCMALLOC_SLACK = 0.0
 # CPU under glibc's malloc (a process that imports lorastack as a library, or
 # LORASTACK_ALLOCATOR=system): glibc's heap keeps the holes that forward's temporaries
