@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from lorastack.adapters import models
+from lorastack.adapters import cli as adapters_cli
 from lorastack.adapters.cli import models_app
 from lorastack.adapters.fetch import FetchError, fetch_wheel_member
 from lorastack.adapters.home import lorastack_home
@@ -292,8 +293,11 @@ def test_corrupt_registry_is_explained(isolated_home):
         resolve_base("mine")
 
 
-def test_models_cli_add_list_remove(isolated_home, model_dir):
+def test_models_cli_add_list_remove(isolated_home, model_dir, monkeypatch):
     env = {"COLUMNS": "250"}
+    # the CLI's console took its width when it was imported (80 columns without a terminal):
+    # widen it, or a long tmp path (an xdist worker's) wraps the description onto a 2nd line
+    monkeypatch.setattr(adapters_cli.console, "width", 250)
     added = runner.invoke(models_app, ["add", "mine", str(model_dir)], env=env)
     assert added.exit_code == 0, added.output
     listed = runner.invoke(models_app, ["list"], env=env)
