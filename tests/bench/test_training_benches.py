@@ -60,6 +60,10 @@ def test_training_compares_three_trainers_on_the_same_work(results):
         assert run["evals"] and all(0 <= e["accuracy"] <= 1 for e in run["evals"]), recipe
     assert 0 <= data["target_accuracy"] <= 1
     assert data["settings"]["trl_settings"]["gradient_checkpointing"] is True  # TRL's default
+    # all three trainers ran under the allocator `lorastack train` runs under, as recorded
+    assert {r["allocator"] for runs in data["rounds"].values() for r in runs} == {"tcmalloc"}
+    assert {r["allocator"] for r in data["accuracy_runs"].values()} == {"tcmalloc"}
+    assert data["settings"]["allocator"] == data["machine"]["allocator"] == "tcmalloc"
     (goal,) = data["goals"]
     assert _positive(goal["value"]) and goal["met"] in (True, False)
 
