@@ -43,14 +43,18 @@ def results_dir(out: str | Path | None = None) -> Path:
 
 
 def write_result(name: str, payload: dict[str, Any], out: str | Path | None = None,
-                 setting: str = "full") -> Path:
-    """Write `<name>.json` atomically with the machine and version record; returns its path."""
+                 setting: str = "full", allocator: str | None = None) -> Path:
+    """Write `<name>.json` atomically with the machine and version record; returns its path.
+    `allocator`: the one the benchmark's workers ran under, named in the machine record instead
+    of this process's."""
     from lorastack.adapters.fsutil import atomic_write_json
 
     record = {"name": name, "created": _dt.datetime.now(_dt.UTC).isoformat(
         timespec="seconds"), "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
         "setting": setting, "machine": machine(), "versions": library_versions(LIBRARIES),
         **payload}
+    if allocator is not None:
+        record["machine"] = {**record["machine"], "allocator": allocator}
     path = results_dir(out) / f"{name}.json"
     atomic_write_json(path, record)
     print(f"wrote {path}", file=sys.stderr)

@@ -226,8 +226,8 @@ def run(args) -> None:
         "ratio_4bit_to_float32_above_runtime": ratio_model, "runs": runs, "gpu": None,
     }
     # the peaks are the workers', so the record names their allocator, not this process's
-    kept["machine"] = {**kept.get("machine", common.machine()), "allocator": args.allocator}
-    common.write_result("memory", {**payload, **kept}, args.out, setting=setting)
+    common.write_result("memory", {**payload, **kept}, args.out, setting=setting,
+                        allocator=args.allocator)
     _plot(med, args.out)
 
 

@@ -284,11 +284,9 @@ def _write(results: list[dict], args, kept: dict | None = None) -> None:
         "notes": [("GPU rows (an 8B-shaped model, 4-bit QLoRA vs bf16 LoRA) not measured here: "
                   "no GPU measurement was made by this script.")],
     }
-    kept = dict(kept or {})
     # the peaks are the workers', so the record names their allocator, not this process's
-    kept["machine"] = {**kept.get("machine", common.machine()), "allocator": args.allocator}
-    common.write_result("memory_plan", {**payload, **kept}, args.out,
-                        setting="tiny" if args.tiny else "full")
+    common.write_result("memory_plan", {**payload, **(kept or {})}, args.out,
+                        setting="tiny" if args.tiny else "full", allocator=args.allocator)
     _plot(results, args.out)
 
 

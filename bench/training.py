@@ -294,9 +294,9 @@ def run(args) -> Path:
         setting = "tiny" if args.tiny else "full"
         kept = {}
     payload = _payload(args, rounds, accuracy)
-    # the workers' allocator, not this process's
-    kept["machine"] = {**kept.get("machine", common.machine()), "allocator": args.allocator}
-    path = common.write_result("training", {**payload, **kept}, args.out, setting=setting)
+    # the record names the workers' allocator, not this process's
+    path = common.write_result("training", {**payload, **kept}, args.out, setting=setting,
+                               allocator=args.allocator)
     _plot(payload, args.out)
     return path
 
