@@ -1,6 +1,6 @@
 """Training throughput: lorastack's trainer vs the tutorial recipe vs TRL's SFTTrainer.
 
-    .venv/bin/python -m bench.training            # ~30 min on 2 cores; bench/results/training.*
+    .venv/bin/python -m bench.training            # ~21 min on 2 cores; bench/results/training.*
     .venv/bin/python -m bench.training --tiny --out /tmp/b   # seconds-scale check (the tests)
 
 Three trainers fit the same LoRA (the reviews-classify config's: r=16, all linear layers of

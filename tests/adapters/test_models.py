@@ -296,7 +296,7 @@ def test_corrupt_registry_is_explained(isolated_home):
 def test_models_cli_add_list_remove(isolated_home, model_dir, monkeypatch):
     env = {"COLUMNS": "250"}
     # the CLI's console took its width when it was imported (80 columns without a terminal):
-    # widen it, or a long tmp path (an xdist worker's) wraps the description onto a 2nd line
+    # widen it, or a longer tmp path wraps the description onto a second line
     monkeypatch.setattr(adapters_cli.console, "width", 250)
     added = runner.invoke(models_app, ["add", "mine", str(model_dir)], env=env)
     assert added.exit_code == 0, added.output
