@@ -199,6 +199,10 @@ class TrainingConfig(_Section):
     their gap widens while validation stops improving. 0 turns it off."""
     group_by_length: bool = True
     """Batch examples of similar length together (measured: far less padding)."""
+    cache_frozen_layers: bool = False
+    """When LoRA adapts only the top layers: run the frozen layers below them once over the
+    training examples and start every step from their kept output (train/frozen.py; memory:
+    one float per training token and hidden unit, not counted by `lorastack plan`)."""
     gradient_checkpointing: bool | None = None
     """Recompute activations in backward to save memory; None: on for 4bit, off otherwise."""
     seed: int = 0

@@ -13,6 +13,7 @@ moments stay the same on every process, so checkpoints do not depend on the proc
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -60,8 +61,10 @@ class Trainer:
                  on_step: Callable[[LoopState], None] | None = None, dist: Dist = SINGLE,
                  evaluate_train: Callable[[], dict] | None = None,
                  reaugment: Callable[[int], list[Example]] | None = None,
-                 lockstep: bool = False):
+                 lockstep: bool = False, prefix=None):
         self.cfg, self.t, self.dist = cfg, cfg.training, dist
+        # the frozen layers' kept output per training example (train/frozen.py), or None
+        self.prefix = prefix
         # a sharded base (training.fsdp): every process runs every forward pass, evaluation too
         self.lockstep = lockstep and dist.active
         self.evaluate_train = evaluate_train  # the overfitting watch's fixed train sample
@@ -147,7 +150,9 @@ class Trainer:
                         mine, idle = idx[:1], True  # run along (sharded layers), weight 0
                     batch = collate([self.examples[i] for i in mine], self.pad_id, self.weights)
                     batch = {k: v.to(device) for k, v in batch.items()}
-                    loss, n_answer = answer_loss(self.model, batch)
+                    with (self.prefix.replaying(mine, batch["input_ids"].shape[1])
+                          if self.prefix is not None else contextlib.nullcontext()):
+                        loss, n_answer = answer_loss(self.model, batch)
                     if dist.active:  # this shard's share of the global batch's mean loss
                         loss = loss * (0.0 if idle else sum(self.loss_weight[i] for i in mine)
                                        / max(sum(self.loss_weight[i] for i in idx), 1e-12))
@@ -399,12 +404,14 @@ def overfitting_note(history: list[dict], metric: str, evals_without_improvement
 def _essential(config: dict) -> dict:
     """The parts of a config that change what training computes (not eval cadence etc.).
     Gradient checkpointing recomputes the same activations (with the same dropout masks: torch
-    replays the RNG), and the memory budget only picks a batch size, which is compared itself
-    (auto is resolved before the checkpoint is written), so a resume may change either."""
+    replays the RNG), the kept frozen-layer states are what those layers compute, and the
+    memory budget only picks a batch size, which is compared itself (auto is resolved before
+    the checkpoint is written), so a resume may change any of them."""
     training = {k: v for k, v in config["training"].items()
                 if k not in ("eval_every", "save_every", "keep_checkpoints", "threads",
                              "early_stopping_patience", "watch_train_sample", "fsdp",
-                             "gradient_checkpointing", "memory_budget")}
+                             "gradient_checkpointing", "memory_budget",
+                             "cache_frozen_layers")}
     return {"base": config["base"], "quantization": config["quantization"],
             "task": config["task"], "data": config["data"], "lora": config["lora"],
             "training": training}

@@ -184,10 +184,23 @@ def _train(cfg: TrainConfig, base, dist, device, t_start: float, resume: bool,
         return encode_records(fmt, splits.train, "train",
                               augment_seed=cfg.training.seed + epoch).examples
 
+    prefix = None
+    if cfg.training.cache_frozen_layers:
+        from lorastack.train import frozen
+
+        reason = frozen.why_not(cfg, model, dist.active)
+        if reason is None:
+            prefix, said = frozen.build(model, train_set.examples, fmt.pad_id,
+                                        base_key=(str(base.path), base.fingerprint,
+                                                  cfg.quantization))
+            _say(said)
+        else:
+            _say(f"training.cache_frozen_layers: every step runs every layer: {reason}")
     trainer = Trainer(cfg, model, train_set.examples, len(labels or []), fmt.pad_id,
                       lambda: evaluate_split(val_set.examples), run_dir, logger, on_step, dist,
                       evaluate_train=(lambda: evaluate_split(watch)) if watch else None,
-                      reaugment=reaugment if d.augment != "none" else None, lockstep=sharded)
+                      reaugment=reaugment if d.augment != "none" else None, lockstep=sharded,
+                      prefix=prefix)
     state = trainer.fit(resume=resume)
     if not dist.is_main:  # done: rank 0 evaluates the best weights and writes the adapter
         return TrainResult(cfg.name, Path(cfg.store or ""), run_dir, {},

@@ -59,7 +59,12 @@ def server(tmp_path_factory, base_model):
     root = tmp_path_factory.mktemp("serving")
     _train(root, "cls-a", CLS_TASK)
     _train(root, "cls-b", CLS_TASK, seed=1, lr=3e-3)
-    _train(root, "cls-c", CLS_TASK, lr=3e-3)  # cls-a's data and split: an ensemble with it
+    # cls-a's data and split: an ensemble with it; trained from the kept output of the frozen
+    # layers 0-26 (train/frozen.py), which are kept only once proven on the real model
+    _train(root, "cls-c", CLS_TASK, lr=3e-3, cache_frozen_layers=True)
+    from lorastack.train import frozen
+
+    assert any(key[1] == 27 for key in frozen._built), "cls-c trained through every layer"
     _train(root, "cls-multi", MULTI_TASK, seed=2, lr=3e-3)
     _train(root, "gen", {"type": "generation", "prompt": "{text}", "target_field": "condition",
                          "system": "Name the condition treated.", "max_new_tokens": 4},
