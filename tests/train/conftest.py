@@ -15,23 +15,57 @@ NEGATIVE = ["terrible side effects", "did not work", "made me sick", "awful, sto
 
 
 @pytest.fixture(scope="session")
-def tiny_base(tmp_path_factory, base_model):
-    """A 2-layer Llama with SmolLM2's tokenizer, saved as a local model directory."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def tiny_llama(tmp_path_factory, base_model):
+    """tiny_llama(layers): a Llama of that many layers with SmolLM2's tokenizer, saved as a
+    local model directory (built once per layer count)."""
+    made = {}
 
-    out = tmp_path_factory.mktemp("tiny-llama")
-    tok = AutoTokenizer.from_pretrained(base_model.path)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, tie_word_embeddings=True,
-                         initializer_range=0.5,  # logits big enough to learn from quickly
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    def make(layers: int):
+        if layers not in made:
+            import torch
+            from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+            out = tmp_path_factory.mktemp(f"tiny-llama-{layers}")
+            tok = AutoTokenizer.from_pretrained(base_model.path)
+            torch.manual_seed(0)
+            config = LlamaConfig(
+                vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=512, tie_word_embeddings=True,
+                initializer_range=0.5,  # logits big enough to learn from quickly
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id)
+            LlamaForCausalLM(config).save_pretrained(out)
+            tok.save_pretrained(out)
+            made[layers] = out
+        return made[layers]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tiny_llama):
+    """A 2-layer Llama with SmolLM2's tokenizer, saved as a local model directory."""
+    return tiny_llama(2)
+
+
+class _Crash(Exception):
+    """A run cut short by crash_at."""
+
+
+@pytest.fixture
+def crash_at():
+    """crash_at(step): an on_step callback that raises crash_at.error when the run reaches
+    `step` (after that step's checkpoint, if one is due)."""
+
+    def make(step: int):
+        def on_step(state):
+            if state.step == step:
+                raise _Crash
+        return on_step
+
+    make.error = _Crash
+    return make
 
 
 def _review_rows(n: int, seed: int) -> list[dict]:

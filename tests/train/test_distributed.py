@@ -151,19 +151,12 @@ def test_two_processes_train_what_one_does_and_only_rank_0_writes(dp_config, tmp
     assert moments and _norm_diff(moments, {k: o2[k] for k in moments}) <= ADAPTER_TOLERANCE
 
 
-def test_checkpoints_resume_across_process_counts(dp_config, tmp_path):
+def test_checkpoints_resume_across_process_counts(dp_config, tmp_path, crash_at):
     train(dict(dp_config, name="reference"))
     cfg = dict(dp_config, name="switch")
 
-    class Crash(Exception):
-        pass
-
-    def crash_at_step_3(state):
-        if state.step == 3:
-            raise Crash
-
-    with pytest.raises(Crash):  # 1 process to step 3, checkpoint at step 2
-        train(cfg, on_step=crash_at_step_3)
+    with pytest.raises(crash_at.error):  # 1 process to step 3, checkpoint at step 2
+        train(cfg, on_step=crash_at(3))
     run_dir = tmp_path / "runs" / "switch"
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-0000002"]
     # 1 -> 2 processes

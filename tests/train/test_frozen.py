@@ -10,22 +10,9 @@ from safetensors.torch import load_file
 from lorastack.train import train
 
 
-@pytest.fixture(scope="module")
-def four_layers(tmp_path_factory, base_model):
-    """A 4-layer Llama with SmolLM2's tokenizer (the conftest's tiny_base has 2)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    out = tmp_path_factory.mktemp("tiny-llama-4")
-    tok = AutoTokenizer.from_pretrained(base_model.path)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, tie_word_embeddings=True,
-                         initializer_range=0.5, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+@pytest.fixture
+def four_layers(tiny_llama):
+    return tiny_llama(4)
 
 
 @pytest.fixture
@@ -139,19 +126,12 @@ def test_a_searchs_trials_reuse_the_states_of_the_first(top_two, capsys):
     assert result.best_value is not None
 
 
-def test_a_run_cut_short_resumes_to_the_same_weights(top_two):
+def test_a_run_cut_short_resumes_to_the_same_weights(top_two, crash_at):
     top_two["training"].update(cache_frozen_layers=True, save_every=1)
     reference = train(dict(top_two, name="whole"))
 
-    class Crash(Exception):
-        pass
-
-    def crash_at_step_3(state):
-        if state.step == 3:
-            raise Crash
-
-    with pytest.raises(Crash):
-        train(dict(top_two, name="cut"), on_step=crash_at_step_3)
+    with pytest.raises(crash_at.error):
+        train(dict(top_two, name="cut"), on_step=crash_at(3))
     resumed = train(dict(top_two, name="cut"), resume=True)
     a, b = _tensors(reference), _tensors(resumed)
     for key in a:

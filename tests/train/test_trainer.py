@@ -64,22 +64,15 @@ def test_learns_the_toy_task(tiny_config):
 
 
 @pytest.mark.parametrize("checkpointing_on_resume", [None, True])
-def test_resume_continues_from_the_checkpoint_exactly(tiny_config, tmp_path,
+def test_resume_continues_from_the_checkpoint_exactly(tiny_config, tmp_path, crash_at,
                                                       checkpointing_on_resume):
     """A run cut at step 3 resumes from step 2 to the uninterrupted run's weights, also when
     the resume switches gradient checkpointing on (same math, same dropout masks)."""
     reference = train(dict(tiny_config, name="uninterrupted"))
 
-    class Crash(Exception):
-        pass
-
-    def crash_at_step_3(state):
-        if state.step == 3:
-            raise Crash
-
     cfg = dict(tiny_config, name="interrupted")
-    with pytest.raises(Crash):
-        train(cfg, on_step=crash_at_step_3)
+    with pytest.raises(crash_at.error):
+        train(cfg, on_step=crash_at(3))
     assert not AdapterStore(cfg["store"]).exists("interrupted")  # nothing half-done listed
     ckpts = sorted(p.name for p in (tmp_path / "runs" / "interrupted" / "checkpoints").iterdir())
     assert ckpts == ["step-0000002"]
@@ -323,7 +316,8 @@ def test_pissa_and_its_served_rank_are_checked_in_the_config(tiny_config):
                                                 "serving_rank": 32})).lora.init == "pissa"
 
 
-def test_loraplus_gives_b_its_own_learning_rate_and_resumes_exactly(tiny_config, monkeypatch):
+def test_loraplus_gives_b_its_own_learning_rate_and_resumes_exactly(tiny_config, monkeypatch,
+                                                                   crash_at):
     import peft.optimizers
 
     made = []
@@ -341,15 +335,8 @@ def test_loraplus_gives_b_its_own_learning_rate_and_resumes_exactly(tiny_config,
     reference = train(dict(tiny_config, name="plus"))
     assert made[0] == [(5e-3, 0.01, {"lora_A"}), (pytest.approx(0.08), 0.01, {"lora_B"})]
 
-    class Crash(Exception):
-        pass
-
-    def crash_at_step_3(state):
-        if state.step == 3:
-            raise Crash
-
-    with pytest.raises(Crash):
-        train(dict(tiny_config, name="plus-cut"), on_step=crash_at_step_3)
+    with pytest.raises(crash_at.error):
+        train(dict(tiny_config, name="plus-cut"), on_step=crash_at(3))
     resumed = train(dict(tiny_config, name="plus-cut"), resume=True)
     a, b = _tensors(reference.adapter_dir), _tensors(resumed.adapter_dir)
     for key in a:
