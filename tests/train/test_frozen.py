@@ -136,3 +136,19 @@ def test_a_run_cut_short_resumes_to_the_same_weights(top_two, crash_at):
     a, b = _tensors(reference), _tensors(resumed)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("change", [{"training": {"gradient_checkpointing": True}},
+                                    {"quantization": "4bit"}])
+def test_checkpointed_and_4bit_runs_train_the_same_from_the_kept_states(top_two, change):
+    """Gradient checkpointing (on by default for 4-bit) recomputes each adapted layer in
+    backward; the kept state entering the first one must still carry its gradient there."""
+    for key, value in change.items():
+        top_two[key] = {**top_two[key], **value} if isinstance(value, dict) else value
+    every = train(dict(top_two, name="every-layer"))
+    top_two["training"] = {**top_two["training"], "cache_frozen_layers": True}
+    cached = train(dict(top_two, name="kept-states"))
+    a, b = _tensors(every), _tensors(cached)
+    assert any("layers.2." in k and "lora_B" in k and a[k].abs().sum() > 0 for k in a)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
