@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -35,6 +36,9 @@ from lorastack.train.config import LOWER_IS_BETTER, TrainConfig
 from lorastack.train.distributed import SINGLE, Dist
 from lorastack.train.examples import IGNORE, Example
 from lorastack.train.model import answer_loss
+
+if TYPE_CHECKING:
+    from lorastack.train.frozen import FrozenPrefix
 
 
 @dataclass
@@ -61,7 +65,7 @@ class Trainer:
                  on_step: Callable[[LoopState], None] | None = None, dist: Dist = SINGLE,
                  evaluate_train: Callable[[], dict] | None = None,
                  reaugment: Callable[[int], list[Example]] | None = None,
-                 lockstep: bool = False, prefix=None):
+                 lockstep: bool = False, prefix: FrozenPrefix | None = None):
         self.cfg, self.t, self.dist = cfg, cfg.training, dist
         # the frozen layers' kept output per training example (train/frozen.py), or None
         self.prefix = prefix
