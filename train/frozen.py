@@ -4,7 +4,7 @@ When LoRA adapts only the top layers (`lora.layers`, `lora.top_layers`), every l
 first adapted one is frozen and sees the same input in every epoch: its output for a training
 example never changes. So they run once, before the first step, for every training example,
 and the hidden state that enters the first adapted layer is kept in memory (one float per
-token and hidden unit: SmolLM2-135M's 510 drug reviews, about 200 MB). Each training step then
+token and hidden unit: 155 MiB for SmolLM2-135M's 510 drug reviews). Each training step then
 starts there: the layers below are replaced, for that forward pass only, by modules that hand
 the kept state on. Backward never reached them anyway (nothing below is trained).
 
@@ -77,9 +77,8 @@ def first_trained_layer(model, layers: nn.ModuleList) -> int:
 class FrozenPrefix:
     """The kept hidden states entering layer `first` for each training example, by index."""
 
-    def __init__(self, model, layers: nn.ModuleList, first: int,
-                 states: list[torch.Tensor]) -> None:
-        self.model, self.layers, self.first, self.states = model, layers, first, states
+    def __init__(self, layers: nn.ModuleList, first: int, states: list[torch.Tensor]) -> None:
+        self.layers, self.first, self.states = layers, first, states
         self.nbytes = sum(s.numel() * s.element_size() for s in states)
 
     @contextlib.contextmanager
@@ -138,7 +137,7 @@ def build(model, examples: Sequence[Example], pad_id: int, batch_size: int = 8, 
     key = None if base_key is None else (
         base_key, first, hash(tuple(tuple(ex.input_ids) for ex in examples)))
     if key in _built:
-        prefix = FrozenPrefix(model, layers, first, _built[key])
+        prefix = FrozenPrefix(layers, first, _built[key])
         return _proven(model, prefix, examples, pad_id, batch_size, key,
                        "reused from an earlier run in this process")
     hidden = causal_lm(model).config.get_text_config().hidden_size
@@ -173,7 +172,7 @@ def build(model, examples: Sequence[Example], pad_id: int, batch_size: int = 8, 
     finally:
         handle.remove()
         model.train(was_training)
-    prefix = FrozenPrefix(model, layers, first, states)  # type: ignore[arg-type]
+    prefix = FrozenPrefix(layers, first, states)  # type: ignore[arg-type]
     return _proven(model, prefix, examples, pad_id, batch_size, key,
                    f"ran once over the {len(examples)} training examples")
 
