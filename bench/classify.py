@@ -32,16 +32,12 @@ from bench.common import (
     table,
     write_result,
 )
+from bench.load import by_target, closed_loop, measure_rounds, paired, plot_load
 from bench.serving_setup import (
     CLS,
     Reviews,
     build_store,
-    by_target,
-    closed_loop,
     concurrency_levels,
-    measure_rounds,
-    paired,
-    plot_load,
     servers,
     source_store,
     spread_names,

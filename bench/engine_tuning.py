@@ -21,12 +21,12 @@ import math
 import shutil
 
 from bench.common import goal, log, pyplot, save_figure, spread, table, write_result
+from bench.load import closed_loop
 from bench.serving_setup import (
     CLS,
     Reviews,
     base_name,
     build_store,
-    closed_loop,
     source_store,
     spread_names,
     start_gateway,

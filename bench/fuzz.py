@@ -19,12 +19,12 @@ import random
 from collections import Counter
 
 from bench.common import goal, log, pyplot, save_figure, table, write_result
+from bench.load import closed_loop
 from bench.serving_setup import (
     CLS,
     GEN,
     Reviews,
     base_name,
-    closed_loop,
     gateway_metric,
     servers,
     source_store,

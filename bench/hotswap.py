@@ -31,11 +31,11 @@ import time
 import httpx
 
 from bench.common import goal, log, percentile, pyplot, save_figure, spread, table, write_result
+from bench.load import SteadyLoad
 from bench.serving_setup import (
     CLS,
     GEN,
     Reviews,
-    SteadyLoad,
     base_name,
     build_store,
     gateway_metric,

@@ -28,17 +28,13 @@ import argparse
 import itertools
 
 from bench.common import fmt_ratio, goal, log, ratio, table, write_result
+from bench.load import by_target, closed_loop, measure_rounds, paired, plot_load
 from bench.serving_setup import (
     GEN,
     Reviews,
     base_name,
     build_store,
-    by_target,
-    closed_loop,
     concurrency_levels,
-    measure_rounds,
-    paired,
-    plot_load,
     servers,
     source_store,
     spread_names,

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lorastack.train.config import ConfigError, TrainConfig, block_suffixes
+from lorastack.train.base_check import block_suffixes
+from lorastack.train.config import ConfigError, TrainConfig
 
 
 def pick_device() -> torch.device:
@@ -136,7 +137,7 @@ def lora_config(cfg: TrainConfig, model):
 
 def linear_module_names(model) -> list[str]:
     """Suffixes of the linear layers (and GPT-2's Conv1D) inside the numbered transformer
-    blocks (config.block_suffixes)."""
+    blocks (base_check.block_suffixes)."""
     from transformers.pytorch_utils import Conv1D
 
     return block_suffixes(name for name, module in model.named_modules()

@@ -19,11 +19,11 @@ from typing import Any
 
 from lorastack.adapters.models import resolve_base
 from lorastack.adapters.provenance import describe_machine, library_versions
+from lorastack.train.base_check import check_against_base
 from lorastack.train.config import (
     ConfigError,
     TrainConfig,
     build_config,
-    check_against_base,
     load_config,
     served_rank,
 )

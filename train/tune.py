@@ -29,12 +29,12 @@ from typing import Any
 import yaml
 
 from lorastack.adapters.fsutil import atomic_write_json, atomic_write_text
+from lorastack.train.base_check import layer_count
 from lorastack.train.config import (
     LOWER_IS_BETTER,
     ConfigError,
     TrainConfig,
     build_config,
-    layer_count,
 )
 from lorastack.train.search import apply_params, check_paths, current_values
 

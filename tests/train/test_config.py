@@ -6,11 +6,11 @@ import re
 
 import pytest
 
+from lorastack.train.base_check import check_against_base
 from lorastack.train.config import (
     CONFIGS_DIR,
     ConfigError,
     build_config,
-    check_against_base,
     load_config,
     shipped_configs,
 )

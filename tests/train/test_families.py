@@ -102,7 +102,8 @@ def test_forced_formats(family_dirs):
 def test_servability_asks_vllms_model_class(family_dirs):
     """What trains is what vLLM loads: modules are checked against vLLM's class for the
     architecture (adapters/engine_lora.py), before any weights load, with the reason."""
-    from lorastack.train.config import ConfigError, build_config, check_against_base
+    from lorastack.train.base_check import check_against_base
+    from lorastack.train.config import ConfigError, build_config
 
     def check(name, **lora):
         cfg = build_config({"base": str(family_dirs[name]), "lora": lora})
