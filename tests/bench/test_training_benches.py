@@ -57,8 +57,12 @@ def test_training_compares_three_trainers_on_the_same_work(results):
     counts = {r: data["accuracy_runs"][r]["examples"] for r in data["accuracy_runs"]}
     assert len(set(counts.values())) == 1, counts
     for recipe, run in data["accuracy_runs"].items():
-        assert run["evals"] and all(0 <= e["accuracy"] <= 1 for e in run["evals"]), recipe
-    assert 0 <= data["target_accuracy"] <= 1
+        steps = [e["step"] for e in run["evals"]]
+        assert steps and steps == sorted(set(steps)), recipe  # one evaluation per step, in order
+        assert all(0 <= e["accuracy"] <= 1 for e in run["evals"]), recipe
+    # the first target is the best accuracy that every trainer reached
+    assert data["target_accuracy"] == min(max(e["accuracy"] for e in run["evals"])
+                                          for run in data["accuracy_runs"].values())
     assert data["settings"]["trl_settings"]["gradient_checkpointing"] is True  # TRL's default
     # all three trainers ran under the allocator `lorastack train` runs under, as recorded
     assert {r["allocator"] for runs in data["rounds"].values() for r in runs} == {"tcmalloc"}
@@ -86,8 +90,12 @@ def test_memory_measures_each_precision(results):
 def test_quality_reports_adapters_and_baselines(results):
     data = _load(results, "quality")
     cls, gen = data["adapters"]["classification"], data["adapters"]["generation"]
-    assert 0 <= cls["test"]["accuracy"] <= 1 and 0 <= cls["zero_shot"]["macro_f1"] <= 1
-    assert 0 <= gen["test"]["exact_match"] <= 1 and 0 <= gen["zero_shot"]["token_f1"] <= 1
+    for scored in (cls["test"], cls["zero_shot"]):  # each metric agrees with its confusion
+        _agrees_with_confusion(scored)
+    for scored in (gen["test"], gen["zero_shot"]):  # an exact match is a token-F1 of 1
+        hits = scored["exact_match"] * scored["n"]
+        assert scored["n"] > 0 and abs(hits - round(hits)) < 1e-6, scored
+        assert scored["exact_match"] <= scored["token_f1"] <= 1, scored
     assert [t["method"].split(" (")[0] for t in data["tfidf"]] == ["tfidf-logreg"] * 2
     # calibration before/after and the issue's goals, each with a measured value
     assert cls["temperature"] > 0 and {"ece", "ece_uncalibrated"} <= set(cls["test"])
@@ -99,6 +107,21 @@ def test_quality_reports_adapters_and_baselines(results):
     assert data["goals"][3]["value"] is None and "tune --ensemble" in data["goals"][3]["note"]
     assert data["goals"][0]["value"] == cls["test"]["macro_f1"]
     assert data["goals"][1]["value"] == cls["test"]["per_class"]["neutral"]["f1"]
+
+
+def _agrees_with_confusion(scored: dict) -> None:
+    """accuracy, macro-F1 and each label's F1 as the confusion matrix (true x predicted) gives
+    them, over all n examples."""
+    c = scored["confusion"]
+    k = len(scored["labels"])
+    assert len(c) == k and all(len(row) == k for row in c), c
+    total = sum(map(sum, c))
+    assert total == scored["n"] > 0, scored
+    assert math.isclose(scored["accuracy"], sum(c[i][i] for i in range(k)) / total)
+    f1 = [2 * c[i][i] / (sum(c[i]) + sum(row[i] for row in c) or 1) for i in range(k)]
+    assert math.isclose(scored["macro_f1"], sum(f1) / k, abs_tol=1e-9), (scored, f1)
+    for label, value in zip(scored["labels"], f1):
+        assert math.isclose(scored["per_class"][label]["f1"], value, abs_tol=1e-9), label
 
 
 def test_lora_variants_trains_a_variant_and_reports_it(tmp_path, base_model):
