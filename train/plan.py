@@ -19,7 +19,11 @@ bench/memory_plan.py. What a training step holds at its peak (the start of backw
 - activations: what autograd keeps per token and layer (listed in _layer_elements), for the
   layers backward reaches; with gradient checkpointing only each layer's input plus one layer
   recomputed; the output head runs only at answer positions (train/model.py answer_loss);
-- backward's transients and the allocator's slack (freed memory the allocator keeps).
+- backward's transients and the allocator's slack (freed memory the allocator keeps);
+- with training.cache_frozen_layers, the frozen layers' kept output (train/frozen.py): one float
+  per training token and hidden unit, held in the process's RAM for the whole run (on a GPU
+  run too, so a CUDA plan leaves it out); `lorastack plan` counts the tokens of the training
+  split (it tokenizes the data), a plan without `kept_tokens` leaves the row out.
 """
 
 from __future__ import annotations
@@ -234,7 +238,8 @@ def plan_memory(cfg, device: str | Device = "cpu", *, shape: Shape | None = None
                 batch_size: int | None = None, checkpointing: bool | None = None,
                 answer_tokens: int | None = None, serve_concurrency: int = 8,
                 serve_max_loras: int = 4, serve_max_model_len: int = 1024,
-                processes: int = 1, malloc: str | None = None) -> MemoryPlan:
+                processes: int = 1, malloc: str | None = None,
+                kept_tokens: int | None = None) -> MemoryPlan:
     """The memory plan of `cfg` (a TrainConfig) on `device`, from the base's config only.
 
     `batch_size` and `checkpointing` override the config's (what train/autobatch.py tries);
@@ -243,6 +248,7 @@ def plan_memory(cfg, device: str | Device = "cpu", *, shape: Shape | None = None
     With `training.fsdp` over `processes` GPUs, the weights are one process's share.
     `malloc`: the CPU allocator the run's process uses, "tcmalloc" or "system" (default: this
     process's; the `lorastack` command runs under tcmalloc, adapters/allocator.py).
+    `kept_tokens`: the training split's tokens, for training.cache_frozen_layers' kept states.
     """
     dev = device if isinstance(device, Device) else parse_device(device)
     shape = shape or Shape.from_base(cfg.base)
@@ -266,7 +272,10 @@ def plan_memory(cfg, device: str | Device = "cpu", *, shape: Shape | None = None
     # Layers backward reaches: from the lowest adapted one up; float + checkpointing also
     # makes the embedding output require grad (train/model.py), so every layer saves there.
     lowest = min(adapted) if adapted else shape.layers
-    saving = shape.layers if (ckpt and quant == "none") else shape.layers - lowest
+    # with kept states a step never runs the frozen layers (train/frozen.py)
+    kept = bool(cfg.training.cache_frozen_layers and processes == 1 and 0 < lowest < shape.layers
+                and cfg.data.augment == "none")
+    saving = shape.layers if (ckpt and quant == "none" and not kept) else shape.layers - lowest
     full = sum(_layer_elements(shape, cfg, i in adapted, dev.kind, act)
                for i in range(lowest, shape.layers))
     per_layer = full / max(len(range(lowest, shape.layers)), 1)
@@ -305,6 +314,10 @@ def plan_memory(cfg, device: str | Device = "cpu", *, shape: Shape | None = None
         slack = CUDA_SLACK * activations
         note = f"{CUDA_SLACK:.2f} x activations (caching allocator)"
     rows.append(Row("allocator slack", int(slack), note))
+    if kept and kept_tokens and dev.kind == "cpu":
+        rows.append(Row("kept frozen-layer output", kept_tokens * shape.hidden * compute,
+                        f"{kept_tokens:,} training tokens x {shape.hidden} hidden x {compute} "
+                        f"bytes: layers 0-{lowest - 1} run once (training.cache_frozen_layers)"))
     serving = _serving_rows(shape, cfg, dev, serve_concurrency, serve_max_loras,
                             serve_max_model_len)
     return MemoryPlan(dev, quant, batch, length, ckpt, rows, serving)
@@ -430,12 +443,15 @@ def plan_command(
     from lorastack.adapters.models import ModelError
     from lorastack.train.autobatch import fit_to_memory
     from lorastack.train.config import load_config
+    from lorastack.train.data import DataError
 
     try:
         dev = parse_device(device)
         cfg = load_config(config, list(set_ or []))
         Shape.from_base(cfg.base)
-    except (ConfigError, ModelError, OSError) as exc:  # PlanError is a ConfigError
+        kept = training_tokens(cfg) if cfg.training.cache_frozen_layers and nproc == 1 \
+            else None
+    except (ConfigError, DataError, ModelError, OSError) as exc:  # PlanError is a ConfigError
         import sys
 
         print(f"error: {exc}".replace("\n", " "), file=sys.stderr)
@@ -446,11 +462,27 @@ def plan_command(
         print(f"does not fit: {exc}")
         raise typer.Exit(1) from None
     plan = plan_memory(cfg, dev, batch_size=-(-int(cfg.training.batch_size) // nproc),
-                       processes=nproc)
+                       processes=nproc, kept_tokens=kept)
     print_plan(plan, title=f"memory plan: {cfg.name} ({cfg.base}, {cfg.quantization})")
     if chosen:
         print(chosen)
     raise typer.Exit(0 if plan.fits else 1)
+
+
+def training_tokens(cfg) -> int:
+    """Tokens of the run's training examples, as the trainer encodes them (the tokenizer
+    and the data are read; no weights)."""
+    from lorastack.adapters.models import resolve_base
+    from lorastack.train.examples import PromptFormat, encode_records, infer_labels
+    from lorastack.train.model import load_tokenizer
+    from lorastack.train.run import trained_splits
+
+    splits = trained_splits(cfg)
+    labels = None
+    if cfg.task.type == "classification":
+        labels = cfg.task.labels or infer_labels(splits.train, cfg.task.label_field)
+    fmt = PromptFormat(load_tokenizer(resolve_base(cfg.base).path), cfg, labels)
+    return sum(len(ex.input_ids) for ex in encode_records(fmt, splits.train, "train").examples)
 
 
 def print_plan(plan: MemoryPlan, title: str = "memory plan") -> None:

@@ -35,6 +35,13 @@ def test_training_from_the_kept_states_trains_what_every_layer_trains(top_two, c
     out = capsys.readouterr().out
     assert "frozen layers 0-1 ran once over the 48 training examples" in out
     assert "each step runs layers 2-3" in out
+    # `lorastack plan` counts the tokens the trainer kept a state for
+    from lorastack.train import frozen
+    from lorastack.train.config import build_config
+    from lorastack.train.plan import training_tokens
+
+    (kept,) = {id(v): v for k, v in frozen._built.items() if k[1] == 2}.values()
+    assert training_tokens(build_config(top_two)) == sum(s.shape[0] for s in kept) > 48
     a, b = _tensors(every), _tensors(cached)
     assert a.keys() == b.keys() and any("layers.2." in k for k in a)
     for key in a:  # the same 4 steps, LoRA dropout included

@@ -339,3 +339,34 @@ def test_the_plan_command_plans_for_the_allocator_it_runs_under(base_model, choi
     slack = next(line for line in proc.stdout.splitlines() if "allocator slack" in line)
     assert says in slack, proc.stdout
     assert (slack.split("│")[2].strip() == "0") == (choice == "tcmalloc")
+
+
+def test_kept_frozen_states_are_a_row_where_the_run_keeps_them(smol):
+    """training.cache_frozen_layers: one float32 per training token and hidden unit, in RAM
+    (train/frozen.py); a step then never runs the frozen layers, so float checkpointing saves
+    the adapted layers' inputs only."""
+    top = {"lora": {"layers": [26, 27, 28, 29]}}
+    cached = {**top, "training": {"batch_size": 8, "grad_accum": 1,
+                                  "cache_frozen_layers": True}}
+
+    def rows(parts, device=CPU_BIG, **kw):
+        plan = plan_memory(_cfg(quantization="none", **parts), device, shape=smol,
+                           checkpointing=True, **kw)
+        return {r.name: r.bytes for r in plan.rows}, plan.total
+
+    plain, plain_total = rows(top, kept_tokens=70_620)
+    kept, kept_total = rows(cached, kept_tokens=70_620)
+    assert "kept frozen-layer output" not in plain
+    assert kept["kept frozen-layer output"] == 70_620 * 576 * 4  # 155 MiB: the reviews' figure
+    # checkpointing keeps each layer's input: 30 layers' without the states, 4 with them
+    per_layer = 8 * 256 * 4 * 576
+    assert plain["activations"] - kept["activations"] == 26 * per_layer
+    assert kept_total - plain_total == 70_620 * 576 * 4 - 26 * per_layer
+    # where the run keeps no states, or the plan cannot count them, there is no row
+    for parts, kw in ((cached, {}),  # no token count given
+                      ({"training": cached["training"]}, {"kept_tokens": 70_620}),  # all layers
+                      ({**cached, "data": {"max_length": 256, "augment": "word_dropout"}},
+                       {"kept_tokens": 70_620}),
+                      (cached, {"kept_tokens": 70_620, "processes": 2}),
+                      (cached, {"kept_tokens": 70_620, "device": parse_device("cuda:24GB")})):
+        assert "kept frozen-layer output" not in rows(parts, **kw)[0], (parts, kw)
