@@ -41,7 +41,8 @@ def models_list() -> None:
     console.print(table)
 
 
-@models_app.command("pull")
+@models_app.command("pull", short_help="Fetch (or convert, for a GGUF file) a base model once and "
+                    "cache it as safetensors.")
 def models_pull(name: str = typer.Argument(
         models.DEFAULT_BASE, help="alias, hub id (org/name), directory or GGUF file")) -> None:
     """Fetch (or convert, for a GGUF file) a base model once and cache it as safetensors
@@ -53,7 +54,7 @@ def models_pull(name: str = typer.Argument(
     console.print(f"{escape(base.name)}: {base.path}  fingerprint {base.short_fingerprint}")
 
 
-@models_app.command("add")
+@models_app.command("add", short_help="Name a base model of yours, for --base and configs.")
 def models_add(
     name: Annotated[str, typer.Argument(help="the alias: letters, digits, '.', '_', '-'")],
     path: Annotated[str, typer.Argument(help="a GGUF file, a model directory or a hub id")],

@@ -36,12 +36,16 @@ app.add_typer(adapters_app, name="adapters")
 app.command("train")(train_command)
 app.command("tune")(tune_command)
 app.command("eval")(eval_command)
-app.command("calibrate")(calibrate_command)
-app.command("ensemble")(ensemble_command)
+app.command("calibrate", short_help="Fit a classification adapter's temperature (and label bias) on its "
+            "validation split; the server applies it.")(calibrate_command)
+app.command("ensemble", short_help="Fit an ensemble of classification adapters on validation; "
+            "the gateway serves it under its name.")(ensemble_command)
 app.command("export")(export_command)
 app.command("plan")(plan_command)
-app.command("serve")(serve_command)
-app.command("demo")(demo_command)
+app.command("serve", short_help="Serve the base model and every stored adapter behind an "
+            "OpenAI-compatible API (plus /v1/classify).")(serve_command)
+app.command("demo", short_help="Start the Gradio page for a running gateway (it talks to it over "
+            "HTTP only).")(demo_command)
 
 
 @app.command()

@@ -6,6 +6,7 @@ These fail loudly (never skip) so that a missing install step shows up on a fres
 from __future__ import annotations
 
 import importlib
+import os
 import subprocess
 import sys
 
@@ -69,6 +70,22 @@ def test_cli_help_is_instant_and_imports_no_torch():
     assert helped.returncode == 0, helped.stderr
     for verb in ("models", "data", "adapters"):
         assert verb in helped.stdout
+
+
+@pytest.mark.parametrize("group", [[], ["models"], ["data"], ["adapters"]])
+def test_every_command_is_listed_on_one_line(group):
+    """In `--help`'s list of commands each summary is one line on a wide terminal: a
+    docstring's hard line breaks would show as ragged continuation rows (short_help fixes it)."""
+    helped = subprocess.run([sys.executable, "-m", "lorastack", *group, "--help"],
+                            capture_output=True, text=True, check=False,
+                            env={**os.environ, "COLUMNS": "200"})
+    assert helped.returncode == 0, helped.stderr
+    panel = helped.stdout.split("Commands", 1)[1].split("╰", 1)[0]
+    rows = [line.strip("│ ") for line in panel.splitlines()[1:]]
+    assert len(rows) >= 2 and all(row.split()[0].isalpha() and len(row.split()) > 2
+                                  for row in rows), rows
+    continued = [row for row in rows if row.split()[0][0].isupper()]
+    assert not continued, continued
 
 
 def test_every_document_the_project_points_at_is_in_the_repository():
