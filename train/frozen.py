@@ -102,20 +102,32 @@ class FrozenPrefix:
                 self.layers[i] = layer
 
 
-def why_not(cfg, model, dist_active: bool) -> str | None:
-    """Why the frozen layers cannot be run once for this run (None: they can)."""
+def settings_refusal(cfg, first: int | None, layers: int | None,
+                     several: bool) -> str | None:
+    """Why the run's settings rule the kept states out (None: they allow them), for the lowest
+    adapted layer `first` of `layers` decoder layers (None: not found) and `several` training
+    processes. why_not asks it first, and `lorastack plan` (train/plan.py) before it counts
+    the states."""
     if cfg.data.augment != "none":
         return "the data are augmented afresh every epoch"
-    if dist_active:
+    if several:
         return "several processes train"
-    layers = decoder_layers(model)
-    if layers is None:
+    if layers is None or first is None:
         return "lorastack does not find this model's stack of decoder layers"
-    first = first_trained_layer(model, layers)
     if first == 0:
         return "the lowest layer is adapted: no layer below it is frozen"
-    if first == len(layers):
+    if first == layers:
         return "no decoder layer is adapted"
+    return None
+
+
+def why_not(cfg, model, dist_active: bool) -> str | None:
+    """Why the frozen layers cannot be run once for this run (None: they can)."""
+    layers = decoder_layers(model)
+    first = None if layers is None else first_trained_layer(model, layers)
+    reason = settings_refusal(cfg, first, None if layers is None else len(layers), dist_active)
+    if reason is not None:  # else layers and first were found
+        return reason
     embeddings = causal_lm(model).get_input_embeddings()
     if any(p.requires_grad for p in embeddings.parameters()):
         return "the embeddings are trained"

@@ -273,8 +273,11 @@ def plan_memory(cfg, device: str | Device = "cpu", *, shape: Shape | None = None
     # makes the embedding output require grad (train/model.py), so every layer saves there.
     lowest = min(adapted) if adapted else shape.layers
     # with kept states a step never runs the frozen layers (train/frozen.py)
-    kept = bool(cfg.training.cache_frozen_layers and processes == 1 and 0 < lowest < shape.layers
-                and cfg.data.augment == "none")
+    kept = False
+    if cfg.training.cache_frozen_layers:
+        from lorastack.train.frozen import settings_refusal
+
+        kept = settings_refusal(cfg, lowest, shape.layers, processes > 1) is None
     saving = shape.layers if (ckpt and quant == "none" and not kept) else shape.layers - lowest
     full = sum(_layer_elements(shape, cfg, i in adapted, dev.kind, act)
                for i in range(lowest, shape.layers))
