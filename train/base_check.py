@@ -42,7 +42,7 @@ def check_against_base(cfg: TrainConfig, base_path: str | Path) -> list[str]:
         if modules is None:
             return []  # an architecture transformers cannot build from its config: loading says
         if lora.layers is not None:  # peft then adapts only modules inside the numbered layers
-            modules = [m for m in modules if re.search(r"\.\d+\.", m)]
+            modules = [m for m in modules if BLOCK.search(m)]
         missing = [t for t in lora.target_modules
                    if not any(m == t or m.endswith("." + t) for m in modules)]
         if missing:

@@ -476,15 +476,12 @@ def training_tokens(cfg) -> int:
     """Tokens of the run's training examples, as the trainer encodes them (the tokenizer
     and the data are read; no weights)."""
     from lorastack.adapters.models import resolve_base
-    from lorastack.train.examples import PromptFormat, encode_records, infer_labels
+    from lorastack.train.examples import encode_records
     from lorastack.train.model import load_tokenizer
-    from lorastack.train.run import trained_splits
+    from lorastack.train.run import prompt_format, trained_splits
 
     splits = trained_splits(cfg)
-    labels = None
-    if cfg.task.type == "classification":
-        labels = cfg.task.labels or infer_labels(splits.train, cfg.task.label_field)
-    fmt = PromptFormat(load_tokenizer(resolve_base(cfg.base).path), cfg, labels)
+    fmt = prompt_format(cfg, load_tokenizer(resolve_base(cfg.base).path), splits.train)
     return sum(len(ex.input_ids) for ex in encode_records(fmt, splits.train, "train").examples)
 
 

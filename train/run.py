@@ -85,7 +85,7 @@ def _train(cfg: TrainConfig, base, dist, device, t_start: float, resume: bool,
 
     from lorastack.train import evaluate as ev
     from lorastack.train.batching import epoch_batches, padding_fraction
-    from lorastack.train.examples import PromptFormat, encode_records, infer_labels
+    from lorastack.train.examples import encode_records
     from lorastack.train.loop import Trainer
     from lorastack.train.model import (
         attach_lora,
@@ -116,10 +116,8 @@ def _train(cfg: TrainConfig, base, dist, device, t_start: float, resume: bool,
     tokenizer = load_tokenizer(base.path)
     d = cfg.data
     splits = trained_splits(cfg)
-    labels = None
-    if cfg.task.type == "classification":
-        labels = cfg.task.labels or infer_labels(splits.train, cfg.task.label_field)
-    fmt = PromptFormat(tokenizer, cfg, labels)
+    fmt = prompt_format(cfg, tokenizer, splits.train)
+    labels = fmt.labels or None
     train_set = encode_records(fmt, splits.train, "train",
                                augment_seed=cfg.training.seed if d.augment != "none" else None)
     val_set = encode_records(fmt, splits.validation, "validation")
@@ -278,6 +276,17 @@ def _train_sample(examples: list, n: int, seed: int) -> list:
     if n <= 0:
         return []
     return random.Random(seed).sample(examples, min(n, len(examples)))
+
+
+def prompt_format(cfg: TrainConfig, tokenizer, train_records: list[dict]):
+    """The PromptFormat a run encodes with: a classifier's labels from task.labels, else those
+    found in the training records."""
+    from lorastack.train.examples import PromptFormat, infer_labels
+
+    labels = None
+    if cfg.task.type == "classification":
+        labels = cfg.task.labels or infer_labels(train_records, cfg.task.label_field)
+    return PromptFormat(tokenizer, cfg, labels)
 
 
 def config_splits(cfg: TrainConfig, columns: dict | None = None):
