@@ -9,6 +9,8 @@ precision chosen from the memory plan (train/plan.py) before the model loads.
   a lower base precision (8-bit, then 4-bit) only when nothing fits even with it.
 
 The budget is `memory_budget` (a size, or a share of the device), else 90% of the device.
+With training.cache_frozen_layers the frozen layers' kept output (a plan row, sized by the
+training split's tokens) is reserved from it before the batch is chosen.
 On CPU the plan is held to a share of it, by allocator (CPU_MARGIN): bench/memory_plan.py
 measured CPU peaks within 1.02x the plan under tcmalloc (what the `lorastack` command runs
 under), so plans get 90% of the budget; under glibc's malloc, which keeps freed memory, peaks
@@ -38,12 +40,13 @@ def cpu_margin(malloc: str | None = None) -> float:
     return CPU_MARGIN[malloc or allocator.active()]
 
 
-def fit_to_memory(cfg: TrainConfig, world: int = 1, device: str | None = None
-                  ) -> tuple[TrainConfig, str | None]:
+def fit_to_memory(cfg: TrainConfig, world: int = 1, device: str | None = None,
+                  kept_tokens: int | None = None) -> tuple[TrainConfig, str | None]:
     """`cfg` with batch_size, grad_accum, gradient_checkpointing and quantization set so that
     the plan fits the budget, and a sentence saying what was chosen and why (None when the
     config asks for nothing: a number without a memory_budget). Raises PlanError when nothing
-    fits."""
+    fits. `kept_tokens`: the training split's tokens (plan.training_tokens), so that the plan
+    reserves training.cache_frozen_layers' kept states."""
     from lorastack.train.model import pick_device
     from lorastack.train.plan import GiB, PlanError, Shape, parse_device, plan_memory
 
@@ -62,7 +65,7 @@ def fit_to_memory(cfg: TrainConfig, world: int = 1, device: str | None = None
     def fits(quant: str, batch: int, ckpt: bool) -> bool:
         trial = cfg.model_copy(update={"quantization": quant})
         plan = plan_memory(trial, dev, shape=shape, batch_size=-(-batch // world),
-                           checkpointing=ckpt, processes=world)
+                           checkpointing=ckpt, processes=world, kept_tokens=kept_tokens)
         return plan.total <= usable
 
     if auto:

@@ -452,15 +452,14 @@ def plan_command(
         dev = parse_device(device)
         cfg = load_config(config, list(set_ or []))
         Shape.from_base(cfg.base)
-        kept = training_tokens(cfg) if cfg.training.cache_frozen_layers and nproc == 1 \
-            else None
+        kept = kept_tokens(cfg, nproc)
     except (ConfigError, DataError, ModelError, OSError) as exc:  # PlanError is a ConfigError
         import sys
 
         print(f"error: {exc}".replace("\n", " "), file=sys.stderr)
         raise typer.Exit(2) from None
     try:
-        cfg, chosen = fit_to_memory(cfg, nproc, device)  # batch_size auto, memory_budget
+        cfg, chosen = fit_to_memory(cfg, nproc, device, kept)  # batch_size auto, memory_budget
     except PlanError as exc:
         print(f"does not fit: {exc}")
         raise typer.Exit(1) from None
@@ -470,6 +469,13 @@ def plan_command(
     if chosen:
         print(chosen)
     raise typer.Exit(0 if plan.fits else 1)
+
+
+def kept_tokens(cfg, processes: int = 1) -> int | None:
+    """The training split's tokens when the run may keep frozen states (a plan's
+    `kept_tokens`); None when it cannot: the setting is off, or several processes train."""
+    return training_tokens(cfg) if cfg.training.cache_frozen_layers and processes == 1 \
+        else None
 
 
 def training_tokens(cfg) -> int:

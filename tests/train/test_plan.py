@@ -370,3 +370,23 @@ def test_kept_frozen_states_are_a_row_where_the_run_keeps_them(smol):
                       (cached, {"kept_tokens": 70_620, "processes": 2}),
                       (cached, {"kept_tokens": 70_620, "device": parse_device("cuda:24GB")})):
         assert "kept frozen-layer output" not in rows(parts, **kw)[0], (parts, kw)
+
+
+def test_auto_batch_reserves_the_kept_states(smol):
+    """batch_size: auto chooses its batch with the kept states in the plan: a budget that the
+    batch of 8 just fits with them gets 8, where without them it would get a larger one."""
+    from lorastack.train.autobatch import cpu_margin, fit_to_memory
+
+    tokens = 1_000_000  # 2.1 GiB of kept states
+    training = {"batch_size": "auto", "grad_accum": 1, "cache_frozen_layers": True,
+                "gradient_checkpointing": False}
+    cfg = _cfg(quantization="none", lora={"layers": [26, 27, 28, 29]}, training=training)
+    need = plan_memory(cfg, "cpu", shape=smol, batch_size=8, checkpointing=False,
+                       kept_tokens=tokens).total
+    budget = f"{int(need / cpu_margin()) + 1}B"
+    cfg = cfg.model_copy(update={"training": cfg.training.model_copy(
+        update={"memory_budget": budget})})
+    with_states, said = fit_to_memory(cfg, 1, "cpu", kept_tokens=tokens)
+    assert with_states.training.batch_size == 8, said
+    without, _ = fit_to_memory(cfg, 1, "cpu")
+    assert without.training.batch_size > 8
