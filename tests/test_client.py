@@ -6,7 +6,6 @@ tests/demo/test_client_gateway.py."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import math
 import re
@@ -29,12 +28,9 @@ from lorastack.client import (
 )
 
 SERVE_TESTS = Path(__file__).parent / "serve"
-sys.path.insert(0, str(SERVE_TESTS))  # fake_vllm, as tests/serve/conftest.py imports it
+sys.path.insert(0, str(SERVE_TESTS))  # as tests/serve/conftest.py does
 from fake_vllm import FakeVllm
-
-_spec = importlib.util.spec_from_file_location("serve_test_fixtures", SERVE_TESTS / "conftest.py")
-_serve = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_serve)
+from serve_helpers import FAKE_FINGERPRINT, write_fake_adapter
 
 KEY, ADMIN = "client-key", "client-admin"
 LABELS = ("positive", "negative", "neutral")
@@ -92,10 +88,10 @@ def gateway(tmp_path_factory, base_model):
 
     root = tmp_path_factory.mktemp("client")
     store = AdapterStore(root / "store")
-    _serve.write_fake_adapter(store, "reviews-classify", labels=LABELS, tmp=root)
-    _serve.write_fake_adapter(store, "reviews-classify-2", labels=LABELS, salt=1, tmp=root)
-    _serve.write_fake_adapter(store, "reviews-condition", task="generation", tmp=root)
-    base = BaseModel(base_model.name, base_model.path, _serve.FAKE_FINGERPRINT,
+    write_fake_adapter(store, "reviews-classify", labels=LABELS, tmp=root)
+    write_fake_adapter(store, "reviews-classify-2", labels=LABELS, salt=1, tmp=root)
+    write_fake_adapter(store, "reviews-condition", task="generation", tmp=root)
+    base = BaseModel(base_model.name, base_model.path, FAKE_FINGERPRINT,
                      base_model.source)
     fake = ChatFake(base=base.name)
     engine = Engine("http://fake-vllm", transport=httpx.ASGITransport(fake.app))

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import write_fake_adapter
+from serve_helpers import write_fake_adapter
 from typer.testing import CliRunner
 
 POSTS = {"/v1/completions": "CompletionRequest", "/v1/chat/completions": "ChatRequest",

@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from conftest import wait_for, write_fake_adapter
+from serve_helpers import wait_for, write_fake_adapter
 
 from lorastack.serve.crashes import CrashGuard, EngineDied, Shape, shape_of
 from lorastack.serve.protocol import ApiError

@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from conftest import random_adapter, serve_in_thread
+from serve_helpers import random_adapter, serve_in_thread
 
 from lorastack.adapters.store import AdapterStore
 

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-from conftest import random_adapter, serve_in_thread
+from serve_helpers import random_adapter, serve_in_thread
 
 from lorastack.adapters.store import AdapterStore
 

@@ -8,9 +8,9 @@ import time
 
 import httpx
 import pytest
-from conftest import wait_for, write_fake_adapter
 from fake_vllm import FakeVllm
 from fastapi.testclient import TestClient
+from serve_helpers import wait_for, write_fake_adapter
 
 from lorastack.serve.app import create_app
 from lorastack.serve.engine import Engine

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-from conftest import serve_in_thread
+from serve_helpers import serve_in_thread
 
 from lorastack.adapters.store import AdapterStore
 from lorastack.train.assess import adapter_probabilities as trainer_probabilities

@@ -10,9 +10,9 @@ import time
 from contextlib import ExitStack, contextmanager
 
 import httpx
-from conftest import wait_for, write_fake_adapter
 from fake_vllm import FakeVllm
 from fastapi.testclient import TestClient
+from serve_helpers import wait_for, write_fake_adapter
 
 from lorastack.serve.app import create_app
 from lorastack.serve.engine import Engine

@@ -14,7 +14,7 @@ import time
 
 import httpx
 import pytest
-from conftest import random_adapter, wait_for
+from serve_helpers import random_adapter, wait_for
 
 from lorastack.adapters.store import AdapterStore
 

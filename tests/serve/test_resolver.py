@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import FAKE_FINGERPRINT, random_adapter, write_fake_adapter
+from serve_helpers import FAKE_FINGERPRINT, random_adapter, write_fake_adapter
 
 from lorastack.adapters.store import AdapterStore
 from lorastack.serve.vllm_plugin import endpoint, resolver
