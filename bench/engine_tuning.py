@@ -1,8 +1,8 @@
 """vLLM-on-CPU settings for lorastack's workload, each measured: the numbers behind `lorastack
-serve`'s defaults for thread binding, batched tokens and the KV block size.
+serve`'s defaults for the process layout, thread binding, batched tokens and the KV block size.
 
     .venv/bin/python -m bench.engine_tuning              # every configuration below, 2 rounds
-    .venv/bin/python -m bench.engine_tuning --only default,all-cores
+    .venv/bin/python -m bench.engine_tuning --only all-cores,worker-process
     .venv/bin/python -m bench.engine_tuning --tiny --out /tmp/b    # tests: the default only
 
 Writes bench/results/engine_tuning.json and engine_tuning.png. Each configuration starts its
@@ -18,6 +18,7 @@ import argparse
 import itertools
 import json
 import math
+import os
 import shutil
 
 from bench.common import goal, log, pyplot, save_figure, spread, table, write_result
@@ -34,17 +35,26 @@ from bench.serving_setup import (
 )
 from bench.serving_setup import add_common_args as _common
 
+_CORES = sorted(os.sched_getaffinity(0))
 # name -> (what it is, environment of `lorastack serve` and so of its vLLM child)
-# LORASTACK_VLLM_THREADS=vllm keeps vLLM's own thread placement (lorastack's default overrides
-# it; see serve/vllm_proc.py).
+# LORASTACK_VLLM_THREADS=vllm keeps vLLM's own thread placement and process layout (lorastack's
+# default overrides both; see serve/vllm_proc.py and ServeSettings.vllm_threads).
 CONFIGS = {
-    "vllm-default": ("vLLM's own: 1 core reserved for its front end, 1 OpenMP thread",
+    "vllm-default": ("vLLM's own: a worker process, 1 core reserved, 1 OpenMP thread",
                      {"LORASTACK_VLLM_THREADS": "vllm"}),
-    "all-cores": ("both cores for the engine's OpenMP threads, bound, none reserved",
+    "all-cores": ("both cores, none reserved, the model inside the engine-core process",
                   {"LORASTACK_VLLM_THREADS": "all"}),
-    "all-cores-unbound": ("both cores, OpenMP threads not bound",
-                          {"LORASTACK_VLLM_THREADS": "all",
-                           "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "2"}),
+    "all-cores-bound": ("all-cores + its OpenMP threads bound to the cores",
+                        {"LORASTACK_VLLM_THREADS": "all", "OMP_NUM_THREADS": str(len(_CORES)),
+                         "OMP_PLACES": "{" + ",".join(map(str, _CORES)) + "}",
+                         "OMP_PROC_BIND": "true"}),
+    "worker-process": ("both cores bound to a worker process, none reserved (the old default)",
+                       {"LORASTACK_VLLM_THREADS": "all", "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}),
+    "worker-process-unbound": ("worker-process, its OpenMP threads not bound",
+                               {"LORASTACK_VLLM_THREADS": "all",
+                                "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
+                                "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+                                "OMP_NUM_THREADS": str(len(_CORES))}),
     "batched-512": ("all-cores + --max-num-batched-tokens 512",
                     {"LORASTACK_VLLM_THREADS": "all",
                      "LORASTACK_VLLM_ARGS": json.dumps(["--max-num-batched-tokens", "512"])}),
@@ -155,12 +165,15 @@ def analyse(runs: list[dict], names: list[str], settings: dict) -> dict:
     for n in names:
         per = {load: spread(values[(n, load)]) for load in LOADS}
         rel = {load: per[load]["median"] / ref[load] for load in LOADS}
-        results[n] = {"what": CONFIGS[n][0], "env": CONFIGS[n][1], **per,
+        ready = spread([r["vllm_start_s"] for r in runs if r["config"] == n
+                        and r["load"] == LOADS[0]])
+        results[n] = {"what": CONFIGS[n][0], "env": CONFIGS[n][1], **per, "ready_s": ready,
                       "vs_first": rel, "score": math.exp(sum(map(math.log, rel.values())) / 3),
                       "failed": sum(r["failed"] for r in runs if r["config"] == n)}
     best = max(names, key=lambda n: results[n]["score"])
     rows = [[n, results[n]["what"], *(f"{results[n][load]['median']:.2f}" for load in LOADS),
-             f"{results[n]['score']:.2f}x"] for n in names]
+             f"{results[n]['score']:.2f}x", f"{results[n]['ready_s']['median']:.0f}"]
+            for n in names]
     default = DEFAULT if DEFAULT in results else None
     text = (f"Best of {len(names)} configurations: {best} ({results[best]['what']}), "
             f"{results[best]['score']:.2f}x {base} on the geometric mean of the three loads. "
@@ -174,20 +187,21 @@ def analyse(runs: list[dict], names: list[str], settings: dict) -> dict:
             "tables": [table(f"Concurrency {settings['concurrency']}: generation tokens/s (8 "
                              f"adapters, base) and classify requests/s, median of rounds",
                              ["configuration", "what", "8 adapters tok/s", "base tok/s",
-                              "classify req/s", f"vs {base}"], rows)],
+                              "classify req/s", f"vs {base}", "ready (s)"], rows)],
             "figure": "engine_tuning.png"}
 
 
 def plot(report: dict, out) -> None:
     plt = pyplot()
     names = list(report["configs"])
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    for ax, load in zip(axes, LOADS):
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4), sharey=True)
+    for ax, load in zip(axes, (*LOADS, "ready_s")):
         meds = [report["configs"][n][load]["median"] for n in names]
         ax.barh(names, meds, color=["#c44" if n == report["best"] else "#48a" for n in names])
         ax.set_title({"adapters": "generation, 8 adapters (tok/s)", "base": "generation, "
-                      "base (tok/s)", "classify": "/v1/classify (req/s)"}[load])
-        ax.invert_yaxis()
+                      "base (tok/s)", "classify": "/v1/classify (req/s)",
+                      "ready_s": "gateway ready after (s, lower is better)"}[load])
+    axes[0].invert_yaxis()
     fig.suptitle("vLLM on CPU: settings for lorastack's workload (higher is better)")
     fig.tight_layout()
     save_figure(fig, "engine_tuning", out)

@@ -82,9 +82,11 @@ class ServeSettings(BaseSettings):
     kv_cache_gb: float = Field(2, gt=0)
     """KV cache size of the vLLM child on CPU (VLLM_CPU_KVCACHE_SPACE)."""
     vllm_threads: Literal["all", "vllm"] = "all"
-    """CPU only: `all` gives the engine every core (VLLM_CPU_NUM_OF_RESERVED_CPU=0: its OpenMP
-    threads bound to all of them); `vllm` keeps vLLM's own placement, which reserves one core
-    for its API front end (on 2 cores: one compute thread). Measured in bench/engine_tuning.py."""
+    """CPU only: `all` gives the engine every core (VLLM_CPU_NUM_OF_RESERVED_CPU=0) and runs the
+    model inside vLLM's engine-core process (VLLM_ENABLE_V1_MULTIPROCESSING=0: no worker
+    process, a faster start); `vllm` keeps vLLM's own placement, a worker process that reserves
+    one core for its API front end (on 2 cores: one compute thread). Measured in
+    bench/engine_tuning.py."""
     dtype: str = "float32"
     """vLLM --dtype (float32 on CPU: bfloat16 is far slower there)."""
     vllm_args: CommaList = []

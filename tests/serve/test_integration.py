@@ -181,6 +181,19 @@ def test_the_engine_runs_under_glibc_even_when_the_gateway_has_tcmalloc(server, 
     assert not under, f"under tcmalloc: {under}"
 
 
+def test_the_model_runs_inside_the_engine_core(server):
+    """lorastack serve's CPU layout (ServeSettings.vllm_threads=all): the API server and one
+    EngineCore that runs the model, no worker process of its own (bench/engine_tuning.py)."""
+    import psutil
+
+    engine = server.gw.engines[0]
+    assert engine.process.environment()["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    children = psutil.Process(engine.process.pid).children(recursive=True)
+    # (the other child is multiprocessing's resource tracker, a plain `python`)
+    vllm = [p.name() for p in children if p.name().startswith("VLLM::")]
+    assert vllm == ["VLLM::EngineCore"], vllm
+
+
 def test_generation_and_chat_base_and_adapter(server):
     oc = openai_client(server)
     messages = [{"role": "system", "content": "Name the condition treated."},
