@@ -18,11 +18,11 @@ from lorastack.train.cli import (
     data_app,
     ensemble_command,
     eval_command,
+    plan_command,
     train_command,
     tune_command,
 )
 from lorastack.train.export import export_command
-from lorastack.train.plan import plan_command
 
 app = typer.Typer(
     name="lorastack",

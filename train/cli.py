@@ -308,3 +308,62 @@ def _ensemble_table(result: dict) -> None:
         table.add_row(escape(member), f"{weight:.3f}", *cells(result["members"][member]))
     console.print(table)
     console.print(f"written to {result['path']}; reliability diagram: {result['plot']}")
+
+
+def plan_command(
+    config: str = typer.Argument(..., help="shipped config name or YAML path"),
+    device: str = typer.Option("cpu", "--device", help="cpu (this machine's RAM), cuda (the "
+                               "GPU's memory), or a size: cuda:24GB, cpu:16GB"),
+    set_: list[str] = typer.Option([], "--set", help="override a setting, e.g. "  # noqa: B008
+                                   "training.batch_size=16 (repeatable)"),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="processes the run will use "
+                              "(lorastack train --nproc): the plan is one process's share"),
+) -> None:
+    """Memory plan of a training run, before any weights load; exit 1 when it does not fit."""
+    from lorastack.adapters.models import ModelError
+    from lorastack.train.autobatch import fit_to_memory
+    from lorastack.train.config import ConfigError, load_config
+    from lorastack.train.data import DataError
+    from lorastack.train.plan import PlanError, Shape, kept_tokens, parse_device, plan_memory
+
+    try:
+        dev = parse_device(device)
+        cfg = load_config(config, list(set_ or []))
+        Shape.from_base(cfg.base)
+        kept = kept_tokens(cfg, nproc)
+    except (ConfigError, DataError, ModelError, OSError) as exc:  # PlanError is a ConfigError
+        import sys
+
+        print(f"error: {exc}".replace("\n", " "), file=sys.stderr)
+        raise typer.Exit(2) from None
+    try:
+        cfg, chosen = fit_to_memory(cfg, nproc, device, kept)  # batch_size auto, memory_budget
+    except PlanError as exc:
+        print(f"does not fit: {exc}")
+        raise typer.Exit(1) from None
+    plan = plan_memory(cfg, dev, batch_size=-(-int(cfg.training.batch_size) // nproc),
+                       processes=nproc, kept_tokens=kept)
+    print_plan(plan, title=f"memory plan: {cfg.name} ({cfg.base}, {cfg.quantization})")
+    if chosen:
+        print(chosen)
+    raise typer.Exit(0 if plan.fits else 1)
+
+
+def print_plan(plan, title: str = "memory plan") -> None:
+    """A train/plan.MemoryPlan as a table, then its verdict."""
+    from lorastack.train.plan import MiB
+
+    table = Table(title=f"{title}, batch {plan.batch_size} x {plan.max_length}, "
+                  f"checkpointing {'on' if plan.gradient_checkpointing else 'off'}")
+    for col, justify in (("row", "left"), ("MiB", "right"), ("note", "left")):
+        table.add_column(col, justify=justify)
+    for r in plan.rows:
+        table.add_row(r.name, f"{r.bytes / MiB:,.0f}", r.note)
+    table.add_row("[bold]training total[/bold]", f"[bold]{plan.total / MiB:,.0f}[/bold]", "")
+    for r in plan.serving:
+        table.add_row(r.name, f"{r.bytes / MiB:,.0f}", r.note)
+    table.add_row("[bold]serving total[/bold]", f"[bold]{plan.serving_total / MiB:,.0f}[/bold]",
+                  "plus vLLM's own runtime")
+    console = Console(width=120)
+    console.print(table)
+    console.print(plan.verdict)
