@@ -22,6 +22,8 @@ the global batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from lorastack.train.config import TrainConfig, parse_memory
 
 AUTO_MAX = 32  # auto never picks a larger forward batch: beyond it LoRA gains nothing per step
@@ -41,12 +43,14 @@ def cpu_margin(malloc: str | None = None) -> float:
 
 
 def fit_to_memory(cfg: TrainConfig, world: int = 1, device: str | None = None,
-                  kept_tokens: int | None = None) -> tuple[TrainConfig, str | None]:
+                  kept_tokens: int | Callable[[], int | None] | None = None,
+                  ) -> tuple[TrainConfig, str | None]:
     """`cfg` with batch_size, grad_accum, gradient_checkpointing and quantization set so that
     the plan fits the budget, and a sentence saying what was chosen and why (None when the
     config asks for nothing: a number without a memory_budget). Raises PlanError when nothing
-    fits. `kept_tokens`: the training split's tokens (plan.training_tokens), so that the plan
-    reserves training.cache_frozen_layers' kept states."""
+    fits. `kept_tokens`: the training split's tokens (plan.kept_tokens), so that the plan
+    reserves training.cache_frozen_layers' kept states; a function is called only when the
+    config asks for fitting (counting them tokenizes the data)."""
     from lorastack.train.model import pick_device
     from lorastack.train.plan import GiB, PlanError, Shape, parse_device, plan_memory
 
@@ -54,6 +58,8 @@ def fit_to_memory(cfg: TrainConfig, world: int = 1, device: str | None = None,
     auto = t.batch_size == "auto"
     if not auto and t.memory_budget is None:
         return cfg, None
+    if callable(kept_tokens):
+        kept_tokens = kept_tokens()
     dev = parse_device(device or pick_device().type)
     kind, value = parse_memory(t.memory_budget) if t.memory_budget else ("share", DEFAULT_SHARE)
     budget = value * dev.total_bytes if kind == "share" else value

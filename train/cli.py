@@ -329,8 +329,7 @@ def plan_command(
     try:
         dev = parse_device(device)
         cfg = load_config(config, list(set_ or []))
-        Shape.from_base(cfg.base)
-        kept = kept_tokens(cfg, nproc)
+        kept = kept_tokens(cfg, nproc, Shape.from_base(cfg.base))
     except (ConfigError, DataError, ModelError, OSError) as exc:  # PlanError is a ConfigError
         import sys
 

@@ -172,7 +172,7 @@ class TrainingConfig(_Section):
     """Forward passes per optimizer step (effective batch = batch_size * grad_accum)."""
     memory_budget: str | None = None
     """Memory the run may use, checked by the memory plan before the model loads: "12GB",
-    "800MiB", or a share of the device such as "0.8". None: 90% of the device when batch_size
+    "800MiB", or a share of the device such as 0.8. None: 90% of the device when batch_size
     is auto, otherwise no check. Where it must, the run switches on gradient checkpointing,
     then a quantized base, and says so."""
     epochs: float = Field(1.0, gt=0, le=1000)
@@ -200,7 +200,7 @@ class TrainingConfig(_Section):
     cache_frozen_layers: bool = False
     """When LoRA adapts only the top layers: run the frozen layers below them once over the
     training examples and start every step from their kept output (train/frozen.py; memory:
-    one float per training token and hidden unit, not counted by `lorastack plan`)."""
+    one float per training token and hidden unit, a row of `lorastack plan` on CPU)."""
     gradient_checkpointing: bool | None = None
     """Recompute activations in backward to save memory; None: on for 4bit, off otherwise."""
     seed: int = 0
@@ -225,10 +225,12 @@ class TrainingConfig(_Section):
         raise ValueError(f"{value!r} is not a batch size: give a whole number from 1 to 4096, "
                          "or auto (the largest that fits training.memory_budget)")
 
-    @field_validator("memory_budget")
+    @field_validator("memory_budget", mode="before")
     @classmethod
-    def _memory_budget(cls, value: str | None) -> str | None:
-        if value is not None:
+    def _memory_budget(cls, value):
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            value = str(value)  # YAML and --set read a share such as 0.8 as a number
+        if isinstance(value, str):
             parse_memory(value)  # raises with the forms it takes
         return value
 

@@ -270,12 +270,7 @@ def plan_memory(cfg, device: str | Device = "cpu", *, shape: Shape | None = None
     # Layers backward reaches: from the lowest adapted one up; float + checkpointing also
     # makes the embedding output require grad (train/model.py), so every layer saves there.
     lowest = min(adapted) if adapted else shape.layers
-    # with kept states a step never runs the frozen layers (train/frozen.py)
-    kept = False
-    if cfg.training.cache_frozen_layers:
-        from lorastack.train.frozen import settings_refusal
-
-        kept = settings_refusal(cfg, lowest, shape.layers, processes > 1) is None
+    kept = keeps_states(cfg, shape, processes)  # a step then never runs the frozen layers
     saving = shape.layers if (ckpt and quant == "none" and not kept) else shape.layers - lowest
     full = sum(_layer_elements(shape, cfg, i in adapted, dev.kind, act)
                for i in range(lowest, shape.layers))
@@ -431,11 +426,24 @@ def _serving_rows(shape: Shape, cfg, dev: Device, concurrency: int, max_loras: i
                 f"(on CPU vLLM takes VLLM_CPU_KVCACHE_SPACE instead)")]
 
 
-def kept_tokens(cfg, processes: int = 1) -> int | None:
-    """The training split's tokens when the run may keep frozen states (a plan's
-    `kept_tokens`); None when it cannot: the setting is off, or several processes train."""
-    return training_tokens(cfg) if cfg.training.cache_frozen_layers and processes == 1 \
-        else None
+def keeps_states(cfg, shape: Shape, processes: int = 1) -> bool:
+    """Whether the run keeps the frozen layers' output (training.cache_frozen_layers), as far
+    as its settings and the base's shape tell: train/frozen.py's settings_refusal, asked
+    with the lowest adapted layer. The loaded model's own checks come at training time."""
+    if not cfg.training.cache_frozen_layers:
+        return False
+    from lorastack.train.frozen import settings_refusal
+
+    adapted, _ = _lora(cfg, shape)
+    lowest = min(adapted) if adapted else shape.layers
+    return settings_refusal(cfg, lowest, shape.layers, processes > 1) is None
+
+
+def kept_tokens(cfg, processes: int = 1, shape: Shape | None = None) -> int | None:
+    """The training split's tokens when the run keeps frozen states (a plan's `kept_tokens`);
+    None, without reading the data, when it does not (keeps_states)."""
+    keeps = keeps_states(cfg, shape or Shape.from_base(cfg.base), processes)
+    return training_tokens(cfg) if keeps else None
 
 
 def training_tokens(cfg) -> int:

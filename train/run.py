@@ -67,14 +67,13 @@ def train(cfg: TrainConfig | str | Path | dict, *, resume: bool = False,
                          f"split over the {dist.world} processes: it must be at least the "
                          f"number of processes")
     # batch_size: auto / memory_budget: batch, checkpointing, precision from the memory plan
-    # (reserving training.cache_frozen_layers' kept states: the data are tokenized once more)
+    # (reserving training.cache_frozen_layers' kept states: the data are then tokenized once
+    # more to count them)
     from lorastack.train.autobatch import fit_to_memory
     from lorastack.train.plan import kept_tokens
 
-    t = cfg.training
-    fitted = t.batch_size == "auto" or t.memory_budget is not None
     cfg, chosen = fit_to_memory(cfg, dist.world,
-                                kept_tokens=kept_tokens(cfg, dist.world) if fitted else None)
+                                kept_tokens=lambda: kept_tokens(cfg, dist.world))
     if chosen and dist.is_main:
         _say(chosen)
     device = distributed.init(dist)

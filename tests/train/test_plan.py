@@ -132,6 +132,22 @@ def test_parse_device():
             parse_device(bad)
 
 
+def test_a_memory_budget_share_may_be_a_number(tmp_path):
+    """training.memory_budget: 0.8 as YAML and --set write it (a float), or quoted; a bare
+    number above 1 names the forms it takes."""
+    from lorastack.train.config import ConfigError, load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("training: {batch_size: auto, memory_budget: 0.8}\n")
+    assert load_config(path).training.memory_budget == "0.8"
+    assert load_config(path, ["training.memory_budget='0.5'"]).training.memory_budget == "0.5"
+    assert load_config(path, ["training.memory_budget=12GB"]).training.memory_budget == "12GB"
+    with pytest.raises(ConfigError, match="such as 12GB"):
+        load_config(path, ["training.memory_budget=12"])
+    with pytest.raises(ConfigError, match="memory_budget"):
+        load_config(path, ["training.memory_budget=true"])
+
+
 def test_cuda_without_a_gpu_is_a_clear_error():
     import torch
 
@@ -390,3 +406,34 @@ def test_auto_batch_reserves_the_kept_states(smol):
     assert with_states.training.batch_size == 8, said
     without, _ = fit_to_memory(cfg, 1, "cpu")
     assert without.training.batch_size > 8
+
+
+def test_the_kept_states_are_counted_only_where_a_run_keeps_them_and_fits(smol, monkeypatch):
+    """Counting the kept states tokenizes the training split: kept_tokens skips it where the
+    settings rule the states out, and fit_to_memory calls a lazy count only when the config
+    asks for fitting (batch_size auto or a memory_budget), as `lorastack train` passes it."""
+    from lorastack.train import plan
+    from lorastack.train.autobatch import fit_to_memory
+
+    counted = []
+    monkeypatch.setattr(plan, "training_tokens", lambda cfg: counted.append(cfg.name) or 1000)
+    training = {"batch_size": 8, "grad_accum": 1, "cache_frozen_layers": True}
+    top = {"layers": [26, 27, 28, 29]}
+    cfg = _cfg(quantization="none", lora=top, training=training)
+    assert plan.kept_tokens(cfg, shape=smol) == 1000 and len(counted) == 1
+    for ruled_out, processes in ((_cfg(lora=top, training=training,
+                                       data={"max_length": 256, "augment": "word_dropout"}), 1),
+                                 (_cfg(training=training), 1),  # every layer adapted
+                                 (cfg, 2),  # several processes
+                                 (_cfg(lora=top), 1)):  # the setting is off
+        assert plan.kept_tokens(ruled_out, processes, smol) is None, ruled_out
+    assert len(counted) == 1
+    # a fixed batch without a budget: nothing to fit, nothing counted
+    assert fit_to_memory(cfg, 1, "cpu", kept_tokens=lambda: plan.kept_tokens(cfg, shape=smol)) \
+        == (cfg, None)
+    assert len(counted) == 1
+    auto = cfg.model_copy(update={"training": cfg.training.model_copy(
+        update={"batch_size": "auto"})})
+    chosen, said = fit_to_memory(auto, 1, "cpu",
+                                 kept_tokens=lambda: plan.kept_tokens(auto, shape=smol))
+    assert len(counted) == 2 and isinstance(chosen.training.batch_size, int), said
