@@ -4,6 +4,7 @@ validated by the route's pydantic model (which also describes it in /openapi.jso
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
@@ -119,7 +120,17 @@ async def read_json(request: Request) -> dict:
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body must be a JSON object, got "
                        f"{type(body).__name__}", "invalid_json")
+    if _SURROGATE_ESCAPE.search(raw):  # JSON may escape half a UTF-16 pair; no tokenizer reads it
+        try:
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            bad = exc.object[exc.start:exc.end].encode("unicode_escape").decode()
+            raise ApiError(400, f"the request body holds a lone UTF-16 surrogate ({bad}, half "
+                           f"of a pair); send valid Unicode text", "invalid_json") from None
     return body
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def _too_large(size: int, limit: int) -> ApiError:

@@ -70,6 +70,27 @@ def test_deeply_nested_json_is_a_400_not_a_500(make, store):
             assert 400 <= r.status_code < 500, (route, r.text)
 
 
+def test_a_lone_surrogate_is_a_400_and_a_surrogate_pair_is_text(make, store):
+    """JSON may escape half a UTF-16 pair ("\\ud800"), which no tokenizer reads: a 400 that
+    names it, on every route, where a whole pair (an emoji) is ordinary text."""
+    write_fake_adapter(store, "a")
+    with make() as (client, _, _):
+        for route, field in (("/v1/classify", '"input": "'), ("/v1/completions", '"prompt": "'),
+                             ("/v1/chat/completions",
+                              '"messages": [{"role": "user", "content": "')):
+            close = '"}]}' if "messages" in field else '"}'
+            body = '{"model": "a", ' + field + "bad \\ud800 text" + close
+            r = client.post(route, content=body.encode(),
+                            headers={"content-type": "application/json"})
+            assert r.status_code == 400, (route, r.text)
+            err = r.json()["error"]
+            assert err["code"] == "invalid_json" and "lone UTF-16 surrogate" in err["message"]
+            assert "\\ud800" in err["message"], err
+        r = client.post("/v1/classify", content=b'{"model": "a", "input": "ok \\ud83d\\ude00"}',
+                        headers={"content-type": "application/json"})
+        assert r.status_code == 200, r.text
+
+
 def test_a_record_missing_a_prompt_field_is_a_422_naming_it(make, store):
     write_fake_adapter(store, "drugs", prompt_template="Drug: {drug}\nReview: {text}")
     with make() as (client, _, _):
