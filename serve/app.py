@@ -54,6 +54,8 @@ def create_app(settings: ServeSettings | None = None, gateway: Gateway | None = 
         route = request.scope.get("route")
         path = getattr(route, "path", "unmatched")
         model = getattr(request.state, "model", "")
+        if model and not all(map(gw.reg.serves, model.split(","))):
+            model = "unknown"  # a label per made-up name would grow /metrics without end
         gw.metrics.requests.labels(path, model, str(response.status_code)).inc()
         gw.metrics.latency.labels(path).observe(time.perf_counter() - start)
         return response

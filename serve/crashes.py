@@ -13,7 +13,11 @@ twice); if it did, the first request to see it judges the death, once for all:
 - a suspect shape that never got a good answer from any engine is taken for the killer; if
   every suspect shape had succeeded before, a shape in flight at two deaths is;
 - when the child's log shows no exception in EngineCore (killed from outside: `kill -9`, the
-  out-of-memory killer), no shape is blamed.
+  out-of-memory killer), no shape is blamed;
+- an upstream's log is not the gateway's to read: a never-good shape is blamed there only when
+  vLLM answered that its EngineCore died; an upstream that just stopped answering (restarted,
+  moved, its network) blames only a shape in flight at two deaths. An upstream that leaves
+  (--upstream-dir) did not die: its requests fail with an ordinary 503.
 A killer's request is answered 500, saying so; later requests of that shape are refused with
 500 before they reach vLLM (until the gateway restarts; /health lists them). The other requests
 are retried once on the restarted engine when the route can replay them (classify, completions
@@ -43,6 +47,7 @@ T = TypeVar("T")
 CONTENT_KEYS = frozenset({"model", "prompt", "messages", "user", "seed", "max_tokens",
                           "max_completion_tokens", "temperature", "top_p", "n", "request_id"})
 DEAD_ANSWER = "EngineCore encountered an issue"  # vLLM's EngineDeadError message
+SETTLE_S = 8.0  # an engine still up this long after a death on the same generation never died
 
 
 @dataclass(frozen=True)
@@ -117,9 +122,11 @@ class EngineDied(Exception):
 class CrashGuard:
     """Shared by the gateway's engines: what succeeded, what killed, what is in flight."""
 
-    def __init__(self, *, death_check_s: float = 15.0, metrics=None) -> None:
+    def __init__(self, *, death_check_s: float = 15.0, metrics=None,
+                 engines: Callable[[], list[Engine]] | None = None) -> None:
         self.death_check_s = death_check_s
         self.metrics = metrics
+        self.engines = engines or list  # the gateway's, for a retry elsewhere
         self.good: set[Shape] = set()
         self.blocked: dict[Shape, str] = {}  # shape -> why (when, which death)
         self.deaths: list[Death] = []
@@ -184,9 +191,14 @@ class CrashGuard:
         raise EngineDied(death, flight.shape)
 
     async def _died(self, flight: _Flight, response: httpx.Response | None) -> bool:
+        engine = flight.engine
+        if getattr(engine, "closed", False):
+            return False  # deregistered, not dead: an ordinary error, retried by the client
         if response is not None and DEAD_ANSWER in response.text:
+            if engine.process is None:  # an upstream: its answer is all the gateway sees
+                engine.crashed.setdefault(flight.generation, True)
             return True
-        engine, deadline = flight.engine, time.monotonic() + self.death_check_s
+        deadline = time.monotonic() + self.death_check_s
         misses = 0
         while time.monotonic() < deadline:
             if engine.generation != flight.generation:
@@ -212,9 +224,12 @@ class CrashGuard:
         if crashed is False:
             death.cause = "its process was stopped from outside, no request is blamed"
         else:
-            never_good = {s for s in suspects if s not in self.good}
+            # an upstream that just stopped answering (crashed None: restarted, moved, its
+            # network) proves nothing against a new shape: only a second death does
+            never_good = {s for s in suspects if s not in self.good} if crashed else set()
             death.blamed = never_good or {s for s in suspects if self._at_deaths[s] >= 2}
-            death.cause = "EngineCore raised an exception" if crashed else \
+            death.cause = ("EngineCore raised an exception" if first.engine.process is not None
+                           else "vLLM answered that its EngineCore died") if crashed else \
                 "the engine stopped answering"
         when = time.strftime("%Y-%m-%d %H:%M:%S")
         for shape in death.blamed:
@@ -247,8 +262,16 @@ class CrashGuard:
                 from None
 
     async def wait_back(self, death: Death, wait_s: float) -> None:
-        engine, deadline = death.engine, time.monotonic() + wait_s
-        while not (engine.up and engine.generation != death.generation):
+        """Until a retry can go somewhere: the engine back (restarted), another engine up, or
+        the engine up and passing its health checks past SETTLE_S on the same generation
+        (never down: the supervisor marks an engine down after three failed checks, 2 s
+        apart)."""
+        engine, start = death.engine, time.monotonic()
+        deadline = start + wait_s
+        while not ((engine.up and engine.generation != death.generation)
+                   or any(e.up for e in self.engines() if e is not engine)
+                   or (engine.up and not engine.failed_checks
+                       and time.monotonic() - start > SETTLE_S)):
             if time.monotonic() > deadline:
                 raise ApiError(503, f"vLLM's engine died and did not come back within "
                                f"{wait_s:.0f} s ({engine.reason}); retry later",

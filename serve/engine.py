@@ -36,6 +36,7 @@ class Engine:
         self.base_id: str | None = None  # the base model's name on this server
         self.failed_checks = 0  # consecutive failed health checks
         self.crashed: dict[int, bool] = {}  # generation -> EngineCore raised (vs. was killed)
+        self.closed = False  # dropped by the gateway (deregistered): nothing more is sent
         self._timeout = httpx.Timeout(timeout_s, connect=5.0)
         self._transport = transport
         self.client = self._new_client()
@@ -50,9 +51,12 @@ class Engine:
         return f"Engine({self.url!r}, up={self.up})"
 
     async def aclose(self) -> None:
+        self.closed, self.up = True, False
         await self.client.aclose()
 
     async def healthy(self) -> bool:
+        if self.closed:
+            return False
         try:
             response = await self.client.get("/health", timeout=5.0)
         except httpx.HTTPError:
@@ -93,19 +97,35 @@ class Engine:
     @asynccontextmanager
     async def stream(self, path: str, body: dict) -> AsyncIterator[httpx.Response]:
         """Forward a streaming request; the caller iterates the response's lines."""
+        self._check_open()
         try:
             async with self.client.stream("POST", path, json=body) as response:
                 yield response
+        except (httpx.ReadTimeout, httpx.WriteTimeout) as exc:  # reached, but too slow
+            raise EngineError(self._too_slow(exc), 504) from None
         except httpx.TransportError as exc:
             raise EngineError(self._unreachable(exc)) from None
 
     async def _post(self, path: str, body: dict, timeout: float | None = None) -> httpx.Response:
+        self._check_open()
         try:
             if timeout is None:
                 return await self.client.post(path, json=body)
             return await self.client.post(path, json=body, timeout=timeout)
+        except (httpx.ReadTimeout, httpx.WriteTimeout) as exc:  # reached, but too slow
+            raise EngineError(self._too_slow(exc), 504) from None
         except httpx.TransportError as exc:
             raise EngineError(self._unreachable(exc)) from None
+
+    def _too_slow(self, exc: Exception) -> str:
+        return (f"vLLM at {self.url} did not answer in time ({type(exc).__name__}; the "
+                f"gateway waits {self._timeout.read:g} s, LORASTACK_REQUEST_TIMEOUT_S): ask "
+                f"for fewer tokens or send fewer inputs at once, or raise the limit")
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise EngineError(f"vLLM at {self.url} has left this gateway ({self.reason}); "
+                              f"retry: the request goes to another engine")
 
     def _unreachable(self, exc: Exception) -> str:
         if isinstance(exc, httpx.ConnectError):  # refused: nobody listens, it is down for sure

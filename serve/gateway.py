@@ -55,7 +55,7 @@ class Gateway:
                  base: BaseModel | None = None) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self.guard = CrashGuard(metrics=self.metrics)
+        self.guard = CrashGuard(metrics=self.metrics, engines=lambda: self.engines)
         self.base = base
         self.engines = engines or []
         self.registry: Registry | None = None
@@ -97,6 +97,17 @@ class Gateway:
         # what vLLM's model class for this base carries LoRA on: asked beside the engine start
         modules = asyncio.create_task(asyncio.to_thread(servable_modules, base.path)
                                       if s.lora else asyncio.sleep(0, None))
+        try:
+            await self._start_serving(modules)
+        except BaseException:  # a failed start (or Ctrl-C) leaves no vLLM behind
+            self._own_work_dir = False  # but its log, which the error points to, stays
+            with contextlib.suppress(Exception):
+                await self.stop()
+            raise
+
+    async def _start_serving(self, modules: asyncio.Task) -> None:
+        s, base = self.settings, self.base
+        assert base is not None  # start() resolved it
         if not self.engines:
             self.engines = await self._start_engines()
         for engine in self.engines:
@@ -112,7 +123,7 @@ class Gateway:
         say(f"serving {base.name} and {len(reg.current)} adapter(s) from "
             f"{store.root}" + (f"; refused: {', '.join(reg.problems)}" if reg.problems else ""))
         # tokenizer warm-up here, not on the first request
-        await asyncio.to_thread(self.tokenizer.get)
+        await asyncio.to_thread(self.tok.get)
         self._tasks = [asyncio.create_task(self._watch_store()),
                        asyncio.create_task(self._supervise())]
 
@@ -154,6 +165,9 @@ class Gateway:
         except StartError as exc:
             proc.stop()
             say(f"vLLM failed to start: {exc}")  # plainly, before the server's traceback
+            raise
+        except BaseException:  # Ctrl-C or a cancelled start: not yet one of self.engines
+            proc.stop()
             raise
         say(f"vLLM is healthy after {self.startup_s:.0f} s")
         return [Engine(proc.url, timeout_s=s.request_timeout_s, process=proc)]
@@ -202,9 +216,10 @@ class Gateway:
             say(f"vLLM at {engine.url} left ({folder}); its requests go to the others")
             self.engines.remove(engine)
             engine.up, engine.reason = False, "deregistered"
+            engine.generation += 1  # what the registry thinks is loaded there is gone
             self.reg.leases.forget_engine(engine.url)
             self.metrics.vllm_up.labels(engine.url).set(0)
-            await engine.aclose()
+            await engine.aclose()  # requests in flight there fail as EngineError
         known = {e.url for e in self.engines}
         for url in sorted(urls - known):
             engine = Engine(url, timeout_s=self.settings.request_timeout_s)

@@ -66,7 +66,16 @@ class Leases:
     @asynccontextmanager
     async def locked(self, name: str):
         """locked_sync for the event loop: the wait for another holder runs in a thread."""
-        fd = await asyncio.to_thread(self._acquire, name)
+        taking = asyncio.ensure_future(asyncio.to_thread(self._acquire, name))
+        try:
+            fd = await asyncio.shield(taking)
+        except asyncio.CancelledError:  # the thread still takes the lock: give it back then
+            def give_back(done: asyncio.Future) -> None:
+                if not done.cancelled() and done.exception() is None:
+                    self._release(name, done.result())
+
+            taking.add_done_callback(give_back)
+            raise
         try:
             yield
         finally:

@@ -25,6 +25,7 @@ import asyncio
 import logging
 import shutil
 import time
+from collections import Counter
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ from lorastack.adapters.files import (
 from lorastack.adapters.manifest import (
     AdapterError,
     AdapterManifest,
+    AdapterNotFoundError,
     ServingLimits,
     check_servable,
     short_hash,
@@ -49,6 +51,11 @@ from lorastack.serve.engine import Engine, EngineError
 from lorastack.serve.leases import Leases
 
 log = logging.getLogger("lorastack.serve")
+
+
+class Superseded(AdapterNotFoundError):
+    """add() lost to a remove() (the store's, or an unload by hand) while it prepared the
+    adapter: the removal stands."""
 
 
 class UnknownModelError(LookupError):
@@ -136,6 +143,7 @@ class Registry:
         self.ensembles: dict[str, EnsembleManifest] = {}  # <name>.ensemble.json, read and checked
         self._ensemble_stamps: dict[str, Any] = {}
         self._lock = asyncio.Lock()
+        self._removals: Counter[str] = Counter()  # name -> remove() calls: add() checks it
         self._seen: StoreSnapshot | None = None
         self._rr = 0
 
@@ -143,6 +151,10 @@ class Registry:
 
     def names(self) -> list[str]:
         return sorted(self.current)
+
+    def serves(self, name: str) -> bool:
+        """Whether `name` is the base model, a served adapter or a stored ensemble."""
+        return name == self.base_name or name in self.current or name in self.ensembles
 
     def get(self, name: str) -> Served:
         served = self.current.get(name)
@@ -217,12 +229,17 @@ class Registry:
                 elif name not in self.disabled or event == "changed":
                     self.disabled.discard(name)  # a new write of an unloaded adapter serves it
                     await self.add(name)
+            except Superseded:
+                log.info("not serving %s: unloaded by hand while it was prepared", name)
             except AdapterError as exc:
                 self.problems[name] = str(exc)
                 log.warning("not serving %s: %s", name, exc)
             except EngineError as exc:
                 self.problems[name] = str(exc)
                 log.warning("could not load %s into vLLM: %s", name, exc)
+            except Exception as exc:  # the pass goes on: the store has moved past this event
+                self.problems[name] = f"{type(exc).__name__}: {exc}"
+                log.exception("store watcher: %s %s", event, name)
         await asyncio.to_thread(self._refresh_ensembles)
 
     def _refresh_ensembles(self) -> None:
@@ -268,9 +285,14 @@ class Registry:
         if not self.lora:
             raise AdapterError("this gateway serves the base model alone (--no-lora): restart "
                                "it without --no-lora to serve adapters")
-        fresh = await asyncio.to_thread(self._prepare, name)
+        ticket = self._removals[name]
+        fresh = await asyncio.to_thread(self._prepare, name)  # outside the lock: disk, hashing
         self.problems.pop(name, None)
         async with self._lock:
+            if self._removals[name] != ticket:  # removed or unloaded meanwhile: that stands
+                await self._forget(fresh)
+                raise Superseded("it was removed from the store or unloaded while it was being "
+                                 "prepared for serving", name, None, "load it again")
             old = self.current.get(name)
             if old is not None and old.identity == fresh.identity:
                 served = old  # same bytes (touched, or asked again): nothing to swap
@@ -299,6 +321,7 @@ class Registry:
     async def remove(self, name: str, *, by_hand: bool = False) -> bool:
         """Stop serving `name`; requests already running on it finish first."""
         async with self._lock:
+            self._removals[name] += 1  # an add() preparing it now must not bring it back
             if by_hand:
                 self.disabled.add(name)
             served = self.current.pop(name, None)
@@ -440,7 +463,13 @@ class Registry:
         """Store -> checked, immutable snapshot (runs in a thread: disk and hashing)."""
         adapter = self.store.resolve(name, base_fingerprint=self.base.fingerprint)
         check_servable(adapter, self.limits)
-        return self._snapshot(adapter)
+        try:
+            return self._snapshot(adapter)
+        except OSError as exc:  # removed or rewritten while copied, a full disk, permissions
+            raise AdapterError(f"could not be copied for serving ({exc})", name, adapter.path,
+                               f"check the store and the work dir {self.snapshots.parent} "
+                               f"(space, permissions); it is tried again when it changes") \
+                from None
 
     def _snapshot(self, adapter: Adapter) -> Served:
         # under the name's lock: no gateway deletes the pinned version before it is referred to
@@ -458,3 +487,5 @@ async def _quietly(coro) -> None:
         await coro
     except EngineError as exc:
         log.warning("%s", exc)
+    except Exception:  # whatever it was, the caller's swap or removal goes on
+        log.exception("unloading failed")

@@ -34,8 +34,8 @@ WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
 
 def _die_with_parent() -> None:
-    """In the child before exec (Linux): SIGTERM it when the process that started it dies, so
-    that a Ray replica killed without its destructor leaves no vLLM behind."""
+    """In the child before exec (Linux): SIGTERM it when the thread that started it dies, so
+    that a gateway or a Ray replica killed without its shutdown leaves no vLLM behind."""
     import ctypes
 
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -85,7 +85,7 @@ class ChildProcess:
         self.slow_hint = slow_hint  # what to do when it is not healthy in time
         self.proc: subprocess.Popen | None = None
         self.log_offset = 0  # where this start's lines begin in the log file
-        self.die_with_parent = False  # SIGTERM it when its starter dies (a Ray replica)
+        self.die_with_parent = False  # SIGTERM it when the thread that started it dies
 
     @property
     def url(self) -> str:
@@ -135,7 +135,7 @@ class ChildProcess:
                 except httpx.HTTPError:
                     pass
                 if elapsed > timeout_s:
-                    self.stop()
+                    await asyncio.to_thread(self.stop)  # its grace period off the event loop
                     raise StartError(f"{self.name} did not become healthy within "
                                      f"{timeout_s:.0f} s{self.slow_hint}.\n{self.describe_log()}")
                 if progress and elapsed - last_note >= 10:
@@ -164,12 +164,13 @@ class ChildProcess:
         except ProcessLookupError:
             proc.poll()
             return
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
+        # what is left of the group (a child that ignored SIGTERM, or outlived its parent):
+        # the group's id stays reserved while any member lives, so this reaches only them
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
 
 
 class VllmProcess(ChildProcess):
@@ -191,6 +192,10 @@ class VllmProcess(ChildProcess):
             "--disable-uvicorn-access-log", *s.vllm_args],
             slow_hint=" (raise --start-timeout on a slow machine)", host=s.vllm_host)
         self.settings = settings
+        # a gateway killed outright (SIGKILL, out of memory) runs no shutdown: its vLLM, in a
+        # session of its own, would live on holding the port and the memory. Started from the
+        # event loop's thread, which lives as long as the gateway.
+        self.die_with_parent = True
 
     def environment(self) -> dict[str, str]:
         # glibc's malloc, even when the gateway runs under tcmalloc: measured, tcmalloc saved

@@ -27,7 +27,8 @@ Body = Annotated[ClassifyRequest, json_body(ClassifyRequest, code="invalid_reque
 @router.post("/v1/classify", response_model=ClassifyResponse, response_model_exclude_none=True,
              openapi_extra=documented(ClassifyRequest))
 async def classify(request: Request, gw: GatewayDep, req: Body) -> ClassifyResponse:
-    request.state.model = ",".join(req.models)
+    requested = ",".join(req.models)
+    request.state.model = ",".join(sorted(set(req.models)))  # one metric label per set
     s, reg = gw.settings, gw.reg
     check_batch(req.records, s.max_batch)
     models, ensemble = _expand(reg, req.models)
@@ -40,9 +41,17 @@ async def classify(request: Request, gw: GatewayDep, req: Body) -> ClassifyRespo
     members = [reg.merged if name == reg.base_name and reg.merged else reg.get(name)
                for name in models]
     labels = check_classifiers(members, req.records)
+    checked = dict(zip(models, members, strict=True))
 
     async def one(name: str):
         async with reg.use(name) as (served, engine):  # this version's manifest and weights
+            if served is not checked[name]:  # swapped since the check: check what is held
+                check_classifiers([served], req.records)
+                if set(served.manifest.labels) != set(labels):
+                    raise ApiError(409, f"{name!r} was replaced in the store by a version with "
+                                   f"the labels {list(served.manifest.labels)} (not {labels}) "
+                                   f"while this request was served; send it again",
+                                   "adapter_changed", "model")
             rows = await asyncio.to_thread(build_rows, gw.tok, served, req.records,
                                            s.max_prompt_tokens)  # PromptTooLong: app.py
 
@@ -60,7 +69,7 @@ async def classify(request: Request, gw: GatewayDep, req: Body) -> ClassifyRespo
 
     answers = await asyncio.gather(*(replayable(name) for name in models))
     gw.metrics.tokens.labels(request.state.model, "prompt").inc(sum(t for t, _ in answers))
-    return classify_response(request.state.model, labels, models, answers, len(req.records),
+    return classify_response(requested, labels, models, answers, len(req.records),
                              req.top_k, ensemble)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections import Counter
 
 import pytest
 from serve_helpers import wait_for, write_fake_adapter
@@ -35,7 +36,7 @@ class StubEngine:
     def __init__(self) -> None:
         self.url, self.generation, self.up, self.alive = "stub", 0, True, True
         self.process, self.crashed = None, {}
-        self.reason = "ok"
+        self.reason, self.failed_checks = "ok", 0
 
     async def healthy(self) -> bool:
         return self.alive
@@ -43,6 +44,9 @@ class StubEngine:
 
 def flight(guard, engine, shape):
     return guard._start(engine, shape)[1]
+
+
+DEAD = type("R", (), {"text": '{"error": {"message": "EngineCore encountered an issue."}}'})()
 
 
 def test_never_good_shape_in_flight_is_blamed_and_refused():
@@ -53,14 +57,36 @@ def test_never_good_shape_in_flight_is_blamed_and_refused():
     first = flight(guard, engine, plain)
     flight(guard, engine, odd)
     engine.alive = False
-    with pytest.raises(EngineDied) as info:
-        asyncio.run(guard._raise_if_dead(first, None))
+    with pytest.raises(EngineDied) as info:  # the upstream said its EngineCore died
+        asyncio.run(guard._raise_if_dead(first, DEAD))
     assert not info.value.killer  # the plain request is retried, not blamed
     assert info.value.death.blamed == {odd}
     with pytest.raises(ApiError) as refused:
         guard.admit(odd)
     assert refused.value.status == 500 and refused.value.code == "refused_engine_killer"
     guard.admit(plain)  # still admitted
+
+
+def test_an_upstream_that_stops_answering_blames_a_new_shape_only_at_a_second_death():
+    """No EngineCore answer from an upstream (a restart, a move): the never-good shape in
+    flight is not refused for it; in flight at a second death, it is."""
+    guard, engine = CrashGuard(), StubEngine()
+    odd = Shape("completions", "adapter", ("prompt_logprobs",))
+    engine.alive = False
+    for generation in (0, 1):
+        engine.generation = generation
+        with pytest.raises(EngineDied) as info:
+            asyncio.run(guard._raise_if_dead(flight(guard, engine, odd), None))
+        guard._flights.clear()
+        assert info.value.killer == (generation == 1), info.value.death.cause
+    assert "stopped answering" in info.value.death.cause and odd in guard.blocked
+
+
+def test_an_upstream_that_left_did_not_die():
+    guard, engine = CrashGuard(), StubEngine()
+    engine.alive, engine.closed = False, True
+    asyncio.run(guard._raise_if_dead(flight(guard, engine, Shape("chat", "base", ())), None))
+    assert not guard.deaths and not guard.blocked
 
 
 def test_killed_from_outside_blames_nobody():
@@ -121,6 +147,31 @@ def test_retry_once_waits_for_restart_then_replays():
         return out
 
     assert asyncio.run(main()) == "answer" and calls == [0, 1]
+
+
+def test_a_retry_goes_to_another_engine_or_to_one_that_never_went_down(monkeypatch):
+    """After a death, the retry does not wait for that engine to restart when another engine
+    is up, nor when the engine passes its health checks past SETTLE_S on the same generation
+    (a death judged on two missed checks that the supervisor never confirmed)."""
+    from lorastack.serve import crashes
+
+    monkeypatch.setattr(crashes, "SETTLE_S", 0.3)
+    dead, other = StubEngine(), StubEngine()
+    dead.up, other.up = False, True
+    guard = CrashGuard(engines=lambda: [dead, other])
+    death = crashes.Death(dead, 0, Counter())
+    started = time.monotonic()
+    asyncio.run(guard.wait_back(death, 5))  # the other engine is up: at once
+    assert time.monotonic() - started < 0.5
+    alone = CrashGuard(engines=lambda: [dead])
+    dead.up, dead.failed_checks = True, 1  # up, but failing checks: wait
+    with pytest.raises(ApiError) as info:
+        asyncio.run(alone.wait_back(death, 0.6))
+    assert info.value.status == 503
+    dead.failed_checks = 0  # passing them: after SETTLE_S
+    started = time.monotonic()
+    asyncio.run(alone.wait_back(death, 5))
+    assert 0.3 <= time.monotonic() - started < 1.5
 
 
 def test_gateway_answers_killer_retries_the_other_and_refuses_the_shape(make, store):

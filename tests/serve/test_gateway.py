@@ -82,6 +82,63 @@ def test_hot_load_replace_and_unload(make, store):
         assert missing.status_code == 404
 
 
+def test_classify_scores_the_version_it_checked_or_says_it_changed(make, store, monkeypatch):
+    """A swap between the route's checks and the scoring: a new version with the same labels is
+    scored; one whose labels changed is a 409 that says so, not a 500."""
+    write_fake_adapter(store, "a")
+    with make() as (client, _, gw):
+        reg = gw.registry
+        old = reg.current["a"]
+        write_fake_adapter(store, "a", salt=1, replace=True)  # the same labels
+        assert wait_for(lambda: reg.current["a"] is not old)
+        real_get, stale = reg.get, []
+
+        def get(name):  # the route's check reads `old`; the scoring holds what is current
+            return stale.pop() if name == "a" and stale else real_get(name)
+
+        monkeypatch.setattr(reg, "get", get)
+        stale.append(old)
+        r = client.post("/v1/classify", json={"model": "a", "input": ["fine"]})
+        assert r.status_code == 200 and not stale, r.text
+        assert set(r.json()["data"][0]["probabilities"]) == {"yes", "no"}
+        newer = reg.current["a"]
+        write_fake_adapter(store, "a", salt=2, replace=True, labels=("good", "bad"))
+        assert wait_for(lambda: reg.current["a"] is not newer)
+        stale.append(newer)
+        r = client.post("/v1/classify", json={"model": "a", "input": ["fine"]})
+        assert r.status_code == 409, r.text
+        err = r.json()["error"]
+        assert err["code"] == "adapter_changed" and "'good', 'bad'" in err["message"], err
+        monkeypatch.setattr(reg, "get", real_get)
+        r = client.post("/v1/classify", json={"model": "a", "input": ["fine"]})
+        assert r.status_code == 200 and set(r.json()["data"][0]["probabilities"]) == {"good",
+                                                                                   "bad"}
+
+
+def test_metrics_label_only_the_models_served(make, store):
+    """A model name nobody serves is counted as "unknown": a client making up names must not
+    grow /metrics without end."""
+    write_fake_adapter(store, "a")
+    write_fake_adapter(store, "b", salt=1)
+    with make() as (client, _, _):
+        for i in range(5):
+            assert client.post("/v1/completions", json={"model": f"made-up-{i}",
+                                                        "prompt": "x"}).status_code == 404
+        assert client.post("/v1/completions", json={"model": "a", "prompt": "x"}).status_code \
+            == 200
+        for pair in (["a", "b"], ["b", "a"]):  # one label for the set, whatever the order
+            r = client.post("/v1/classify", json={"model": pair, "input": ["x"]})
+            assert r.status_code == 200 and r.json()["model"] == ",".join(pair), r.text
+        text = client.get("/metrics").text
+    assert "made-up" not in text, text
+    counts = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+              for line in text.splitlines() if line.startswith("lorastack_requests_total{")}
+    assert counts['lorastack_requests_total{model="unknown",route="/v1/completions",'
+                  'status="404"}'] == 5, counts
+    assert counts['lorastack_requests_total{model="a",route="/v1/completions",status="200"}'] == 1
+    assert counts['lorastack_requests_total{model="a,b",route="/v1/classify",status="200"}'] == 2
+
+
 def test_replace_waits_for_requests_in_flight(make, store):
     write_fake_adapter(store, "live")
     with make() as (client, fake, gw):
@@ -146,6 +203,153 @@ def test_auth(make, store):
         assert client.post("/v1/adapters/unload", json={"name": "a"},
                            headers=ADMIN).status_code == 200
         assert client.get("/health").status_code == 200  # probes need no key
+
+
+def test_a_failed_start_stops_the_engine_it_started(fake_base, tmp_path):
+    """Whatever fails after vLLM is up (here a store path that is a file) stops it: a gateway
+    that does not start leaves no engine behind, and says what failed."""
+    import asyncio
+
+    class Process:  # what the gateway's own VllmProcess offers it
+        stopped = False
+
+        def stop(self):
+            Process.stopped = True
+
+        def exit_code(self):
+            return None if not Process.stopped else -1
+
+    fake = FakeVllm()
+    engine = Engine("http://fake-vllm", transport=httpx.ASGITransport(fake.app),
+                    process=Process())
+    not_a_folder = tmp_path / "store"
+    not_a_folder.write_text("a file, not a folder")
+    gw = Gateway(ServeSettings(store=not_a_folder, work_dir=tmp_path / "work"),
+                 engines=[engine], base=fake_base)
+    with pytest.raises(OSError, match="store"):
+        asyncio.run(gw.start())
+    assert Process.stopped
+    assert (tmp_path / "work").is_dir()  # a given work dir is the user's: never removed
+
+
+def test_an_ensemble_file_with_a_name_no_model_may_have_is_refused_not_fatal(make, store):
+    """A copy made by hand ("x (copy).ensemble.json") is listed as refused, with the rule;
+    the gateway starts, serves the rest and keeps watching the store."""
+    write_fake_adapter(store, "a")
+    (store.root / "x (copy).ensemble.json").write_text("{}")
+    with make() as (client, _, gw):
+        assert "x (copy)" in gw.registry.problems
+        assert "name" in gw.registry.problems["x (copy)"]
+        write_fake_adapter(store, "b", salt=1)  # the watcher still runs
+        assert wait_for(lambda: "b" in gw.registry.current)
+        assert client.post("/v1/completions", json={"model": "b", "prompt": "x"}).status_code \
+            == 200
+
+
+def test_the_watcher_serves_the_rest_of_a_pass_when_one_adapter_fails(make, store,
+                                                                      monkeypatch):
+    """An unexpected error on one store entry (here the copy for serving hits a full disk)
+    is listed against that name; the other entries of the same pass are served."""
+    import errno
+
+    with make() as (client, _, gw):
+        reg = gw.registry
+        real = reg._snapshot
+
+        def snapshot(adapter):
+            if adapter.name == "x":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(adapter)
+
+        monkeypatch.setattr(reg, "_snapshot", snapshot)
+        for name, salt in (("x", 1), ("y", 2)):
+            write_fake_adapter(store, name, salt=salt)
+        assert wait_for(lambda: "y" in reg.current and "x" in reg.problems)
+        assert "No space left" in reg.problems["x"] and "x" not in reg.current
+        r = client.post("/v1/adapters/load", json={"name": "x"}, headers=ADMIN)
+        assert r.status_code == 422 and "No space left" in r.json()["error"]["message"], r.text
+
+
+def test_an_engine_the_gateway_dropped_fails_as_an_engine_error():
+    """An upstream that left (--upstream-dir) has its client closed: what still reaches it
+    (a retry, an unload of what it held) is an EngineError the routes answer 503, not a 500."""
+    import asyncio
+
+    from lorastack.serve.engine import EngineError
+
+    engine = Engine("http://fake-vllm", transport=httpx.ASGITransport(FakeVllm().app))
+
+    async def main():
+        assert await engine.healthy()
+        engine.reason = "deregistered"
+        await engine.aclose()
+        assert not await engine.healthy() and not engine.up
+        for call in (engine.post_json("/v1/completions", {"model": "x", "prompt": "y"}),
+                     engine.unload_lora("a@1234abcd")):
+            with pytest.raises(EngineError, match="has left this gateway") as info:
+                await call
+            assert info.value.status == 503
+
+    asyncio.run(main())
+
+
+def test_a_load_by_hand_loses_to_a_removal_made_while_it_prepared(make, store, monkeypatch):
+    """POST /v1/adapters/load copies and hashes outside the registry's lock; an adapter removed
+    from the store meanwhile stays removed (404), not served from a copy of what is gone."""
+    write_fake_adapter(store, "x")
+    with make() as (client, _, gw):
+        reg = gw.registry
+        assert client.post("/v1/adapters/unload", json={"name": "x"}).status_code == 200
+        entered, release = threading.Event(), threading.Event()
+        real = reg._prepare
+
+        def prepare(name):
+            served = real(name)
+            entered.set()
+            release.wait(10)
+            return served
+
+        monkeypatch.setattr(reg, "_prepare", prepare)
+        result = {}
+        worker = threading.Thread(target=lambda: result.update(r=client.post(
+            "/v1/adapters/load", json={"name": "x"})))
+        worker.start()
+        assert entered.wait(10)
+        store.remove("x")
+        assert wait_for(lambda: reg._removals["x"] == 2)  # the unload, then the store's
+        release.set()
+        worker.join(10)
+        assert result["r"].status_code == 404, result["r"].text
+        assert "removed from the store or unloaded" in result["r"].json()["error"]["message"]
+        assert "x" not in reg.current
+        assert client.post("/v1/completions", json={"model": "x", "prompt": "y"}) \
+            .status_code == 404
+
+
+def test_an_engine_too_slow_to_answer_is_a_504_that_names_the_limit():
+    """Past LORASTACK_REQUEST_TIMEOUT_S the answer says the engine was slow (504), not that it
+    is unreachable and being restarted."""
+    import asyncio
+    import socket
+
+    from lorastack.serve.engine import EngineError
+
+    listener = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
+    port = listener.getsockname()[1]
+    engine = Engine(f"http://127.0.0.1:{port}", timeout_s=0.3)
+
+    async def main():
+        with pytest.raises(EngineError) as info:
+            await engine.post_json("/v1/completions", {"model": "x", "prompt": "y"})
+        await engine.aclose()
+        return info.value
+
+    try:
+        err = asyncio.run(main())
+    finally:
+        listener.close()
+    assert err.status == 504 and "did not answer in time" in str(err), err
+    assert "LORASTACK_REQUEST_TIMEOUT_S" in str(err)
 
 
 def test_exposed_without_keys_refuses_to_start():

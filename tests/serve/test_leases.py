@@ -125,6 +125,43 @@ def test_the_name_lock_excludes_other_holders(tmp_path):
     assert order == ["first", "second"]
 
 
+def test_a_request_cancelled_while_it_waits_for_the_lock_gives_it_back(tmp_path):
+    """The wait runs in a thread that takes the lock after its waiter was cancelled (a client
+    that went away): the lock is released then, not held for ever."""
+    import asyncio
+    import contextlib
+
+    leases = Leases(tmp_path, gateway="1")
+    holder_in, holder_out = threading.Event(), threading.Event()
+
+    def holder():
+        with leases.locked_sync("a"):
+            holder_in.set()
+            holder_out.wait(10)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    assert holder_in.wait(5)
+
+    async def main():
+        async def wait_for_lock():
+            async with leases.locked("a"):
+                pass
+
+        task = asyncio.create_task(wait_for_lock())
+        await asyncio.sleep(0.2)  # waiting in its thread
+        task.cancel()
+        holder_out.set()  # the thread now takes the lock for a waiter that is gone
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        async with asyncio.timeout(5):  # taken again: it was given back
+            async with leases.locked("a"):
+                return True
+
+    assert asyncio.run(main())
+    thread.join(5)
+
+
 def test_a_version_used_twice_in_one_gateway_stays_until_both_let_go(tmp_path):
     """Removed and re-added while its old Served drains: two users, one gateway, one file."""
     leases = Leases(tmp_path, gateway="g")
