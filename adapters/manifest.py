@@ -17,7 +17,7 @@ import json
 import math
 import re
 import string
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -110,6 +110,37 @@ class NotServableError(AdapterError):
 
 # -- names ---------------------------------------------------------------------------------------
 
+def check_task(task: str, prompt_template: str, labels: Sequence[str] | None = None,
+               label_words: Mapping[str, str] | None = None) -> None:
+    """The rules a task's prompt and labels follow: what a manifest must hold, and what the
+    trainer's config is checked against before training (train/config.py; labels found in the
+    data, when the config lists none, once they are read). Raises ManifestError."""
+    try:
+        fields_used = [f for _, f, _, _ in string.Formatter().parse(prompt_template)
+                       if f is not None]
+    except ValueError as exc:
+        raise ManifestError(f"prompt_template is not a valid str.format template ({exc}): "
+                            f"{prompt_template!r}", fix="escape literal braces as {{ and }}") \
+            from None
+    if task == "classification" and not any(fields_used):
+        raise ManifestError(f"a classification prompt_template must use a record field such "
+                            f"as {{text}}, got {prompt_template!r}")
+    if task != "classification" or labels is None:
+        return
+    words = dict(label_words or {})
+    if len(labels) < 2 or not all(labels):
+        raise ManifestError(f"a classification adapter needs at least two non-empty labels, "
+                            f"got {list(labels)!r}")
+    if len(set(labels)) != len(labels):
+        raise ManifestError(f"labels repeat: {list(labels)!r}")
+    if set(words) - set(labels):
+        raise ManifestError(f"label_words keys must be labels ({list(labels)!r}), got {words!r}")
+    emitted = [words.get(lab, lab) for lab in labels]
+    if not all(emitted) or len(set(emitted)) != len(labels):
+        raise ManifestError(f"label words must be non-empty and distinct (they are what gets "
+                            f"scored), got {emitted!r}")
+
+
 def check_name(name: str) -> str:
     """Return `name` if it is a plain adapter name, else raise InvalidNameError.
 
@@ -147,7 +178,7 @@ def _rule(test: Callable[[Any], Any], words: str, before: bool = False) -> Any:
 
 
 Number = Annotated[float, Field(strict=True),  # strict: not a bool, not "1"
-                   _rule(lambda v: not math.isinf(v), "must be a finite number")]
+                   _rule(math.isfinite, "must be a finite number")]
 
 
 def short_hash(fingerprint: str, digits: int = 12) -> str:
@@ -283,35 +314,13 @@ class AdapterManifest(_Part):
 
     @model_validator(mode="after")
     def _fits_task(self) -> AdapterManifest:
-        try:
-            fields_used = [f for _, f, _, _ in string.Formatter().parse(self.prompt_template)
-                           if f is not None]
-        except ValueError as exc:
-            raise ManifestError(f"prompt_template is not a valid str.format template ({exc}): "
-                                f"{self.prompt_template!r}", fix="escape literal braces as "
-                                "{{ and }}") from None
-        if self.task == "classification" and not any(fields_used):
-            raise ManifestError(f"a classification prompt_template must use a record field "
-                                f"such as {{text}}, got {self.prompt_template!r}")
         labels = self.labels
-        if self.task == "generation":
-            if labels or self.label_words or self.label_bias:
-                raise ManifestError("a generation adapter has no labels, label_words or "
-                                    "label_bias")
-            return self
-        if len(labels) < 2 or not all(labels):
-            raise ManifestError(f"a classification adapter needs at least two non-empty "
-                                f"labels, got {list(labels)!r}")
-        if len(set(labels)) != len(labels):
-            raise ManifestError(f"labels repeat: {list(labels)!r}")
-        for field in ("label_words", "label_bias"):
-            if set(getattr(self, field)) - set(labels):
-                raise ManifestError(f"{field} keys must be labels ({list(labels)!r}), got "
-                                    f"{getattr(self, field)!r}")
-        emitted = [self.label_word(lab) for lab in labels]
-        if not all(emitted) or len(set(emitted)) != len(labels):
-            raise ManifestError(f"label words must be non-empty and distinct (they are what "
-                                f"gets scored), got {emitted!r}")
+        if self.task == "generation" and (labels or self.label_words or self.label_bias):
+            raise ManifestError("a generation adapter has no labels, label_words or label_bias")
+        check_task(self.task, self.prompt_template, labels, self.label_words)
+        if set(self.label_bias) - set(labels):
+            raise ManifestError(f"label_bias keys must be labels ({list(labels)!r}), got "
+                                f"{self.label_bias!r}")
         return self
 
     def label_word(self, label: str) -> str:

@@ -312,23 +312,33 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _task_fields(self) -> TrainConfig:
-        if self.task.type == "classification" and self.task.labels is not None:
-            if len(self.task.labels) < 2 or len(set(self.task.labels)) != len(self.task.labels):
-                raise ValueError("task.labels must list at least two distinct labels")
-            unknown = set(self.task.label_words) - set(self.task.labels)
+        from lorastack.adapters.manifest import ManifestError, check_task
+
+        task = self.task
+        if task.type == "classification" and task.labels is not None:
+            unknown = set(task.label_words) - set(task.labels)
             if unknown:
                 raise ValueError(f"task.label_words has labels not in task.labels: {unknown}")
+        if not task.messages_field:  # the manifest's rules, now rather than after training
+            try:
+                check_task(task.type, task.prompt, task.labels, task.label_words)
+            except ManifestError as exc:
+                raise ValueError(f"task: {exc.problem}" + (f" ({exc.fix})" if exc.fix else "")
+                                 ) from None
         if self.data.augment != "none" and self.task.type != "classification":
             raise ValueError("data.augment is for classification tasks only")
         return self
 
     @model_validator(mode="after")
     def _metric_exists(self) -> TrainConfig:
-        metric, allowed = self.training.early_stopping_metric, SELECTION_METRICS[self.task.type]
-        if metric is not None and metric not in allowed:
-            raise ValueError(f"training.early_stopping_metric={metric!r} is not a validation "
-                             f"metric of a {self.task.type} task: use one of "
-                             f"{', '.join(allowed)}, or null for {allowed[0]}")
+        allowed = SELECTION_METRICS[self.task.type]
+        for where, metric in (("training.early_stopping_metric",
+                               self.training.early_stopping_metric),
+                              ("search.metric", self.search.metric if self.search else None)):
+            if metric is not None and metric not in allowed:
+                raise ValueError(f"{where}={metric!r} is not a validation metric of a "
+                                 f"{self.task.type} task: use one of {', '.join(allowed)}, or "
+                                 f"null for {allowed[0]}")
         return self
 
     @property

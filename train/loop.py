@@ -129,78 +129,87 @@ class Trainer:
                     torch.manual_seed(hash((self.t.seed, dist.rank, st.step)) % 2**63)
         bar = tqdm(total=self.total_steps, initial=st.step, desc="training", unit="step",
                    dynamic_ncols=True, disable=not dist.is_main)
-        started = time.monotonic() - st.train_seconds
-        window_tokens, window_t0 = 0, time.monotonic()
-        while st.step < self.total_steps and not st.stopped_early:
-            if self.reaugment is not None and st.epoch != self._examples_epoch:
-                fresh = self.reaugment(st.epoch)
-                if len(fresh) != len(self.examples):
-                    raise RuntimeError(f"epoch {st.epoch}'s augmented copy has {len(fresh)} "
-                                       f"examples, epoch 0's had {len(self.examples)}")
-                self._set_examples(fresh)
-                self._examples_epoch = st.epoch
-            batches = epoch_batches(self.examples, self.t.batch_size, seed=self.t.seed,
-                                    epoch=st.epoch, group_by_length=self.t.group_by_length,
-                                    balanced=self.balanced)
-            while st.batch_in_epoch < len(batches) and st.step < self.total_steps:
-                self.model.train()
-                group = batches[st.batch_in_epoch:st.batch_in_epoch + self.t.grad_accum]
-                loss_sum, step_tokens, step_answer = 0.0, 0, 0
-                for idx in group:
-                    mine, idle = dist.shard(idx), False
-                    if not mine:  # a short last batch: nothing for this process
-                        if not self.lockstep:
+        try:  # a pruned trial or a crash closes the bar too
+            started = time.monotonic() - st.train_seconds
+            window_tokens, window_t0 = 0, time.monotonic()
+            while st.step < self.total_steps and not st.stopped_early:
+                if self.reaugment is not None and st.epoch != self._examples_epoch:
+                    fresh = self.reaugment(st.epoch)
+                    if len(fresh) != len(self.examples):
+                        raise RuntimeError(f"epoch {st.epoch}'s augmented copy has {len(fresh)} "
+                                           f"examples, epoch 0's had {len(self.examples)}")
+                    self._set_examples(fresh)
+                    self._examples_epoch = st.epoch
+                batches = epoch_batches(self.examples, self.t.batch_size, seed=self.t.seed,
+                                        epoch=st.epoch, group_by_length=self.t.group_by_length,
+                                        balanced=self.balanced)
+                while st.batch_in_epoch < len(batches) and st.step < self.total_steps:
+                    self.model.train()
+                    group = batches[st.batch_in_epoch:st.batch_in_epoch + self.t.grad_accum]
+                    loss_sum, step_tokens, step_answer = 0.0, 0, 0
+                    for idx in group:
+                        mine, idle = dist.shard(idx), False
+                        if not mine:  # a short last batch: nothing for this process
+                            if not self.lockstep:
+                                continue
+                            mine, idle = idx[:1], True  # run along (sharded layers), weight 0
+                        batch = collate([self.examples[i] for i in mine], self.pad_id, self.weights)
+                        batch = {k: v.to(device) for k, v in batch.items()}
+                        with (self.prefix.replaying(mine, batch["input_ids"].shape[1])
+                              if self.prefix is not None else contextlib.nullcontext()):
+                            loss, n_answer = answer_loss(self.model, batch)
+                        if dist.active:  # this shard's share of the global batch's mean loss
+                            loss = loss * (0.0 if idle else sum(self.loss_weight[i] for i in mine)
+                                           / max(sum(self.loss_weight[i] for i in idx), 1e-12))
+                        (loss / len(group)).backward()
+                        if idle:
                             continue
-                        mine, idle = idx[:1], True  # run along (sharded layers), weight 0
-                    batch = collate([self.examples[i] for i in mine], self.pad_id, self.weights)
-                    batch = {k: v.to(device) for k, v in batch.items()}
-                    with (self.prefix.replaying(mine, batch["input_ids"].shape[1])
-                          if self.prefix is not None else contextlib.nullcontext()):
-                        loss, n_answer = answer_loss(self.model, batch)
-                    if dist.active:  # this shard's share of the global batch's mean loss
-                        loss = loss * (0.0 if idle else sum(self.loss_weight[i] for i in mine)
-                                       / max(sum(self.loss_weight[i] for i in idx), 1e-12))
-                    (loss / len(group)).backward()
-                    if idle:
-                        continue
-                    loss_sum += loss.item() / len(group)
-                    step_tokens += int(batch["attention_mask"].sum())
-                    step_answer += n_answer
-                if dist.active:
-                    loss_sum, step_tokens, step_answer = distributed.all_reduce_gradients(
-                        dist, self.params, [loss_sum, step_tokens, step_answer])
-                    step_tokens, step_answer = round(step_tokens), round(step_answer)
-                st.tokens += step_tokens
-                st.answer_tokens += step_answer
-                window_tokens += step_tokens
-                if self.t.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(self.params, self.t.max_grad_norm)
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                st.batch_in_epoch += len(group)
-                st.step += 1
-                st.train_seconds = time.monotonic() - started
-                rate = window_tokens / max(time.monotonic() - window_t0, 1e-9)
-                lr = self.scheduler.get_last_lr()[0]
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}")
-                self.log.scalars(st.step, {"train/loss": loss_sum, "train/lr": lr,
-                                           "train/tokens_per_s": rate,
-                                           "train/epoch": st.epoch + st.batch_in_epoch
-                                           / len(batches)})
-                if st.step % self.t.eval_every == 0 or st.step == self.total_steps:
-                    self._evaluate_and_select()
-                if st.step % self.t.save_every == 0 or st.step == self.total_steps:
-                    self._save_checkpoint()
-                if self.on_step is not None:
-                    self.on_step(st)
-                if st.stopped_early:
-                    break
-                window_tokens, window_t0 = 0, time.monotonic()
-            if st.batch_in_epoch >= len(batches):
-                st.epoch, st.batch_in_epoch = st.epoch + 1, 0
-        bar.close()
+                        loss_sum += loss.item() / len(group)
+                        step_tokens += int(batch["attention_mask"].sum())
+                        step_answer += n_answer
+                    if dist.active:
+                        loss_sum, step_tokens, step_answer = distributed.all_reduce_gradients(
+                            dist, self.params, [loss_sum, step_tokens, step_answer])
+                        step_tokens, step_answer = round(step_tokens), round(step_answer)
+                    if not math.isfinite(loss_sum):  # nothing to learn from past this point
+                        from lorastack.train.config import ConfigError
+
+                        raise ConfigError(
+                            f"the training loss became {loss_sum} at step {st.step + 1}: "
+                            f"train again with a lower training.lr (now {self.t.lr:g}) and "
+                            f"training.max_grad_norm set (now {self.t.max_grad_norm})")
+                    st.tokens += step_tokens
+                    st.answer_tokens += step_answer
+                    window_tokens += step_tokens
+                    if self.t.max_grad_norm:
+                        torch.nn.utils.clip_grad_norm_(self.params, self.t.max_grad_norm)
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    st.batch_in_epoch += len(group)
+                    st.step += 1
+                    st.train_seconds = time.monotonic() - started
+                    rate = window_tokens / max(time.monotonic() - window_t0, 1e-9)
+                    lr = self.scheduler.get_last_lr()[0]
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}")
+                    self.log.scalars(st.step, {"train/loss": loss_sum, "train/lr": lr,
+                                               "train/tokens_per_s": rate,
+                                               "train/epoch": st.epoch + st.batch_in_epoch
+                                               / len(batches)})
+                    if st.step % self.t.eval_every == 0 or st.step == self.total_steps:
+                        self._evaluate_and_select()
+                    if st.step % self.t.save_every == 0 or st.step == self.total_steps:
+                        self._save_checkpoint()
+                    if self.on_step is not None:
+                        self.on_step(st)
+                    if st.stopped_early:
+                        break
+                    window_tokens, window_t0 = 0, time.monotonic()
+                if st.batch_in_epoch >= len(batches):
+                    st.epoch, st.batch_in_epoch = st.epoch + 1, 0
+        finally:
+            bar.close()
         if st.best_metric is None:  # no evaluation happened (cannot, but stay safe)
             self._evaluate_and_select()
         return st
@@ -319,17 +328,21 @@ class Trainer:
 
     def _save_checkpoint(self) -> None:
         st, dist = self.state, self.dist
+        device = next(self.model.parameters()).device
         rng_states = [torch.get_rng_state()]
+        # on a GPU, dropout draws from the device's generator: kept too
+        cuda_states = [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []
         if dist.active:  # every process's dropout stream, so that N processes resume exactly
-            device = next(self.model.parameters()).device
             rng_states = [r.cpu() for r in dist.all_gather(rng_states[0].to(device))]
+            if cuda_states:
+                cuda_states = [r.cpu() for r in dist.all_gather(cuda_states[0].to(device))]
         target = self.ckpt_dir / f"step-{st.step:07d}"
         if not dist.is_main or target.exists():
             return
         tensors, groups = _flatten_optimizer(self.optimizer.state_dict())
-        tensors["rng.torch"] = rng_states[0]
-        for rank, state in enumerate(rng_states[1:], start=1):
-            tensors[f"rng.torch.rank{rank}"] = state
+        for kind, states in (("torch", rng_states), ("cuda", cuda_states)):
+            for rank, state in enumerate(states):
+                tensors[f"rng.{kind}" + (f".rank{rank}" if rank else "")] = state
         with staging_dir(target) as tmp:
             save_file(self.adapter_state(), tmp / "adapter.safetensors")
             save_file(tensors, tmp / "optimizer.safetensors")
@@ -353,11 +366,15 @@ class Trainer:
             return None
         last = ckpts[-1]
         meta = json.loads((last / "state.json").read_text())
-        if _essential(meta["config"]) != _essential(self.cfg.model_dump(mode="json")):
-            raise RuntimeError(
+        changed = _differences(_essential(meta["config"]),
+                               _essential(self.cfg.model_dump(mode="json")))
+        if changed:
+            from lorastack.train.config import ConfigError
+
+            raise ConfigError(
                 f"cannot resume from {last}: the config changed in a way that alters training "
-                f"(model, data, task, LoRA or optimisation). Resume with the same config, or "
-                f"start fresh without --resume (delete {self.run_dir} to clean up).")
+                f"({'; '.join(changed[:4])}). Resume with the same config, or start fresh "
+                f"without --resume (delete {self.run_dir} to clean up).")
         self.load_adapter_state(load_file(last / "adapter.safetensors"))
         tensors = load_file(last / "optimizer.safetensors")
         torch.set_rng_state(tensors.pop("rng.torch"))
@@ -369,6 +386,10 @@ class Trainer:
         random.setstate(_tuple_rng(meta["python_rng"]))
         self.state = LoopState(**meta["loop"])
         own_rng = rank_rng.get(f"rng.torch.rank{self.dist.rank}")
+        device = next(self.model.parameters()).device
+        own_cuda = rank_rng.get("rng.cuda" + (f".rank{self.dist.rank}" if self.dist.rank else ""))
+        if device.type == "cuda" and own_cuda is not None:
+            torch.cuda.set_rng_state(own_cuda, device)
         if not self.dist.is_main:  # rank 0 alone keeps the run directory
             return own_rng
         if (last / "best.safetensors").is_file():  # a later best (after this checkpoint) is void
@@ -403,6 +424,24 @@ def overfitting_note(history: list[dict], metric: str, evals_without_improvement
             f"validation has not improved for {evals_without_improvement}: the best weights "
             f"are kept; consider fewer epochs, a lower lr, more lora.dropout or "
             f"early_stopping_patience")
+
+
+def checkpointed_config(run_dir: Path) -> dict | None:
+    """The config (as saved, batch_size resolved) of the run's last checkpoint, if any."""
+    ckpts = sorted((run_dir / "checkpoints").glob("step-*"))
+    return json.loads((ckpts[-1] / "state.json").read_text())["config"] if ckpts else None
+
+
+def _differences(saved: dict, now: dict, where: str = "") -> list[str]:
+    """The dotted settings whose values differ, as 'path: saved -> now'."""
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{where}{key}.")
+        elif a != b:
+            out.append(f"{where}{key}: {a!r} -> {b!r}")
+    return out
 
 
 def _essential(config: dict) -> dict:

@@ -27,11 +27,11 @@ class RunLogger:
             fh.write(json.dumps({"step": step, **values}) + "\n")
 
     def truncate_after(self, step: int) -> None:
-        """On resume: drop lines logged after the checkpoint (they will be logged again)."""
+        """On resume: drop lines logged after the checkpoint (they will be logged again), and
+        a last line a crash cut short."""
         if not self.jsonl.is_file():
             return
-        keep = [line for line in self.jsonl.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
+        keep = [json.dumps(row) for row in _rows(self.jsonl.read_text()) if row["step"] <= step]
         atomic_write_text(self.jsonl, "".join(line + "\n" for line in keep))
 
     def close(self) -> None:
@@ -42,7 +42,20 @@ def read_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _rows(path.read_text())
+
+
+def _rows(text: str) -> list[dict]:
+    """metrics.jsonl's rows; a line a crash or a full disk cut short is skipped."""
+    rows = []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and "step" in row:
+            rows.append(row)
+    return rows
 
 
 def pyplot():

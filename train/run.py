@@ -70,10 +70,21 @@ def train(cfg: TrainConfig | str | Path | dict, *, resume: bool = False,
     # (reserving training.cache_frozen_layers' kept states: the data are then tokenized once
     # more to count them)
     from lorastack.train.autobatch import fit_to_memory
+    from lorastack.train.loop import checkpointed_config
     from lorastack.train.plan import kept_tokens
 
-    cfg, chosen = fit_to_memory(cfg, dist.world,
-                                kept_tokens=lambda: kept_tokens(cfg, dist.world))
+    t = cfg.training
+    saved = checkpointed_config(Path(cfg.runs_dir) / cfg.name) if resume else None
+    if saved is not None and (t.batch_size == "auto" or t.memory_budget is not None):
+        # the choice the run made, not one made again (another machine, allocator or number
+        # of processes would choose otherwise, and the resume would be refused)
+        cfg = _as_chosen(cfg, saved)
+        chosen = (f"resuming with the batch the run chose: batch_size "
+                  f"{cfg.training.batch_size} x grad_accum {cfg.training.grad_accum}, "
+                  f"{cfg.quantization} base")
+    else:
+        cfg, chosen = fit_to_memory(cfg, dist.world,
+                                    kept_tokens=lambda: kept_tokens(cfg, dist.world))
     if chosen and dist.is_main:
         _say(chosen)
     device = distributed.init(dist)
@@ -127,8 +138,11 @@ def _train(cfg: TrainConfig, base, dist, device, t_start: float, resume: bool,
     val_set = encode_records(fmt, splits.validation, "validation")
     test_set = encode_records(fmt, splits.test, "test")
     if not train_set.examples or not val_set.examples:
-        raise ValueError(f"need training and validation examples, got {len(train_set.examples)} "
-                         f"and {len(val_set.examples)}: check the data and data.limit_*")
+        from lorastack.train.data import DataError
+
+        raise DataError(f"need training and validation examples, got {len(train_set.examples)} "
+                        f"and {len(val_set.examples)}: check the data, data.limit_* and "
+                        f"data.validation_fraction (or give data.validation)")
     grouped = epoch_batches(train_set.examples, cfg.training.batch_size, seed=0, epoch=0,
                             group_by_length=cfg.training.group_by_length)
     _say(f"data: train {len(train_set.examples)}, validation {len(val_set.examples)}, test "
@@ -203,7 +217,11 @@ def _train(cfg: TrainConfig, base, dist, device, t_start: float, resume: bool,
                       evaluate_train=(lambda: evaluate_split(watch)) if watch else None,
                       reaugment=reaugment if d.augment != "none" else None, lockstep=sharded,
                       prefix=prefix)
-    state = trainer.fit(resume=resume)
+    try:
+        state = trainer.fit(resume=resume)
+    except BaseException:  # a pruned trial, a crash: the event file is flushed and closed
+        logger.close()
+        raise
     if not dist.is_main:  # done: rank 0 evaluates the best weights and writes the adapter
         return TrainResult(cfg.name, Path(cfg.store or ""), run_dir, {},
                            {"rank": dist.rank, "steps": state.step})
@@ -282,14 +300,32 @@ def _train_sample(examples: list, n: int, seed: int) -> list:
     return random.Random(seed).sample(examples, min(n, len(examples)))
 
 
+def _as_chosen(cfg: TrainConfig, saved: dict) -> TrainConfig:
+    """`cfg` with the batch, checkpointing and base precision of a checkpoint's config."""
+    keys = ("batch_size", "grad_accum", "gradient_checkpointing")
+    training = cfg.training.model_copy(update={**{k: saved["training"][k] for k in keys},
+                                               "memory_budget": None})
+    return cfg.model_copy(update={"quantization": saved["quantization"], "training": training})
+
+
 def prompt_format(cfg: TrainConfig, tokenizer, train_records: list[dict]):
     """The PromptFormat a run encodes with: a classifier's labels from task.labels, else those
     found in the training records."""
+    from lorastack.adapters.manifest import ManifestError, check_task
+    from lorastack.train.data import DataError
     from lorastack.train.examples import PromptFormat, infer_labels
 
     labels = None
-    if cfg.task.type == "classification":
-        labels = cfg.task.labels or infer_labels(train_records, cfg.task.label_field)
+    task = cfg.task
+    if task.type == "classification":
+        labels = task.labels or infer_labels(train_records, task.label_field)
+        if not task.labels:  # the rules the config's labels were checked against
+            try:
+                check_task(task.type, task.prompt, labels, task.label_words)
+            except ManifestError as exc:
+                raise DataError(f"the labels found in the field {task.label_field!r} of the "
+                                f"training data: {exc.problem}; clean the data or list "
+                                f"task.labels") from None
     return PromptFormat(tokenizer, cfg, labels)
 
 

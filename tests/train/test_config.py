@@ -58,7 +58,17 @@ def test_overrides_are_parsed_as_yaml():
     ({"lora": {"use_dora": True}}, "vLLM cannot serve DoRA"),
     ({"name": "../evil"}, "name: adapter '../evil': the name is not plain"),
     ({"name": "a..b"}, "name: adapter 'a..b': the name is not plain"),  # the store's rule
-    ({"task": {"labels": ["only"]}}, "at least two distinct labels"),
+    ({"task": {"labels": ["only"]}}, "task: a classification adapter needs at least two"),
+    # the manifest's rules (adapters/manifest.py check_task), before training rather than after
+    ({"task": {"labels": ["", "neg"]}}, "at least two non-empty labels"),
+    ({"task": {"labels": ["pos", "neg"], "label_words": {"pos": "yes", "neg": "yes"}}},
+     "label words must be non-empty and distinct"),
+    ({"task": {"prompt": "Classify this review"}}, "must use a record field such as {text}"),
+    ({"task": {"prompt": "JSON {text"}}, "not a valid str.format template"),
+    ({"search": {"space": {"training.lr": {"low": 1e-4, "high": 1e-3}}, "metric": "f1"}},
+     "search.metric='f1' is not a validation metric of a classification task"),
+    ({"search": {"space": {"training.lr": {"low": 1e-4, "high": 1e-3}}, "metric": "ece"}},
+     "use one of macro_f1, accuracy, loss"),
     ({"task": {"type": "generation"}, "data": {"augment": "word_dropout"}},
      "data.augment is for classification tasks only"),
     ({"training": {"early_stopping_metric": "macro-f1"}},
@@ -150,3 +160,33 @@ def test_a_manifest_from_before_split_seed_keeps_the_validation_it_was_selected_
     assert trained and cfg.data.split_seed == 3 and cfg.training.seed == 3
     new = SimpleNamespace(name="new", training={**raw, "data": {**raw["data"], "split_seed": 0}})
     assert config_from_manifest(new)[0].data.split_seed == 0
+
+
+def test_labels_found_in_the_data_follow_the_manifest_rules():
+    """Without task.labels the labels come from the training data, and are held to the rules
+    task.labels is (check_task) before any training, not when the adapter is stored."""
+    from lorastack.train.data import DataError
+    from lorastack.train.run import prompt_format
+
+    same_word = build_config({"task": {"label_words": {"pos": "yes", "neg": "yes"}}})
+    records = [{"text": "a", "label": "pos"}, {"text": "b", "label": "neg"}]
+    with pytest.raises(DataError, match="label words must be non-empty and distinct"):
+        prompt_format(same_word, None, records)
+    with pytest.raises(DataError, match="field 'label' of the training data: .*non-empty"):
+        prompt_format(build_config({}), None, [*records, {"text": "c", "label": ""}])
+
+
+def test_a_metrics_line_a_crash_cut_short_does_not_stop_a_resume(tmp_path):
+    """metrics.jsonl is appended to; a crash (or a full disk) can leave half a line, which the
+    resume's truncation and the run's plot skip instead of raising."""
+    from lorastack.train.report import RunLogger, read_metrics
+
+    logger = RunLogger(tmp_path)
+    logger.scalars(1, {"train/loss": 1.0})
+    logger.scalars(2, {"train/loss": 0.5})
+    logger.close()
+    with open(tmp_path / "metrics.jsonl", "a", encoding="utf-8") as fh:
+        fh.write('{"step": 3, "train/lo')
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+    logger.truncate_after(1)
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "train/loss": 1.0}\n'

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from safetensors.torch import load_file
 
 from lorastack.adapters.store import AdapterStore
 from lorastack.train import TrainConfig, train
-from lorastack.train.config import build_config
+from lorastack.train.config import ConfigError, build_config
 from lorastack.train.data import DataError
 
 
@@ -96,8 +97,31 @@ def test_resume_refuses_a_changed_config(tiny_config):
     train(cfg)
     changed = json.loads(json.dumps(cfg))
     changed["training"]["lr"] = 1e-4
-    with pytest.raises(RuntimeError, match="config changed"):
+    with pytest.raises(ConfigError, match=r"config changed .*\(training\.lr: 0\.005 -> 0\.0001\)"):
         train(changed, resume=True)
+
+
+def test_resume_keeps_the_batch_that_batch_size_auto_chose(tiny_config, crash_at,
+                                                           monkeypatch):
+    """batch_size: auto is chosen once: a resume (on another machine, allocator or process
+    count, which would choose otherwise) takes the checkpoint's batch instead of refitting."""
+    from lorastack.train import autobatch
+    from lorastack.train.loop import checkpointed_config
+
+    cfg = json.loads(json.dumps(dict(tiny_config, name="auto-batch")))
+    cfg["training"].update(batch_size="auto", memory_budget="0.5")
+    with pytest.raises(crash_at.error):
+        train(cfg, on_step=crash_at(3))
+    saved = checkpointed_config(Path(cfg["runs_dir"]) / "auto-batch")
+    assert isinstance(saved["training"]["batch_size"], int)
+
+    def refit(*_, **__):
+        raise AssertionError("batch_size: auto was fitted again on resume")
+
+    monkeypatch.setattr(autobatch, "fit_to_memory", refit)
+    steps = []
+    result = train(cfg, resume=True, on_step=lambda s: steps.append(s.step))
+    assert steps == [3, 4, 5, 6] and result.adapter_dir.is_dir()
 
 
 def test_generation_run_scores_exact_match(tiny_config, review_files):
@@ -341,3 +365,23 @@ def test_loraplus_gives_b_its_own_learning_rate_and_resumes_exactly(tiny_config,
     a, b = _tensors(reference.adapter_dir), _tensors(resumed.adapter_dir)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+
+
+def test_a_loss_that_becomes_nan_stops_the_run_naming_the_fix(tiny_config, monkeypatch):
+    """A diverged run stops at the step it diverged, saying what to change, instead of
+    training on and exporting weights selected against a NaN."""
+    from lorastack.train import loop
+
+    real, calls = loop.answer_loss, []
+
+    def diverging(model, batch):  # the third forward pass (step 3) overflows
+        loss, n = real(model, batch)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) >= 3 else loss), n
+
+    monkeypatch.setattr(loop, "answer_loss", diverging)
+    cfg = dict(tiny_config, name="diverging")
+    with pytest.raises(ConfigError, match=r"the training loss became nan at step 3: "
+                                          r"train again with a lower training\.lr"):
+        train(cfg)
+    assert not AdapterStore(cfg["store"]).exists("diverging")
