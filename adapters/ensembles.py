@@ -152,9 +152,10 @@ def read(root: Path, name: str) -> EnsembleManifest:
 
 
 def stamp(root: Path, name: str) -> tuple[int, int, int] | None:
-    """(inode, mtime_ns, size) of the ensemble's file: it changes on every write."""
+    """(inode, mtime_ns, size) of the ensemble's file: it changes on every write. The name is
+    not checked: `read` refuses a name no ensemble may have (a file copied in by hand)."""
     try:
-        st = os.stat(path_of(root, name))
+        st = os.stat(Path(root) / f"{name}{SUFFIX}")
     except OSError:
         return None
     return st.st_ino, st.st_mtime_ns, st.st_size

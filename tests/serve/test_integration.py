@@ -487,6 +487,8 @@ def test_two_gateways_over_one_vllm_agree_on_what_is_loaded(server, tmp_path):
                 time.sleep(1)
                 want = version_id(server.staging.copy(src, "cls-ha", into=store, replace=True))
                 assert wait_for(lambda w=want: versions(g1) == versions(g2) == w, timeout=30)
+            # enough requests to have crossed the swaps, however fast this machine answers
+            assert wait_for(lambda: min(len(load1.codes), len(load2.codes)) > 10, timeout=120)
         # one gateway's admin unloads and loads cls-hb; the other one's requests for it run on
         with Load(urls[0], ["cls-ha"]) as load1, \
                 Load(urls[1], ["cls-ha", "cls-hb"]) as load2:
@@ -501,7 +503,7 @@ def test_two_gateways_over_one_vllm_agree_on_what_is_loaded(server, tmp_path):
                 time.sleep(1)
                 r = one.post("/v1/adapters/load", json={"name": "cls-hb"}, headers=admin)
                 assert r.status_code == 200, r.text
-            time.sleep(1)
+            assert wait_for(lambda: min(len(load1.codes), len(load2.codes)) > 10, timeout=120)
         for load in loads:
             assert len(load.codes) > 10 and not load.failures, load.failures[:3]
         # capacity 1, two adapters: each gateway counts the other's on the engine, and evicts
