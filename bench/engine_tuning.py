@@ -9,7 +9,9 @@ Writes bench/results/engine_tuning.json and engine_tuning.png. Each configuratio
 own `lorastack serve` (the vLLM child inherits the environment and LORASTACK_VLLM_ARGS) and
 gets three closed-loop loads at concurrency 16: generation on 8 adapters, generation on the
 base model (16 tokens each, one drug review per request), and /v1/classify on 4 classifiers (one
-review per request). Everything is reported against vLLM's own defaults on the same run.
+review per request). Everything is reported against vLLM's own defaults on the same run, with
+each start's time to ready and, after its loads, the memory the gateway and its engine hold (the
+proportional set size of the whole process tree, with the 2 GiB KV cache and every adapter).
 """
 
 from __future__ import annotations
@@ -151,7 +153,9 @@ def measure(name, rnd, store, work, reviews, gen_names, cls_names, total, c) -> 
                         **{k: v for k, v in run.items() if k != "latencies_s"}})
             log(f"{name} round {rnd + 1} {load}: {run[UNITS[load]]:.2f} "
                 f"{UNITS[load].replace('_per_s', '/s')} ({run['failed']} failed)")
-        return out
+        memory = gateway.memory_gib()  # after the loads: KV cache, LoRA slots, every adapter
+        log(f"{name} round {rnd + 1}: the gateway and its engine hold {memory:.2f} GiB (PSS)")
+        return [{**r, "memory_gib": memory} for r in out]
     finally:
         gateway.stop()
 
@@ -165,14 +169,17 @@ def analyse(runs: list[dict], names: list[str], settings: dict) -> dict:
     for n in names:
         per = {load: spread(values[(n, load)]) for load in LOADS}
         rel = {load: per[load]["median"] / ref[load] for load in LOADS}
-        ready = spread([r["vllm_start_s"] for r in runs if r["config"] == n
-                        and r["load"] == LOADS[0]])
+        first = [r for r in runs if r["config"] == n and r["load"] == LOADS[0]]  # one a start
+        ready = spread([r["vllm_start_s"] for r in first])
+        memory = spread([r["memory_gib"] for r in first])
         results[n] = {"what": CONFIGS[n][0], "env": CONFIGS[n][1], **per, "ready_s": ready,
+                      "memory_gib": memory,
                       "vs_first": rel, "score": math.exp(sum(map(math.log, rel.values())) / 3),
                       "failed": sum(r["failed"] for r in runs if r["config"] == n)}
     best = max(names, key=lambda n: results[n]["score"])
     rows = [[n, results[n]["what"], *(f"{results[n][load]['median']:.2f}" for load in LOADS),
-             f"{results[n]['score']:.2f}x", f"{results[n]['ready_s']['median']:.0f}"]
+             f"{results[n]['score']:.2f}x", f"{results[n]['ready_s']['median']:.0f}",
+             f"{results[n]['memory_gib']['median']:.2f}"]
             for n in names]
     default = DEFAULT if DEFAULT in results else None
     text = (f"Best of {len(names)} configurations: {best} ({results[best]['what']}), "
@@ -187,20 +194,22 @@ def analyse(runs: list[dict], names: list[str], settings: dict) -> dict:
             "tables": [table(f"Concurrency {settings['concurrency']}: generation tokens/s (8 "
                              f"adapters, base) and classify requests/s, median of rounds",
                              ["configuration", "what", "8 adapters tok/s", "base tok/s",
-                              "classify req/s", f"vs {base}", "ready (s)"], rows)],
+                              "classify req/s", f"vs {base}", "ready (s)", "memory (GiB)"],
+                             rows)],
             "figure": "engine_tuning.png"}
 
 
 def plot(report: dict, out) -> None:
     plt = pyplot()
     names = list(report["configs"])
-    fig, axes = plt.subplots(1, 4, figsize=(16, 4), sharey=True)
-    for ax, load in zip(axes, (*LOADS, "ready_s")):
+    fig, axes = plt.subplots(1, 5, figsize=(20, 4), sharey=True)
+    for ax, load in zip(axes, (*LOADS, "ready_s", "memory_gib")):
         meds = [report["configs"][n][load]["median"] for n in names]
         ax.barh(names, meds, color=["#c44" if n == report["best"] else "#48a" for n in names])
         ax.set_title({"adapters": "generation, 8 adapters (tok/s)", "base": "generation, "
                       "base (tok/s)", "classify": "/v1/classify (req/s)",
-                      "ready_s": "gateway ready after (s, lower is better)"}[load])
+                      "ready_s": "gateway ready after (s, lower is better)",
+                      "memory_gib": "memory (GiB PSS, lower is better)"}[load])
     axes[0].invert_yaxis()
     fig.suptitle("vLLM on CPU: settings for lorastack's workload (higher is better)")
     fig.tight_layout()

@@ -200,6 +200,18 @@ class ServerProcess(ChildProcess):
         log(f"{self.name} is ready at {self.url} ({seconds:.0f} s)")
         return seconds
 
+    def memory_gib(self) -> float:
+        """The proportional set size of the server and every process below it (its vLLM and
+        vLLM's own), in GiB: shared pages counted once across them, as the machine holds them."""
+        import psutil
+
+        root = psutil.Process(self.pid)
+        total = 0
+        for p in [root, *root.children(recursive=True)]:
+            with contextlib.suppress(psutil.NoSuchProcess):  # one that exited holds nothing
+                total += p.memory_full_info().pss
+        return total / 2**30
+
     def stop(self, grace_s: float = 60) -> None:
         """SIGTERM (the gateway then stops its vLLM child), then SIGKILL what is left of its
         process group and of the processes it started in sessions of their own (its vLLM)."""

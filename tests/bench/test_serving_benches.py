@@ -110,6 +110,9 @@ def test_engine_tuning(tmp_path, tiny_store):
         assert config["failed"] == 0
         assert all(positive(config[load]["median"]) for load in ("adapters", "base",
                                                                    "classify"))
+        # the gateway and a vLLM holding SmolLM2 in float32: more than the 0.5 GiB of
+        # weights, less than this machine
+        assert 0.5 < config["memory_gib"]["median"] < 24, config["memory_gib"]
 
 
 def test_fuzz_kills_no_engine(tmp_path, tiny_store):
