@@ -20,7 +20,7 @@ SERVER=$!
 PAGE_PID=""
 trap 'kill $SERVER $PAGE_PID 2>/dev/null || true; wait 2>/dev/null || true' EXIT INT TERM
 
-echo "quickstart: starting the server on $URL (vLLM takes about a minute on a 2-core CPU) ..."
+echo "quickstart: starting the server on $URL (vLLM takes about 30 s on a 2-core CPU) ..."
 for _ in $(seq 1 600); do
   if curl -sf "$URL/health" >/dev/null 2>&1; then break; fi
   if ! kill -0 "$SERVER" 2>/dev/null; then echo "quickstart: the server exited" >&2; exit 1; fi

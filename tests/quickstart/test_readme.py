@@ -175,3 +175,13 @@ def _wait_served(url: str, name: str, timeout: float = 30) -> None:
             return
         time.sleep(0.25)
     pytest.fail(f"{name} was not served {timeout:.0f} s after it was stored")
+
+
+def test_every_serve_setting_is_named_in_the_readme():
+    """The README's list of `lorastack serve`'s environment variables names every setting."""
+    from lorastack.serve.settings import ServeSettings
+
+    text = README.read_text()
+    named = [f"LORASTACK_{field.upper()}" for field in ServeSettings.model_fields]
+    assert len(named) > 20
+    assert [v for v in named if f"`{v}`" not in text] == []
