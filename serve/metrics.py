@@ -11,8 +11,8 @@ class Metrics:
         self.requests = Counter("lorastack_requests_total", "Requests answered, by route, "
                                 "model and HTTP status.", ["route", "model", "status"],
                                 registry=r)
-        self.latency = Histogram("lorastack_request_seconds", "Time to the start of the response (the "
-                                 "whole answer when not streamed), by route.",
+        self.latency = Histogram("lorastack_request_seconds", "Time to the start of the "
+                                 "response (the whole answer when not streamed), by route.",
                                  ["route"], registry=r,
                                  buckets=(.05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120))
         self.tokens = Counter("lorastack_tokens_total", "Tokens processed, by model and kind "
