@@ -200,18 +200,41 @@ def load_splits(train: str | Path, *, validation: str | Path | None = None,
     For a catalog name the official test split is used as test; validation is carved from
     train (`validation_fraction`, `seed`, stratified by `stratify`) unless a file is given.
     """
-    train_records = load_records(train, "train" if is_catalog_name(str(train)) else None,
-                                 columns)
-    if test is None and is_catalog_name(str(train)):
+    catalog = is_catalog_name(str(train))
+    train_records = load_records(train, "train" if catalog else None, columns)
+    marked = {} if catalog else _by_split_column(train_records, train)
+    if marked:  # a file with a split column: its rows go where it says, as `lorastack eval`'s
+        train_records = marked.get("train", [])
+    if test is None and catalog:
         test_records = load_records(train, "test", columns)
+    elif test is None:
+        test_records = marked.get("test", [])
     else:
-        test_records = load_records(test, None, columns) if test is not None else []
+        test_records = load_records(test, None, columns)
     if validation is not None:
         val_records = load_records(validation, None, columns)
+    elif marked.get("validation"):
+        val_records = marked["validation"]
     else:
         train_records, val_records = carve_validation(train_records, validation_fraction, seed,
                                                       stratify)
     return Splits(train_records, val_records, test_records)
+
+
+def _by_split_column(records: list[dict], source) -> dict[str, list[dict]]:
+    """A file's rows by its split column ({} when it has none): train, validation, test."""
+    if not any(SPLIT_COLUMN in r for r in records[:50]):
+        return {}
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        groups[str(r.get(SPLIT_COLUMN, "")).strip()].append(r)
+    unknown = sorted(set(groups) - {"train", "validation", "test"})
+    if unknown or not groups.get("train"):
+        raise DataError(f"{source}: its {SPLIT_COLUMN!r} column says where each row goes, and "
+                        f"training reads the rows marked train (validation and test go to "
+                        f"those splits); it has {', '.join(map(repr, sorted(groups)))}: mark "
+                        f"rows train, validation or test, or drop the column")
+    return groups
 
 
 def carve_validation(records: list[dict], fraction: float, seed: int,

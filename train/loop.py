@@ -17,6 +17,7 @@ import contextlib
 import itertools
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -308,13 +309,21 @@ class Trainer:
             raise RuntimeError(f"checkpoint does not match this model: {unexpected[:3]}")
 
     def _save_best(self) -> None:
-        if self.best_dir.exists():
-            shutil.rmtree(self.best_dir)
-        with staging_dir(self.best_dir) as tmp:
+        # the new copy is whole before the old one moves aside: at every moment best/ is one
+        # of the two, or (for a rename's length) absent with the old one beside it
+        new = self.best_dir.with_name(".best.new")
+        old = self.best_dir.with_name(".best.old")
+        for leftover in (new, old):
+            shutil.rmtree(leftover, ignore_errors=True)
+        with staging_dir(new) as tmp:
             save_file(self.adapter_state(), tmp / "adapter.safetensors")
             atomic_write_json(tmp / "best.json", {"step": self.state.step,
                                                   "metric": self.metric,
                                                   "value": self.state.best_metric})
+        if self.best_dir.exists():
+            os.rename(self.best_dir, old)
+        os.rename(new, self.best_dir)
+        shutil.rmtree(old, ignore_errors=True)
 
     def best_state(self) -> dict[str, torch.Tensor]:
         """The best evaluated adapter weights (the current ones when none was saved)."""

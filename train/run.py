@@ -58,6 +58,7 @@ def train(cfg: TrainConfig | str | Path | dict, *, resume: bool = False,
     # (seconds), before the run directory is touched or anything else loads.
     base = resolve_base(cfg.base)
     notes = check_against_base(cfg, base.path)
+    check_store_name(cfg)
     dist = distributed.from_env()
     for note in notes if dist.is_main else []:
         _say(note)
@@ -298,6 +299,20 @@ def _train_sample(examples: list, n: int, seed: int) -> list:
     if n <= 0:
         return []
     return random.Random(seed).sample(examples, min(n, len(examples)))
+
+
+def check_store_name(cfg: TrainConfig) -> None:
+    """With replace: false, an adapter of the name already in the store is refused before the
+    run, not when its result is written (lorastack train and lorastack tune ask)."""
+    from lorastack.adapters.store import AdapterStore
+
+    if cfg.replace:
+        return
+    store = AdapterStore(cfg.store)
+    if store.exists(cfg.name):
+        raise ConfigError(f"replace: false, and the store {store.root} already holds an "
+                          f"adapter named {cfg.name!r}: give another name, set replace: true, "
+                          f"or remove it first (lorastack adapters rm {cfg.name})")
 
 
 def _as_chosen(cfg: TrainConfig, saved: dict) -> TrainConfig:

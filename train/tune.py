@@ -71,6 +71,9 @@ def tune(cfg: TrainConfig, *, trials: int, timeout_min: float | None = None,
                           "high: 1.0e-3, log: true}}}")
     if trials < 1:
         raise ConfigError(f"--trials must be at least 1, got {trials}")
+    from lorastack.train.run import check_store_name
+
+    check_store_name(cfg)  # the best trial goes into the store under cfg.name
     raw = cfg.model_dump(mode="json", exclude={"search"})
     bad = check_paths(raw, search.space)
     if bad:

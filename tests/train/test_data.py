@@ -185,6 +185,27 @@ def test_split_of_a_file_with_a_split_column(tmp_path):
         data.load_split(path, "dev")
 
 
+def test_training_reads_a_split_column_as_eval_does(tmp_path):
+    """A file with a split column: training takes its train rows, its validation rows (else
+    carves validation from train) and its test rows, so `lorastack eval --data FILE` never
+    measures on rows the adapter was trained on."""
+    rows = [{"text": str(i), "label": "ab"[i % 2], "split": s} for i, s in
+            enumerate(["train"] * 8 + ["validation", "validation", "test", "test", "test"])]
+    path = _jsonl(tmp_path / "all.jsonl", rows)
+    splits = load_splits(path)
+    assert [r["text"] for r in splits.train] == [str(i) for i in range(8)]
+    assert [r["text"] for r in splits.validation] == ["8", "9"]
+    assert [r["text"] for r in splits.test] == ["10", "11", "12"]
+    no_val = load_splits(_jsonl(tmp_path / "nv.jsonl", [r for r in rows
+                                                        if r["split"] != "validation"]),
+                         validation_fraction=0.25)
+    assert len(no_val.train) == 6 and len(no_val.validation) == 2  # carved from train
+    assert {r["text"] for r in no_val.test} == {"10", "11", "12"}
+    with pytest.raises(DataError, match=r"'split' column .* it has 'dev', 'train': mark rows "
+                                        r"train, validation or test"):
+        load_splits(_jsonl(tmp_path / "dev.jsonl", [dict(rows[0]), dict(rows[1], split="dev")]))
+
+
 def test_a_file_without_splits_is_used_whole_and_refuses_a_split(tmp_path):
     path = _jsonl(tmp_path / "plain.jsonl", [{"text": "a"}, {"text": "b"}])
     records, where = data.load_split(path)

@@ -385,3 +385,14 @@ def test_a_loss_that_becomes_nan_stops_the_run_naming_the_fix(tiny_config, monke
                                           r"train again with a lower training\.lr"):
         train(cfg)
     assert not AdapterStore(cfg["store"]).exists("diverging")
+
+
+def test_replace_false_is_refused_before_the_run_not_after(tiny_config, tmp_path):
+    """replace: false with the name taken in the store: refused at once, the earlier run's
+    directory untouched, instead of after training (or after a whole search)."""
+    first = train(dict(tiny_config, name="kept"))
+    before = sorted(p.name for p in first.run_dir.iterdir())
+    with pytest.raises(ConfigError, match=r"replace: false, and the store .* already holds an "
+                                          r"adapter named 'kept'.*lorastack adapters rm kept"):
+        train(dict(tiny_config, name="kept", replace=False))
+    assert sorted(p.name for p in first.run_dir.iterdir()) == before
