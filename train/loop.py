@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from lorastack.adapters.files import move_aside
 from lorastack.adapters.fsutil import atomic_write_json, staging_dir
 from lorastack.train import distributed
 from lorastack.train.batching import class_weights, collate, epoch_batches
@@ -309,21 +310,24 @@ class Trainer:
             raise RuntimeError(f"checkpoint does not match this model: {unexpected[:3]}")
 
     def _save_best(self) -> None:
-        # the new copy is whole before the old one moves aside: at every moment best/ is one
-        # of the two, or (for a rename's length) absent with the old one beside it
-        new = self.best_dir.with_name(".best.new")
-        old = self.best_dir.with_name(".best.old")
-        for leftover in (new, old):
-            shutil.rmtree(leftover, ignore_errors=True)
-        with staging_dir(new) as tmp:
-            save_file(self.adapter_state(), tmp / "adapter.safetensors")
-            atomic_write_json(tmp / "best.json", {"step": self.state.step,
-                                                  "metric": self.metric,
-                                                  "value": self.state.best_metric})
-        if self.best_dir.exists():
-            os.rename(self.best_dir, old)
-        os.rename(new, self.best_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        # as the store replaces an adapter (adapters/files.py write_adapter): the new copy is
+        # whole before the old one moves aside, so best/ is one of the two or, for a rename's
+        # length, absent with the old one beside it
+        old = None
+        try:
+            with staging_dir(self.best_dir) as tmp:
+                save_file(self.adapter_state(), tmp / "adapter.safetensors")
+                atomic_write_json(tmp / "best.json", {"step": self.state.step,
+                                                      "metric": self.metric,
+                                                      "value": self.state.best_metric})
+                if self.best_dir.exists():
+                    old = move_aside(self.best_dir, "replaced")
+        except BaseException:
+            if old is not None and not self.best_dir.exists():
+                os.rename(old, self.best_dir)  # the new copy did not land: the old one stays
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
     def best_state(self) -> dict[str, torch.Tensor]:
         """The best evaluated adapter weights (the current ones when none was saved)."""
