@@ -176,16 +176,17 @@ def load_split(source: str | Path, split: str | None = None,
         records = load_records(files[split], None, columns)
         return records, f"{files[split]} ({len(records)} rows)"
     records = load_records(path, None, columns)
-    if not any(SPLIT_COLUMN in r for r in records[:50]):
+    groups = _split_groups(records)
+    if groups is None:
         if split is not None:
             raise DataError(f"{path} has no splits (no {SPLIT_COLUMN!r} column), so --split "
                             f"{split} cannot apply: drop --split to evaluate on all its rows, "
                             f"or add a {SPLIT_COLUMN!r} column")
         return records, f"{path} (all {len(records)} rows)"
     split = split or "test"
-    chosen = [r for r in records if str(r.get(SPLIT_COLUMN, "")).strip() == split]
+    chosen = groups.get(split, [])
     if not chosen:
-        present = sorted({str(r.get(SPLIT_COLUMN, "")).strip() for r in records})
+        present = sorted(groups)
         raise DataError(f"{path}: no rows with {SPLIT_COLUMN}={split!r}; its {SPLIT_COLUMN} "
                         f"column has {', '.join(map(repr, present))}: pass --split one of them")
     return chosen, f"{path} {SPLIT_COLUMN}={split} ({len(chosen)} of {len(records)} rows)"
@@ -221,13 +222,22 @@ def load_splits(train: str | Path, *, validation: str | Path | None = None,
     return Splits(train_records, val_records, test_records)
 
 
-def _by_split_column(records: list[dict], source) -> dict[str, list[dict]]:
-    """A file's rows by its split column ({} when it has none): train, validation, test."""
+def _split_groups(records: list[dict]) -> dict[str, list[dict]] | None:
+    """A file's rows by the value of its split column; None when it has none. `lorastack
+    eval --data` takes one of them, training all three (_by_split_column)."""
     if not any(SPLIT_COLUMN in r for r in records[:50]):
-        return {}
+        return None
     groups: dict[str, list[dict]] = defaultdict(list)
     for r in records:
         groups[str(r.get(SPLIT_COLUMN, "")).strip()].append(r)
+    return groups
+
+
+def _by_split_column(records: list[dict], source) -> dict[str, list[dict]]:
+    """A file's rows by its split column ({} when it has none): train, validation, test."""
+    groups = _split_groups(records)
+    if groups is None:
+        return {}
     unknown = sorted(set(groups) - {"train", "validation", "test"})
     if unknown or not groups.get("train"):
         raise DataError(f"{source}: its {SPLIT_COLUMN!r} column says where each row goes, and "
