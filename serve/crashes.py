@@ -192,7 +192,7 @@ class CrashGuard:
 
     async def _died(self, flight: _Flight, response: httpx.Response | None) -> bool:
         engine = flight.engine
-        if getattr(engine, "closed", False):
+        if engine.closed:
             return False  # deregistered, not dead: an ordinary error, retried by the client
         if response is not None and DEAD_ANSWER in response.text:
             if engine.process is None:  # an upstream: its answer is all the gateway sees

@@ -35,7 +35,7 @@ class StubEngine:
 
     def __init__(self) -> None:
         self.url, self.generation, self.up, self.alive = "stub", 0, True, True
-        self.process, self.crashed = None, {}
+        self.process, self.crashed, self.closed = None, {}, False
         self.reason, self.failed_checks = "ok", 0
 
     async def healthy(self) -> bool:
